@@ -1,0 +1,247 @@
+"""The public, SDPA-shaped entry point: :func:`attention` and its two named approximations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import validation as val
+from .certificate import Certificate, feature_certificate
+from .exact import blockwise_attention, dense_attention, use_dense
+from .planner import CostModel, default_memory_budget, family_error, plan
+from .polynomial import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
+from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
+from .taylor import check_order, taylor_coefficients
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    kind: str = "softmax",
+    method: str = "exact",
+    block_size: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    eps: float | None = None,
+    bound: float | None = None,
+    degree: int | None = None,
+    order: int | None = None,
+    memory_budget: int | None = None,
+    cost_model: CostModel | None = None,
+    return_certificate: bool = False,
+):
+    r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
+
+    Args:
+        q: queries ``(..., n_q, d)``; k: keys ``(..., n_k, d)``; v: values ``(..., n_k, d_v)``.
+            Leading dims broadcast as in :func:`torch.nn.functional.scaled_dot_product_attention`.
+            float16/bfloat16 are computed in float32 and returned in the input dtype.
+        scale: s; ``None`` means 1/√d (torch's default). Alman–Song's setting is ``1/d``.
+        is_causal: row i sees keys j ≤ i (needs n_q == n_k).
+        kind: ``"softmax"`` (weights exp(s⟨q,k⟩)) or ``"l2"`` (weights exp(−s‖q−k‖²)).
+        method: ``"exact"`` (dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
+            ``"taylor"`` (Keles et al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song
+            Chebyshev; ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``;
+            see :func:`attnbound.plan`).
+        block_size: key block (and query chunk) length of the blockwise method.
+        attn_mask: bool (True = take part) or additive float mask broadcastable to
+            ``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks
+            (broadcastable to ``(..., 1, n_k)``). Rows with every key masked return zeros.
+        eps: the largest acceptable ‖out − exact‖∞; approximate methods pick the smallest
+            degree whose certificate meets it.
+        bound: a declared entry bound B on |q|, |k|; the certified radius becomes s·d·B²
+            instead of the data radius s·max‖q‖·max‖k‖. Entries above B raise.
+        degree, order: fixed Chebyshev degree / even Taylor order (instead of ``eps``).
+        memory_budget: bytes the feature engine may allocate (default: half the available RAM).
+        cost_model: the planner's constants (default: measured on the reference machine).
+        return_certificate: also return the :class:`~attnbound.Certificate`.
+
+    Returns:
+        ``out`` of shape ``(..., n_q, d_v)``, or ``(out, certificate)``.
+
+    Raises:
+        TypeError/ValueError naming the argument, before any large allocation: non-tensors,
+        non-floating or mixed dtypes/devices, mismatched shapes, n_k = 0, NaN/Inf, bad scale,
+        unknown kind/method, causal with n_q ≠ n_k, entries above ``bound``, an uncertifiable
+        request (η ≥ 1, no degree meets ``eps``), or a feature memory need above the budget.
+    """
+    batch = val.check_qkv(q, k, v, is_causal=is_causal)
+    val.check_choice("kind", kind, val.KINDS)
+    val.check_choice("method", method, val.METHODS)
+    val.check_positive_int("block_size", block_size)
+    val.check_mask(attn_mask, q, k)
+    s = val.resolve_scale(scale, q.shape[-1])
+    eps = val.check_eps(eps, required=(method == "auto"))
+    if bound is not None:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
+            raise ValueError(f"bound must be a positive finite float, got {bound!r}")
+        for name, x in (("q", q), ("k", k)):
+            top = float(x.abs().max())
+            if top > bound:
+                raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
+    out_dtype = q.dtype
+    batch_numel = math.prod(batch)
+
+    if method == "auto":
+        radius, source = _radius(q, k, s, kind, bound)
+        vr, vmax = _value_stats(v)
+        p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
+                 batch=batch_numel, kind=kind, value_range=vr, max_abs_value=vmax,
+                 memory_budget=memory_budget, requires_grad=_needs_grad(q, k, v),
+                 cost_model=cost_model, out_dtype=out_dtype)
+        method = p.choice.method
+        degree = order = p.choice.degree
+    if method in val.EXACT_METHODS:
+        cd = val.compute_dtype(out_dtype)
+        qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+        mask = attn_mask.to(cd) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        if method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2])):
+            out = dense_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask)
+        else:
+            out = blockwise_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask,
+                                      block_size=block_size)
+        out = out.to(out_dtype)
+        return (out, Certificate(method="exact", kind=kind, eps=eps)) if return_certificate else out
+    out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
+                                eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
+                                memory_budget=memory_budget, batch_numel=batch_numel)
+    return (out, cert) if return_certificate else out
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _radius(q, k, s, kind, bound) -> tuple[float, str]:
+    """R bounding |x| for x = s_eff⟨q, k⟩ (s_eff = 2s for ℓ2 attention), and where it came from."""
+    s_eff = 2.0 * s if kind == "l2" else s
+    if bound is not None:
+        return s_eff * q.shape[-1] * float(bound) ** 2, "bound"
+    with torch.no_grad():
+        mq = float(torch.linalg.vector_norm(q.double(), dim=-1).max())
+        mk = float(torch.linalg.vector_norm(k.double(), dim=-1).max())
+    return s_eff * mq * mk, "data"
+
+
+def _value_stats(v) -> tuple[float, float]:
+    with torch.no_grad():
+        vd = v.detach().double().reshape(-1, v.shape[-2], v.shape[-1])
+        spread = float((vd.amax(-2) - vd.amin(-2)).max())
+        return spread, float(vd.abs().max())
+
+
+def _key_padding(attn_mask, q, k) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool or (attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1):
+        raise ValueError(
+            "attn_mask: the taylor/polynomial/auto methods support only boolean key-padding masks "
+            f"broadcastable to (..., 1, n_k) (and is_causal); got dtype {attn_mask.dtype}, shape "
+            f"{tuple(attn_mask.shape)}. Use method='exact' for general masks."
+        )
+    return attn_mask if attn_mask.dim() == 1 else attn_mask.squeeze(-2)
+
+
+def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, bound, degree, memory_budget,
+                    batch_numel):
+    key_mask = _key_padding(attn_mask, q, k)
+    d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
+    radius, source = _radius(q, k, s, kind, bound)
+    vr, vmax = _value_stats(v)
+
+    def certify(g):
+        delta, abs_sum = family_error(method, radius, g)
+        return feature_certificate(method=method, kind=kind, degree=g, rank=feature_rank(d, g), radius=radius,
+                                   radius_source=source, delta=delta, coeff_abs_sum=abs_sum, n_k=n_k,
+                                   value_range=vr, max_abs_value=vmax, out_dtype=q.dtype, eps=eps)
+
+    if degree is None:
+        if eps is None:
+            raise ValueError(f"method={method!r} needs eps (target error) or "
+                             f"{'order' if method == 'taylor' else 'degree'} (fixed)")
+        step, top = (2, 20) if method == "taylor" else (1, MAX_DEGREE)
+        cert = None
+        for g in range(0, top + 1, step):
+            c = certify(g)
+            if c.eta < 1.0 and c.output_error_bound <= eps:
+                cert = c
+                break
+        if cert is None:
+            last = certify(top)
+            raise ValueError(
+                f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at radius R={radius:.4g} "
+                f"(best bound {last.output_error_bound:.3g}); use method='exact' or shrink the inputs' norms"
+            )
+    else:
+        if method == "taylor":
+            check_order(degree)
+        elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
+            raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
+        cert = certify(degree)
+        if not cert.eta < 1.0:
+            raise ValueError(
+                f"cannot certify {method} degree {degree} at radius R={radius:.4g}: the relative weight error "
+                f"η = δ·e^R = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the degree or use "
+                f"method='exact'"
+            )
+    g = cert.degree
+    r = cert.rank
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    chunk = chunk_rows(batch_numel, r)
+    need = feature_memory_bytes(batch_numel, n_q, n_k, d_v, r, chunk, is_causal=is_causal,
+                                requires_grad=_needs_grad(q, k, v))
+    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
+    if need > budget:
+        raise ValueError(
+            f"memory_budget: {method} degree {g} needs feature rank r={r} and about {need / 2**20:.1f} MiB "
+            f"(budget {budget / 2**20:.1f} MiB); ask for a larger eps, a smaller radius, no gradients, or "
+            f"method='exact'"
+        )
+    coeffs = taylor_coefficients(radius, g) if method == "taylor" else chebyshev_coefficients(radius, g)
+    qd, kd, vd = q.double(), k.double(), v.double()
+    # normalise so that u = <q', k'> = x / R lies in [-1, 1]
+    if source == "bound":
+        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
+    else:
+        with torch.no_grad():
+            mq = float(torch.linalg.vector_norm(qd, dim=-1).max())
+            mk = float(torch.linalg.vector_norm(kd, dim=-1).max())
+        aq = 1.0 / mq if mq > 0 else 1.0
+        ak = 1.0 / mk if mk > 0 else 1.0
+    key_weight = None
+    if kind == "l2":
+        sq = (kd * kd).sum(-1)
+        key_weight = torch.exp(-s * (sq - sq.detach().amin(-1, keepdim=True)))
+    if key_mask is not None:
+        km = key_mask.to(torch.float64)
+        key_weight = km if key_weight is None else key_weight * km
+    if radius == 0.0:
+        coeffs = coeffs[:1]
+    out = feature_attention(qd * aq, kd * ak, vd, coeffs=coeffs, key_weight=key_weight, is_causal=is_causal,
+                            chunk=chunk)
+    return out.to(q.dtype), cert
+
+
+def taylor_attention(q, k, v, *, order: int | None = None, eps: float | None = None, return_certificate=False,
+                     **kwargs):
+    """Keles et al.'s order-p Taylor attention (even p), or the smallest even order certified for ``eps``.
+
+    Same arguments as :func:`attention`; order 2 is the 1 + x + x²/2 feature map of the Based
+    linear-attention family.
+    """
+    return attention(q, k, v, method="taylor", order=order, eps=eps, return_certificate=return_certificate, **kwargs)
+
+
+def polynomial_attention(q, k, v, *, degree: int | None = None, eps: float | None = None,
+                         return_certificate=False, **kwargs):
+    """Alman–Song's polynomial-method attention (degree-g Chebyshev approximation of exp).
+
+    With ``eps`` the smallest degree whose certificate meets it is used. Same arguments as
+    :func:`attention`.
+    """
+    return attention(q, k, v, method="polynomial", degree=degree, eps=eps,
+                     return_certificate=return_certificate, **kwargs)

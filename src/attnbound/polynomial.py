@@ -1,0 +1,167 @@
+"""The polynomial-feature engine shared by the Taylor and polynomial methods (SPEC §2).
+
+If P(u) = Σ_{j≤g} a_j u^j and u = ⟨q', k'⟩ with q' = α_q·q, k' = α_k·k (α_q α_k = s/R), then
+
+    P(⟨q', k'⟩) = Σ_j a_j Σ_{|α|=j} (j!/α!) q'^α k'^α = ⟨φ(q') ⊙ w, φ(k')⟩
+
+with φ the bare monomials on the *symmetric* basis (multi-indices α with |α| ≤ g) and the
+weights w_α = a_{|α|} · |α|!/α! applied once to the key-side state (so negative a_j are fine).
+The rank is r(d, g) = Σ_{j≤g} C(d+j−1, j) = C(d+g, g), not the d^g of raw tensor powers.
+
+Then with S = φ(K')ᵀ [V, 1] ∈ ℝ^{r×(d_v+1)} (weighted by w),
+
+    Att̃ = diag(φ(Q') S_{:, d_v})⁻¹ φ(Q') S_{:, :d_v}
+
+costs O((n_q + n_k)·r·(d_v + 1)) time plus O((n_q + n_k)·r) to build features, with
+O(chunk·r + r·d_v) memory beyond the inputs: rows are processed in chunks. Causal mode is a
+chunked prefix sum: each chunk adds its exact lower-triangular intra-chunk part
+((φ(Q'_c) ⊙ w) φ(K'_c)ᵀ ∘ tril) [V_c, 1] to φ(Q'_c) S_prev, then carries S.
+
+Features are built degree by degree without index gathers: if the degree-(j−1) monomials are
+ordered by their largest variable, the degree-j monomials whose largest variable is i are
+x_i times the first C(i+j−1, j−1) degree-(j−1) monomials — d contiguous row-broadcast
+multiplies per degree into a (r, chunk) buffer, then two thin GEMMs for BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+FEATURE_CHUNK_BYTES = 4 << 20  # target size of one (batch, r, chunk) float64 feature block
+
+
+def feature_rank(d: int, degree: int) -> int:
+    """r(d, g) = C(d+g, g): the number of monomials of degree ≤ g in d variables."""
+    return math.comb(d + degree, degree)
+
+
+@lru_cache(maxsize=256)
+def monomial_exponents(d: int, degree: int) -> np.ndarray:
+    """Exponent vectors α (r, d) of the engine's monomials, in the order the features use."""
+    blocks = [np.zeros((1, d), dtype=np.int64)]
+    for j in range(1, degree + 1):
+        prev = blocks[-1]
+        parts = []
+        for i in range(d):
+            part = prev[: math.comb(i + j - 1, j - 1)].copy()
+            part[:, i] += 1
+            parts.append(part)
+        blocks.append(np.concatenate(parts))
+    return np.concatenate(blocks)
+
+
+@lru_cache(maxsize=256)
+def _multinomials(d: int, degree: int) -> np.ndarray:
+    alpha = monomial_exponents(d, degree)
+    total = alpha.sum(1)
+    log_m = np.array([math.lgamma(t + 1) for t in total]) - np.vectorize(math.lgamma)(alpha + 1).sum(1)
+    return np.rint(np.exp(log_m)), total
+
+
+def monomial_weights(coeffs: np.ndarray, d: int) -> np.ndarray:
+    """w_α = a_{|α|}·|α|!/α! for every monomial of the engine order."""
+    degree = len(coeffs) - 1
+    multi, total = _multinomials(d, degree)
+    return np.asarray(coeffs, dtype=np.float64)[total] * multi
+
+
+def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """Bare monomials of the rows of x (..., n, d), returned transposed as (..., r, n)."""
+    d = x.shape[-1]
+    xt = x.transpose(-1, -2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        blocks = [torch.ones_like(xt[..., :1, :])]
+        for j in range(1, degree + 1):
+            prev = blocks[-1]
+            blocks.append(torch.cat([prev[..., : math.comb(i + j - 1, j - 1), :] * xt[..., i : i + 1, :] for i in range(d)], -2))
+        return torch.cat(blocks, -2)
+    xt = xt.contiguous()
+    r = feature_rank(d, degree)
+    out = torch.empty((*x.shape[:-2], r, x.shape[-2]), dtype=x.dtype, device=x.device)
+    out[..., 0, :] = 1.0
+    prev_off, off = 0, 1
+    for j in range(1, degree + 1):
+        start = off
+        for i in range(d):
+            c = math.comb(i + j - 1, j - 1)
+            torch.mul(out[..., prev_off : prev_off + c, :], xt[..., i : i + 1, :], out=out[..., off : off + c, :])
+            off += c
+        prev_off = start
+    return out
+
+
+def chunk_rows(batch_numel: int, rank: int, itemsize: int = 8, target_bytes: int = FEATURE_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one (batch, r, chunk) feature block is about ``target_bytes``."""
+    rows = target_bytes // max(1, batch_numel * rank * itemsize)
+    return int(min(4096, max(32, rows)))
+
+
+def feature_memory_bytes(batch_numel: int, n_q: int, n_k: int, d_v: int, rank: int, chunk: int,
+                         *, is_causal: bool, requires_grad: bool, itemsize: int = 8) -> int:
+    """Peak bytes the engine allocates beyond its inputs (features, state, causal block, output)."""
+    feats = 2 * batch_numel * rank * chunk * itemsize
+    state = 2 * batch_numel * rank * (d_v + 1) * itemsize
+    causal = batch_numel * chunk * chunk * itemsize if is_causal else 0
+    saved = batch_numel * rank * (n_q + n_k) * itemsize if requires_grad else 0
+    out = batch_numel * n_q * (d_v + 1) * itemsize
+    return feats + state + causal + saved + out
+
+
+def feature_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    coeffs: np.ndarray,
+    key_weight: torch.Tensor | None = None,
+    is_causal: bool = False,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·key_weight_j, never forming an n_q×n_k matrix.
+
+    ``q``, ``k`` are already normalised (|⟨q_i, k_j⟩| ≤ 1 is where P is certified), ``coeffs`` are
+    P's monomial coefficients a_0..a_g. ``key_weight`` (..., n_k) multiplies each key's weight
+    (key-padding masks: 0/1; ℓ2 attention: exp(−s‖k‖²) up to a constant). Rows whose weights all
+    vanish (every key masked) return zeros.
+    """
+    degree = len(coeffs) - 1
+    d, d_v = q.shape[-1], v.shape[-1]
+    rank = feature_rank(d, degree)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    chunk = chunk or chunk_rows(math.prod(batch), rank)
+    w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    if key_weight is not None:
+        vv = vv * key_weight.unsqueeze(-1)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    outs = []
+    if not is_causal:
+        state = None
+        for j0 in range(0, n_k, chunk):
+            part = monomial_features(k[..., j0 : j0 + chunk, :], degree) @ vv[..., j0 : j0 + chunk, :]
+            state = part if state is None else state + part
+        state = state * w.unsqueeze(-1)
+        for i0 in range(0, n_q, chunk):
+            fq = monomial_features(q[..., i0 : i0 + chunk, :], degree)
+            outs.append(fq.transpose(-1, -2) @ state)
+    else:
+        state = None
+        for i0 in range(0, n_q, chunk):
+            i1 = min(i0 + chunk, n_q)
+            fq = monomial_features(q[..., i0:i1, :], degree)
+            fk = monomial_features(k[..., i0:i1, :], degree)
+            fkw = fk * w.unsqueeze(-1)
+            scores = torch.tril(fq.transpose(-1, -2) @ fkw)
+            num = scores @ vv[..., i0:i1, :]
+            if state is not None:
+                num = num + fq.transpose(-1, -2) @ state
+            outs.append(num)
+            part = fkw @ vv[..., i0:i1, :]
+            state = part if state is None else state + part
+    num = outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+    den = num[..., d_v:]
+    return num[..., :d_v] / torch.where(den > 0, den, torch.ones_like(den))

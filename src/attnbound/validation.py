@@ -1,0 +1,121 @@
+"""Input validation shared by every attention method.
+
+Every public entry point calls :func:`check_qkv` before it allocates anything larger than its
+inputs, so bad input fails early with a ``TypeError``/``ValueError`` that names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("softmax", "l2")
+EXACT_METHODS = ("exact", "dense", "blockwise")
+APPROX_METHODS = ("taylor", "polynomial", "auto")
+METHODS = EXACT_METHODS + APPROX_METHODS
+
+
+def check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., n, d) with at least 2 dims, got {tuple(x.shape)}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_qkv(q, k, v, *, is_causal: bool = False) -> torch.Size:
+    """Validate q (..., n_q, d), k (..., n_k, d), v (..., n_k, d_v); return the broadcast batch shape."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the feature dim d, got q d={q.shape[-1]} and k d={k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must share the key length n_k, got k n_k={k.shape[-2]} and v n_k={v.shape[-2]}")
+    if k.shape[-2] == 0:
+        raise ValueError("k and v must hold at least one key (n_k = 0)")
+    if q.shape[-1] == 0:
+        raise ValueError("q and k must have feature dim d >= 1")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"leading (batch) dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])} and "
+            f"v {tuple(v.shape[:-2])} do not broadcast"
+        ) from exc
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"is_causal=True needs as many queries as keys (n_q == n_k), got n_q={q.shape[-2]} and n_k={k.shape[-2]}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    return batch
+
+
+def resolve_scale(scale, d: int) -> float:
+    """``None`` means 1/sqrt(d) (torch SDPA's default)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_eps(eps, *, required: bool = False) -> float | None:
+    if eps is None:
+        if required:
+            raise ValueError("eps is required for this method: give the largest acceptable max-abs output error")
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    return float(eps)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = take part) or floating (additive), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+    target = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+    try:
+        torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError as exc:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}") from exc
+    if attn_mask.is_floating_point() and bool(torch.isnan(attn_mask).any()):
+        raise ValueError("attn_mask contains NaN (use -inf to exclude a key)")
