@@ -80,7 +80,7 @@ def attention(
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
             raise ValueError(f"bound must be a positive finite float, got {bound!r}")
         for name, x in (("q", q), ("k", k)):
-            top = float(x.abs().max())
+            top = float(x.detach().abs().max())
             if top > bound:
                 raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
     out_dtype = q.dtype

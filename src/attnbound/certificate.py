@@ -14,10 +14,11 @@ so per output column c, |õ_ic − o_ic| ≤ η/(1−η) · (max_j v_jc − min_
 this column-range form; it is never larger than the 2η/(1−η)·max|v| of the cruder argument.
 
 Floating point: the feature engine runs in float64. Evaluating P(u) over rank r features and
-summing n_k keys adds a relative weight error of at most (r + n_k + 2)·u₆₄·Σ_j|a_j|·e^{R}/(1−η)
-(the features of unit vectors obey Σ_{|α|=j} (j!/α!)|q^α k^α| ≤ 1), which is added to η; the final
-cast to the output dtype adds u_out·max|v|. Both are tiny next to any sensible eps in float64
-and float32, and they make the bound hold for the tensor actually returned.
+summing n_k keys perturbs numerator and denominator by at most η_fp = (r + n_k + 2)·u₆₄·Σ_j|a_j|·e^{R}
+relative to the denominator (the features of unit vectors obey Σ_{|α|=j} (j!/α!)|q^α k^α| ≤ 1),
+which moves the output by at most 2η_fp/(1−η−η_fp)·max|v|; the division and the final cast to the
+output dtype add (4u₆₄ + u_out)·max|v|. This ``rounding_bound`` is tiny next to any sensible eps in
+float64 and float32, and it makes the bound hold for the tensor actually returned.
 
 When η ≥ 1 nothing can be certified (the weights could vanish or change sign): callers raise.
 """
@@ -110,9 +111,10 @@ def feature_certificate(
     eta = relative_weight_error(delta, radius)
     approx = output_bound(eta, value_range)
     eta_fp = (rank + n_k + 2) * U64 * coeff_abs_sum * math.exp(min(radius, 700.0))
-    eta_fp = eta_fp / (1.0 - eta) if eta < 1.0 else math.inf
-    total = output_bound(eta + eta_fp, value_range)
-    rounding = (total - approx if math.isfinite(total) else math.inf) + unit_roundoff(out_dtype) * max_abs_value
+    if eta + eta_fp < 1.0:
+        rounding = (2.0 * eta_fp / (1.0 - eta - eta_fp) + 4.0 * U64 + unit_roundoff(out_dtype)) * max_abs_value
+    else:
+        rounding = math.inf
     return Certificate(
         method=method,
         kind=kind,

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+import torch
+
+
+def reference_softmax(q, k, v, scale, is_causal=False, mask=None):
+    """Independent float64 reference: plain softmax(s·QKᵀ) V."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = scale * (q @ k.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    if is_causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def reference_l2(q, k, v, scale, is_causal=False):
+    """Direct ℓ2 formula: weights exp(−s‖q_i − k_j‖²) from explicit pairwise differences."""
+    q, k, v = q.double(), k.double(), v.double()
+    diff = q.unsqueeze(-2) - k.unsqueeze(-3)
+    scores = -scale * (diff * diff).sum(-1)
+    if is_causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.fixture
+def rng():
+    seed = np.random.SeedSequence().entropy % (2**31)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(int(seed))
