@@ -32,6 +32,7 @@ def attention(
     order: int | None = None,
     memory_budget: int | None = None,
     cost_model: CostModel | None = None,
+    strict: bool = True,
     return_certificate: bool = False,
 ):
     r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
@@ -58,6 +59,9 @@ def attention(
         degree, order: fixed Chebyshev degree / even Taylor order (instead of ``eps``).
         memory_budget: bytes the feature engine may allocate (default: half the available RAM).
         cost_model: the planner's constants (default: measured on the reference machine).
+        strict: with a fixed ``degree``/``order``, refuse (default) or, when False, run anyway a
+            degree that cannot be certified (η ≥ 1); its certificate then says ``inf``. For
+            demonstrations such as the hardness reductions.
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:
@@ -108,7 +112,7 @@ def attention(
         return (out, Certificate(method="exact", kind=kind, eps=eps)) if return_certificate else out
     out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                                 eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
-                                memory_budget=memory_budget, batch_numel=batch_numel)
+                                memory_budget=memory_budget, batch_numel=batch_numel, strict=strict)
     return (out, cert) if return_certificate else out
 
 
@@ -147,10 +151,13 @@ def _key_padding(attn_mask, q, k) -> torch.Tensor | None:
 
 
 def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, bound, degree, memory_budget,
-                    batch_numel):
+                    batch_numel, strict=True):
     key_mask = _key_padding(attn_mask, q, k)
     d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
     radius, source = _radius(q, k, s, kind, bound)
+    if radius > 700.0:
+        raise ValueError(f"radius R = s·max‖q‖·max‖k‖ = {radius:.4g} is beyond what float64 features can represent "
+                         f"(e^R overflows past R ≈ 700); use method='exact'")
     vr, vmax = _value_stats(v)
 
     def certify(g):
@@ -182,7 +189,7 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
         elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
             raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
         cert = certify(degree)
-        if not cert.eta < 1.0:
+        if strict and not cert.eta < 1.0:
             raise ValueError(
                 f"cannot certify {method} degree {degree} at radius R={radius:.4g}: the relative weight error "
                 f"η = δ·e^R = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the degree or use "

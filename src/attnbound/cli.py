@@ -64,5 +64,86 @@ def plan_cmd(n: int = typer.Option(..., help="sequence length (n_q = n_k)"), d: 
     console.print(table)
 
 
+reduce_app = typer.Typer(no_args_is_help=True, help="Decide a hard combinatorial instance with attention as the oracle.")
+app.add_typer(reduce_app, name="reduce")
+
+
+def _fail(msg: str):
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+def _report_decision(red, truth, seconds_brute, method, attention_kwargs):
+    import math
+
+    from attnbound.hardness import solve_via_attention
+
+    try:
+        dec = solve_via_attention(red, method=method, **attention_kwargs)
+    except ValueError as exc:
+        _fail(str(exc))
+    n = red.meta["n"]
+    table = Table(show_header=False)
+    for key, val in red.meta.items():
+        table.add_row(key, f"{val:.4g}" if isinstance(val, float) else str(val))
+    table.add_row("entry bound B", f"{red.entry_bound:.4g}   (√ln n = {math.sqrt(math.log(max(n, 2))):.4g})")
+    table.add_row("oracle", f"{method}: answer {dec.answer}, witness row {dec.witness}, {dec.seconds:.4f} s")
+    table.add_row("brute force", f"answer {truth}, {seconds_brute:.4f} s")
+    table.add_row("agree", "[green]yes[/green]" if dec.answer == truth else "[red]NO[/red]")
+    table.add_row("decision margin", f"{red.margin:.3g} (closest row {dec.out_margin:.3g} from the threshold)")
+    if dec.certificate.method != "exact":
+        table.add_row("certificate", str(dec.certificate))
+    table.add_row("certified", "yes" if dec.certified else "[yellow]no: the answer is not trustworthy[/yellow]")
+    console.print(table)
+
+
+def _oracle_kwargs(degree, eps):
+    kw = {}
+    if degree is not None:
+        kw["degree"] = degree
+    if eps is not None:
+        kw["eps"] = eps
+    return kw
+
+
+@reduce_app.command("ov")
+def reduce_ov(n: int = typer.Option(512, help="|A| = |B|"), m: int = typer.Option(24, help="vector dimension"),
+              planted: bool = typer.Option(True, "--planted/--no-planted"), seed: int = typer.Option(0),
+              kind: str = typer.Option("softmax", help="softmax or l2"),
+              method: str = typer.Option("exact"), degree: int = typer.Option(None), eps: float = typer.Option(None)):
+    """Orthogonal Vectors → attention (Keles et al.)."""
+    from attnbound.hardness import ov_instance, ov_to_attention, solve_ov
+
+    try:
+        inst = ov_instance(n, m, planted=planted, seed=seed)
+        red = ov_to_attention(inst, kind=kind)
+    except ValueError as exc:
+        _fail(str(exc))
+    t0 = time.perf_counter()
+    truth, _ = solve_ov(inst)
+    _report_decision(red, truth, time.perf_counter() - t0, method, _oracle_kwargs(degree, eps))
+
+
+@reduce_app.command("gap-hamming")
+def reduce_gap_hamming(n: int = typer.Option(512), d: int = typer.Option(64, help="vector dimension"),
+                       t: int = typer.Option(None, help="close distance (default d/8)"),
+                       gamma: float = typer.Option(0.5, help="gap: far pairs are >= (1+gamma)t"),
+                       planted: bool = typer.Option(True, "--planted/--no-planted"), seed: int = typer.Option(0),
+                       method: str = typer.Option("exact"), degree: int = typer.Option(None),
+                       eps: float = typer.Option(None)):
+    """Gap-Hamming close pair → attention (Alman–Song)."""
+    from attnbound.hardness import gap_hamming_instance, gap_hamming_to_attention, solve_gap_hamming
+
+    try:
+        inst = gap_hamming_instance(n, d, t=t if t is not None else max(1, d // 8), gamma=gamma, planted=planted,
+                                    seed=seed)
+        red = gap_hamming_to_attention(inst)
+    except ValueError as exc:
+        _fail(str(exc))
+    t0 = time.perf_counter()
+    truth, _ = solve_gap_hamming(inst)
+    _report_decision(red, truth, time.perf_counter() - t0, method, _oracle_kwargs(degree, eps))
+
+
 def main():  # pragma: no cover
     app()
