@@ -15,6 +15,7 @@ from .instances import (
     solve_gap_hamming,
     solve_ov,
 )
+from .packing import PackedTransformer, pack_transformer
 from .reductions import Decision, Reduction, gap_hamming_to_attention, ov_to_attention, solve_via_attention
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "ov_to_attention",
     "gap_hamming_to_attention",
     "solve_via_attention",
+    "pack_transformer",
+    "PackedTransformer",
 ]
