@@ -102,8 +102,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="d=8, R=1, n up to 2^14 (a smoke run)")
     ap.add_argument("--max-log2n", type=int, default=17)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_approx.json"))
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     ds, radii, log2ns = ([8], [1.0], range(12, 15)) if a.quick else ([8, 16], [0.5, 1.0, 2.0], range(12, a.max_log2n + 1))
     print("columns: speedup vs SDPA (SDPA time / method time), degree, measured max error / certificate")
     rows = run(ds, radii, list(log2ns), 1e-3, a.repeats, skip_exact_above=1 << 15)
