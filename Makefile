@@ -14,7 +14,7 @@ PIP := .venv/bin/pip
 install: .venv/.installed
 
 run: install
-	.venv/bin/attnbound reproduce
+	.venv/bin/attnbound reproduce --scale small
 
 test: install
 	$(PY) -m pytest -q

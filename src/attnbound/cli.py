@@ -64,6 +64,20 @@ def plan_cmd(n: int = typer.Option(..., help="sequence length (n_q = n_k)"), d: 
     console.print(table)
 
 
+@app.command()
+def reproduce(scale: str = typer.Option("small", help="test | small | medium | large"),
+              out: str = typer.Option(None, help="output folder (default reports/<timestamp>)"),
+              only: list[str] = typer.Option(None, help="run only these experiments (repeatable)"),
+              seed: int = typer.Option(0)):
+    """Reproduce every claim of the seed papers; writes index.html, PNGs, results.json and CSVs."""
+    from attnbound.experiments.report import reproduce as run_report
+
+    try:
+        run_report(scale, out, only, seed, console)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 reduce_app = typer.Typer(no_args_is_help=True, help="Decide a hard combinatorial instance with attention as the oracle.")
 app.add_typer(reduce_app, name="reduce")
 
