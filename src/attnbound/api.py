@@ -120,14 +120,18 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _radius(q, k, s, kind, bound) -> tuple[float, str]:
+def _max_norms(q, k) -> tuple[float, float]:
+    with torch.no_grad():
+        return (float(torch.linalg.vector_norm(q.detach().double(), dim=-1).max()),
+                float(torch.linalg.vector_norm(k.detach().double(), dim=-1).max()))
+
+
+def _radius(q, k, s, kind, bound, norms=None) -> tuple[float, str]:
     """R bounding |x| for x = s_eff⟨q, k⟩ (s_eff = 2s for ℓ2 attention), and where it came from."""
     s_eff = 2.0 * s if kind == "l2" else s
     if bound is not None:
         return s_eff * q.shape[-1] * float(bound) ** 2, "bound"
-    with torch.no_grad():
-        mq = float(torch.linalg.vector_norm(q.double(), dim=-1).max())
-        mk = float(torch.linalg.vector_norm(k.double(), dim=-1).max())
+    mq, mk = norms or _max_norms(q, k)
     return s_eff * mq * mk, "data"
 
 
@@ -154,7 +158,8 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
                     batch_numel, strict=True):
     key_mask = _key_padding(attn_mask, q, k)
     d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
-    radius, source = _radius(q, k, s, kind, bound)
+    norms = _max_norms(q, k) if bound is None else None
+    radius, source = _radius(q, k, s, kind, bound, norms)
     if radius > 700.0:
         raise ValueError(f"radius R = s·max‖q‖·max‖k‖ = {radius:.4g} is beyond what float64 features can represent "
                          f"(e^R overflows past R ≈ 700); use method='exact'")
@@ -214,9 +219,7 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
     if source == "bound":
         aq = ak = 1.0 / (math.sqrt(d) * float(bound))
     else:
-        with torch.no_grad():
-            mq = float(torch.linalg.vector_norm(qd, dim=-1).max())
-            mk = float(torch.linalg.vector_norm(kd, dim=-1).max())
+        mq, mk = norms
         aq = 1.0 / mq if mq > 0 else 1.0
         ak = 1.0 / mk if mk > 0 else 1.0
     key_weight = None
