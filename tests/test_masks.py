@@ -45,3 +45,30 @@ def test_unsupported_mask_with_approximation_is_refused(rng):
         attnbound.attention(q, k, v, attn_mask=torch.zeros(1, 6), method="taylor", eps=1e-2)
     with pytest.raises(ValueError, match="does not broadcast"):
         attnbound.attention(q, k, v, attn_mask=torch.ones(3, 6, dtype=torch.bool))
+
+
+def test_masked_keys_do_not_count_towards_the_radius(rng):
+    # one huge padded key would force R ≈ 50 and no certifiable degree; masked out, it must not count
+    q = torch.randn(2, 20, 4, generator=rng, dtype=torch.float64) * 0.4
+    k = torch.randn(2, 20, 4, generator=rng, dtype=torch.float64) * 0.4
+    v = torch.randn(2, 20, 3, generator=rng, dtype=torch.float64)
+    k[:, -1] = 100.0
+    keep = torch.ones(2, 1, 20, dtype=torch.bool)
+    keep[..., -1] = False
+    for method in ("polynomial", "taylor", "auto"):
+        out, cert = attnbound.attention(q, k, v, method=method, eps=1e-6, attn_mask=keep, return_certificate=True)
+        ref = reference_softmax(q, k[:, :-1], v[:, :-1], 0.5)
+        assert (out - ref).abs().max().item() <= max(cert.output_error_bound, 1e-15)
+        assert torch.isfinite(out).all()
+    _, cert = attnbound.attention(q, k, v, method="polynomial", eps=1e-6, attn_mask=keep, return_certificate=True)
+    assert cert.radius < 10.0
+
+
+def test_auto_with_a_general_mask_runs_exact(rng):
+    q, k, v = (torch.randn(1, 12, 4, generator=rng, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(12, 12, generator=rng) > 0.3
+    mask[:, 0] = True
+    out, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, attn_mask=mask, return_certificate=True)
+    assert cert.method == "exact"
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(out, ref, atol=1e-12)

@@ -55,6 +55,7 @@ def test_transformer_gradients_through_every_method(method, kw, rng):
 
 
 def test_transformer_method_switch_at_call_time(rng):
+    torch.manual_seed(0)  # the weights set the radius; eps=1e-8 needs a modest one
     model = Transformer(2, 16, 4).double()
     x = torch.randn(1, 30, 16, generator=rng, dtype=torch.float64) * 0.3
     a = model(x)

@@ -9,7 +9,7 @@ import torch
 from . import validation as val
 from .certificate import Certificate, feature_certificate
 from .exact import blockwise_attention, dense_attention, use_dense
-from .planner import CostModel, default_memory_budget, family_error, plan
+from .planner import MAX_TAYLOR_ORDER, CostModel, default_memory_budget, family_error, plan
 from .polynomial import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
 from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
 from .taylor import check_order, taylor_coefficients
@@ -51,7 +51,8 @@ def attention(
         block_size: key block (and query chunk) length of the blockwise method.
         attn_mask: bool (True = take part) or additive float mask broadcastable to
             ``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks
-            (broadcastable to ``(..., 1, n_k)``). Rows with every key masked return zeros.
+            (broadcastable to ``(..., 1, n_k)``; masked keys do not count towards the radius);
+            ``"auto"`` runs exact for any other mask. Rows with every key masked return zeros.
         eps: the largest acceptable ‖out − exact‖∞; approximate methods pick the smallest
             degree whose certificate meets it.
         bound: a declared entry bound B on |q|, |k|; the certified radius becomes s·d·B²
@@ -90,8 +91,11 @@ def attention(
     out_dtype = q.dtype
     batch_numel = math.prod(batch)
 
+    if method == "auto" and attn_mask is not None and not _is_key_padding(attn_mask):
+        method = "exact"  # only exact methods take general masks
     if method == "auto":
-        radius, source = _radius(q, k, s, kind, bound)
+        key_mask = _key_padding(attn_mask, q, k)
+        radius, source = _radius(q, k, s, kind, bound, None if bound is not None else _max_norms(q, k, key_mask))
         vr, vmax = _value_stats(v)
         p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
                  batch=batch_numel, kind=kind, value_range=vr, max_abs_value=vmax,
@@ -120,10 +124,13 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _max_norms(q, k) -> tuple[float, float]:
+def _max_norms(q, k, key_mask=None) -> tuple[float, float]:
+    """max‖q‖ and max‖k‖ over the keys that take part (masked-out keys get weight 0 and do not count)."""
     with torch.no_grad():
-        return (float(torch.linalg.vector_norm(q.detach().double(), dim=-1).max()),
-                float(torch.linalg.vector_norm(k.detach().double(), dim=-1).max()))
+        kn = torch.linalg.vector_norm(k.detach().double(), dim=-1)
+        if key_mask is not None:
+            kn = torch.where(key_mask, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
+        return float(torch.linalg.vector_norm(q.detach().double(), dim=-1).max()), float(kn.max())
 
 
 def _radius(q, k, s, kind, bound, norms=None) -> tuple[float, str]:
@@ -142,12 +149,16 @@ def _value_stats(v) -> tuple[float, float]:
         return spread, float(vd.abs().max())
 
 
+def _is_key_padding(attn_mask) -> bool:
+    return attn_mask.dtype == torch.bool and (attn_mask.dim() < 2 or attn_mask.shape[-2] == 1)
+
+
 def _key_padding(attn_mask, q, k) -> torch.Tensor | None:
     if attn_mask is None:
         return None
-    if attn_mask.dtype != torch.bool or (attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1):
+    if not _is_key_padding(attn_mask):
         raise ValueError(
-            "attn_mask: the taylor/polynomial/auto methods support only boolean key-padding masks "
+            "attn_mask: the taylor/polynomial methods support only boolean key-padding masks "
             f"broadcastable to (..., 1, n_k) (and is_causal); got dtype {attn_mask.dtype}, shape "
             f"{tuple(attn_mask.shape)}. Use method='exact' for general masks."
         )
@@ -158,7 +169,7 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
                     batch_numel, strict=True):
     key_mask = _key_padding(attn_mask, q, k)
     d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
-    norms = _max_norms(q, k) if bound is None else None
+    norms = _max_norms(q, k, key_mask) if bound is None else None
     radius, source = _radius(q, k, s, kind, bound, norms)
     if radius > 700.0:
         raise ValueError(f"radius R = s·max‖q‖·max‖k‖ = {radius:.4g} is beyond what float64 features can represent "
@@ -166,23 +177,17 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
     vr, vmax = _value_stats(v)
 
     def certify(g):
-        delta, abs_sum = family_error(method, radius, g)
-        return feature_certificate(method=method, kind=kind, degree=g, rank=feature_rank(d, g), radius=radius,
-                                   radius_source=source, delta=delta, coeff_abs_sum=abs_sum, n_k=n_k,
-                                   value_range=vr, max_abs_value=vmax, out_dtype=q.dtype, eps=eps)
+        return degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=vr, max_abs_value=vmax,
+                                  kind=kind, radius_source=source, out_dtype=q.dtype, eps=eps)
 
     if degree is None:
         if eps is None:
             raise ValueError(f"method={method!r} needs eps (target error) or "
                              f"{'order' if method == 'taylor' else 'degree'} (fixed)")
-        step, top = (2, 20) if method == "taylor" else (1, MAX_DEGREE)
-        cert = None
-        for g in range(0, top + 1, step):
-            c = certify(g)
-            if c.eta < 1.0 and c.output_error_bound <= eps:
-                cert = c
-                break
+        cert = certified_degree(method, radius, eps, d=d, n_k=n_k, value_range=vr, max_abs_value=vmax, kind=kind,
+                                radius_source=source, out_dtype=q.dtype)
         if cert is None:
+            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
             last = certify(top)
             raise ValueError(
                 f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at radius R={radius:.4g} "
@@ -229,11 +234,39 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
     if key_mask is not None:
         km = key_mask.to(torch.float64)
         key_weight = km if key_weight is None else key_weight * km
+        kd = kd * km.unsqueeze(-1)  # masked keys may lie outside the radius: keep their features finite
     if radius == 0.0:
         coeffs = coeffs[:1]
     out = feature_attention(qd * aq, kd * ak, vd, coeffs=coeffs, key_weight=key_weight, is_causal=is_causal,
                             chunk=chunk)
     return out.to(q.dtype), cert
+
+
+def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
+                       max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
+                       out_dtype: torch.dtype = torch.float32, eps: float | None = None) -> Certificate:
+    """The certificate a ``method`` ("taylor"/"polynomial") run of ``degree`` would carry at radius R."""
+    delta, abs_sum = family_error(method, radius, degree)
+    return feature_certificate(method=method, kind=kind, degree=degree, rank=feature_rank(d, degree), radius=radius,
+                               radius_source=radius_source, delta=delta, coeff_abs_sum=abs_sum, n_k=n_k,
+                               value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+
+
+def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
+                     max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
+                     out_dtype: torch.dtype = torch.float32) -> Certificate | None:
+    """The certificate of the smallest degree (even order for Taylor) meeting ``eps``, or None if none ≤ the cap.
+
+    Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
+    """
+    step, top = (2, MAX_TAYLOR_ORDER) if method == "taylor" else (1, MAX_DEGREE)
+    for g in range(0, top + 1, step):
+        c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
+                               max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
+                               out_dtype=out_dtype, eps=eps)
+        if c.eta < 1.0 and c.output_error_bound <= eps:
+            return c
+    return None
 
 
 def taylor_attention(q, k, v, *, order: int | None = None, eps: float | None = None, return_certificate=False,
