@@ -8,7 +8,7 @@ PIP := .venv/bin/pip
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,peers,hf]'
 	touch .venv/.installed
 
 install: .venv/.installed

@@ -187,10 +187,19 @@ def test_memory_budget_is_enforced_before_allocating(rng):
         attnbound.polynomial_attention(q, k, v, degree=6, memory_budget=1 << 20)
 
 
-def test_exact_certificate_is_zero(rng):
-    q, k, v = scaled_inputs(rng, (5,), (5,), 3, 2, 0.5, 0.5)
-    _, cert = attnbound.attention(q, k, v, return_certificate=True)
-    assert cert.method == "exact" and cert.output_error_bound == 0.0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("method,block", [("dense", None), ("blockwise", 7)])
+@pytest.mark.parametrize("radius", [0.5, 8.0, 60.0])
+def test_exact_certificate_bounds_the_rounding_error(rng, dtype, method, block, radius):
+    s = 1 / math.sqrt(6)
+    q, k, v = scaled_inputs(rng, (3, 40), (3, 50), 6, 4, radius, s)
+    q[0, :] = k[0, 0]  # aligned at the norm bound: one very peaked row block
+    out, cert = attnbound.attention(q.to(dtype), k.to(dtype), v.to(dtype), method=method, block_size=block,
+                                    scale=s, return_certificate=True)
+    ref = reference_softmax(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), s)
+    err = float((out.double() - ref).abs().max())
+    assert cert.method == "exact" and err <= cert.output_error_bound
+    assert cert.output_error_bound < {torch.float64: 1e-9, torch.float32: 1e-1, torch.bfloat16: math.inf}[dtype]
 
 
 def test_float32_inputs_are_certified_for_the_returned_tensor(rng):

@@ -7,8 +7,8 @@ import math
 import torch
 
 from . import validation as val
-from .certificate import Certificate, feature_certificate
-from .exact import blockwise_attention, dense_attention, use_dense
+from .certificate import Certificate, exact_certificate, feature_certificate
+from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .planner import MAX_TAYLOR_ORDER, CostModel, default_memory_budget, family_error, plan
 from .polynomial import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
 from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
@@ -107,17 +107,33 @@ def attention(
         cd = val.compute_dtype(out_dtype)
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         mask = attn_mask.to(cd) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        if method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2])):
+        dense = method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2]))
+        if dense:
             out = dense_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask)
         else:
             out = blockwise_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask,
                                       block_size=block_size)
         out = out.to(out_dtype)
-        return (out, Certificate(method="exact", kind=kind, eps=eps)) if return_certificate else out
+        if not return_certificate:
+            return out
+        blocks = 1 if dense else -(-k.shape[-2] // (block_size or DEFAULT_BLOCK))
+        return out, _exact_certificate(q, k, v, s, kind, mask, blocks, cd, out_dtype, eps)
     out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                                 eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
                                 memory_budget=memory_budget, batch_numel=batch_numel, strict=strict)
     return (out, cert) if return_certificate else out
+
+
+def _exact_certificate(q, k, v, s, kind, mask, blocks, compute_dtype, out_dtype, eps) -> Certificate:
+    mq, mk = _max_norms(q, k)
+    logit = s * (mq + mk) ** 2 if kind == "l2" else s * mq * mk
+    if mask is not None and mask.is_floating_point():
+        finite = mask[torch.isfinite(mask)]
+        logit += float(finite.abs().max()) if finite.numel() else 0.0
+    vr, vmax = _value_stats(v)
+    return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=k.shape[-2], blocks=blocks,
+                             value_range=vr, max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                             eps=eps)
 
 
 def _needs_grad(*xs) -> bool:

@@ -159,5 +159,59 @@ def reduce_gap_hamming(n: int = typer.Option(512), d: int = typer.Option(64, hel
     _report_decision(red, truth, time.perf_counter() - t0, method, _oracle_kwargs(degree, eps))
 
 
+study_app = typer.Typer(no_args_is_help=True, help="Study a real pretrained model through attnbound.")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("minilm")
+def study_minilm(eps: list[float] = typer.Option(None, help="target errors (repeatable; default 1e-2 and 1e-3)"),
+                 batch_size: int = typer.Option(16, help="sentences per padded batch"),
+                 out: str = typer.Option(None, help="also write minilm.json, minilm.csv and the two PNGs here")):
+    """all-MiniLM-L6-v2 (offline): B, R, degree needed per layer/head; embedding cosine vs exact."""
+    import json
+    import pathlib
+
+    from attnbound.experiments import minilm
+    from attnbound.experiments.report import _clean, write_csv
+
+    ok, why = minilm.available()
+    if not ok:
+        _fail(why)
+    if batch_size < 1:
+        _fail(f"batch-size must be >= 1, got {batch_size}")
+    eps_list = tuple(eps) if eps else minilm.EPS
+    if any(not (e > 0) for e in eps_list):
+        _fail(f"eps must be positive, got {list(eps_list)}")
+    with console.status("running all-MiniLM-L6-v2 through attnbound…"):
+        res = minilm.study(eps=eps_list, batch_size=batch_size)
+    table = Table(title=f"all-MiniLM-L6-v2: {res['sentences']} sentences, {res['min_tokens']}–{res['max_tokens']} "
+                        f"tokens (degree = Chebyshev degree whose approximation term meets eps; × = none ≤ 40)")
+    for col in ("layer", "head", "B", "R", "B/√ln n", *[f"degree @{e:g}" for e in eps_list],
+                *[f"rank @{e:g}" for e in eps_list]):
+        table.add_column(col, justify="right")
+    for h in res["heads"]:
+        table.add_row(str(h["layer"]), str(h["head"]), f"{h['B']:.2f}", f"{h['R']:.1f}", f"{h['B_over_sqrt_ln_n']:.2f}",
+                      *[str(h[f"degree@{e:g}"]) if h[f"degree@{e:g}"] is not None else "×" for e in eps_list],
+                      *[f"{h[f'rank@{e:g}']:.1e}" if h[f"rank@{e:g}"] is not None else "×" for e in eps_list])
+    console.print(table)
+    runs = Table(title="whole model through the attnbound backend vs the stock (SDPA) model")
+    for col in ("backend", "cos min", "cos mean", "max |Δ emb|", "worst certified bound", "head-calls by method"):
+        runs.add_column(col)
+    for r in res["runs"]:
+        calls = ", ".join(f"{k[6:]} {v}" for k, v in r.items() if k.startswith("calls_"))
+        runs.add_row(r["backend"], f"{r['cos_min']:.6f}", f"{r['cos_mean']:.6f}", f"{r['max_abs_diff']:.2e}",
+                     f"{r['worst_bound']:.3g}", calls)
+    console.print(runs)
+    if out:
+        path = pathlib.Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "minilm.json").write_text(json.dumps(_clean(res), indent=1))
+        write_csv(path / "minilm.csv", res["heads"])
+        for stem, fig in minilm.figures(res).items():
+            fig.tight_layout()
+            fig.savefig(path / f"{stem}.png", dpi=110)
+        console.print(f"wrote {path.resolve()}")
+
+
 def main():  # pragma: no cover
     app()

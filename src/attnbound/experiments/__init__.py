@@ -1,6 +1,6 @@
 """The reproduction experiments: one module per claim of SPEC §5 (see each docstring)."""
 
-from . import direct_sum, gradient, reductions, scaling, taylor_order, transition
+from . import direct_sum, gradient, minilm, reductions, scaling, taylor_order, transition
 
 EXPERIMENTS = {
     "scaling": scaling,
@@ -9,4 +9,5 @@ EXPERIMENTS = {
     "direct_sum": direct_sum,
     "gradient": gradient,
     "reductions": reductions,
+    "minilm": minilm,
 }

@@ -20,7 +20,7 @@ from rich.table import Table
 from . import EXPERIMENTS
 from .common import SCALES
 
-COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700"}
+COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700", "SKIPPED": "#6e7781"}
 
 
 def environment() -> dict:
@@ -76,7 +76,9 @@ img{{max-width:100%;border:1px solid #d0d7de}}section{{margin:2.5em 0}}.claim{{c
                      f"{r.verdict}</span></h2><p class='claim'>{html.escape(r.claim)}</p><p>{html.escape(r.reason)}</p>")
         for stem in r.figures:
             parts.append(f"<img src='{stem}.png' alt='{stem}'>")
-        parts.append(f"<p><a href='{r.name}.csv'>{r.name}.csv</a></p></section>")
+        if r.rows:
+            parts.append(f"<p><a href='{r.name}.csv'>{r.name}.csv</a></p>")
+        parts.append("</section>")
     parts.append("</body></html>")
     (out / "index.html").write_text("\n".join(parts))
 
@@ -85,7 +87,8 @@ def reproduce(scale: str = "small", out: str | os.PathLike | None = None, only: 
               seed: int = 0, console: Console | None = None) -> pathlib.Path:
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    names = list(EXPERIMENTS) if not only else list(only)
+    # experiments with DEFAULT = False (long benchmarks) run only when named with --only
+    names = [n for n, m in EXPERIMENTS.items() if getattr(m, "DEFAULT", True)] if not only else list(only)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
@@ -108,7 +111,8 @@ def reproduce(scale: str = "small", out: str | os.PathLike | None = None, only: 
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
-            write_csv(out / f"{name}.csv", res.rows)
+            if res.rows:
+                write_csv(out / f"{name}.csv", res.rows)
             results.append(res)
     seconds = time.perf_counter() - t_start
     payload = {"scale": scale, "seed": seed, "seconds": seconds, "environment": env,

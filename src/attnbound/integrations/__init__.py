@@ -1,0 +1,1 @@
+"""Bridges from attnbound to other libraries (optional extras)."""

