@@ -94,15 +94,23 @@ def blockwise_attention(
                 scores = _apply_mask(scores, attn_mask[..., i0:i1, j0:j1])
             if is_causal and j1 > i0:
                 scores = scores.masked_fill(~_causal_block_mask(i0, i1, j0, j1, q.device), float("-inf"))
-            m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
-            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            p = torch.exp(scores - m_safe)
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(-1, keepdim=True)
-            acc = acc * alpha + p @ v[..., j0:j1, :]
-            m = m_new
-        outs.append(acc / torch.where(l > 0, l, torch.ones_like(l)))
+            m, l, acc = online_softmax_step(m, l, acc, scores, v[..., j0:j1, :])
+        outs.append(finish_online_softmax(l, acc))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def online_softmax_step(m, l, acc, scores, v_block):
+    """Fold one block of logits (..., rows, keys) and its values into the running (max, sum, output)."""
+    m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+    m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    p = torch.exp(scores - m_safe)
+    alpha = torch.exp(m - m_safe)
+    return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v_block
+
+
+def finish_online_softmax(l, acc):
+    """acc / l, with rows that saw no key (l = 0) returned as zeros."""
+    return acc / torch.where(l > 0, l, torch.ones_like(l))
 
 
 def use_dense(batch_numel: int, n_q: int, n_k: int) -> bool:

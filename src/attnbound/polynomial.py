@@ -134,34 +134,54 @@ def feature_attention(
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     chunk = chunk or chunk_rows(math.prod(batch), rank)
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
-    vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-    if key_weight is not None:
-        vv = vv * key_weight.unsqueeze(-1)
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    outs = []
-    if not is_causal:
-        state = None
-        for j0 in range(0, n_k, chunk):
-            part = monomial_features(k[..., j0 : j0 + chunk, :], degree) @ vv[..., j0 : j0 + chunk, :]
-            state = part if state is None else state + part
-        state = state * w.unsqueeze(-1)
-        for i0 in range(0, n_q, chunk):
-            fq = monomial_features(q[..., i0 : i0 + chunk, :], degree)
-            outs.append(fq.transpose(-1, -2) @ state)
+    vv = weighted_values(v, key_weight)
+    if is_causal:
+        num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
     else:
-        state = None
-        for i0 in range(0, n_q, chunk):
-            i1 = min(i0 + chunk, n_q)
-            fq = monomial_features(q[..., i0:i1, :], degree)
-            fk = monomial_features(k[..., i0:i1, :], degree)
-            fkw = fk * w.unsqueeze(-1)
-            scores = torch.tril(fq.transpose(-1, -2) @ fkw)
-            num = scores @ vv[..., i0:i1, :]
-            if state is not None:
-                num = num + fq.transpose(-1, -2) @ state
-            outs.append(num)
-            part = fkw @ vv[..., i0:i1, :]
-            state = part if state is None else state + part
-    num = outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+        num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree, chunk=chunk)
+    return normalize_readout(num, d_v)
+
+
+def weighted_values(v: torch.Tensor, key_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[v, 1] per key, times the key's weight: the right factor of the key state."""
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    return vv if key_weight is None else vv * key_weight.unsqueeze(-1)
+
+
+def key_state(k, vv, *, degree: int, weights: torch.Tensor, chunk: int) -> torch.Tensor:
+    """S = diag(w)·φ(K)ᵀ[V, 1] of shape (..., r, d_v + 1): everything the queries need of the keys."""
+    state = None
+    for j0 in range(0, k.shape[-2], chunk):
+        part = monomial_features(k[..., j0 : j0 + chunk, :], degree) @ vv[..., j0 : j0 + chunk, :]
+        state = part if state is None else state + part
+    return state * weights.unsqueeze(-1)
+
+
+def state_readout(q, state, *, degree: int, chunk: int) -> torch.Tensor:
+    """φ(Q)·S, chunk by chunk: the unnormalised output and, in its last column, the row sums."""
+    outs = [monomial_features(q[..., i0 : i0 + chunk, :], degree).transpose(-1, -2) @ state
+            for i0 in range(0, q.shape[-2], chunk)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+
+
+def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, state=None) -> torch.Tensor:
+    """Row i sees keys j ≤ i (and everything already in ``state``, the keys before this sequence)."""
+    outs = []
+    n_q = q.shape[-2]
+    for i0 in range(0, n_q, chunk):
+        i1 = min(i0 + chunk, n_q)
+        fq = monomial_features(q[..., i0:i1, :], degree)
+        fkw = monomial_features(k[..., i0:i1, :], degree) * weights.unsqueeze(-1)
+        num = torch.tril(fq.transpose(-1, -2) @ fkw) @ vv[..., i0:i1, :]
+        if state is not None:
+            num = num + fq.transpose(-1, -2) @ state
+        outs.append(num)
+        part = fkw @ vv[..., i0:i1, :]
+        state = part if state is None else state + part
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+
+
+def normalize_readout(num: torch.Tensor, d_v: int) -> torch.Tensor:
+    """Numerator / row sum; rows whose weights all vanish (every key masked) return zeros."""
     den = num[..., d_v:]
     return num[..., :d_v] / torch.where(den > 0, den, torch.ones_like(den))

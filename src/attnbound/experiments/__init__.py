@@ -1,6 +1,6 @@
 """The reproduction experiments: one module per claim of SPEC §5 (see each docstring)."""
 
-from . import direct_sum, gradient, minilm, reductions, scaling, taylor_order, transition
+from . import direct_sum, gradient, minilm, peers, reductions, scaling, taylor_order, transition
 
 EXPERIMENTS = {
     "scaling": scaling,
@@ -10,4 +10,5 @@ EXPERIMENTS = {
     "gradient": gradient,
     "reductions": reductions,
     "minilm": minilm,
+    "peers": peers,
 }
