@@ -1,0 +1,268 @@
+"""Sequence-parallel attention on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Each of the P ranks of ``group`` holds a contiguous shard of one sequence — rank order is
+sequence order, shard lengths n_0, …, n_{P−1} may differ — and gets back its shard of the output:
+the same numbers, to rounding, as single-process :func:`attnbound.attention` on the
+concatenated sequence, with the same certificate on every rank.
+
+Exact (``method="exact"``): ring attention. The K/V shards travel round the ring (P − 1
+``batch_isend_irecv`` steps, each rank sending its current block to rank + 1 while receiving
+the next from rank − 1); each rank folds every block into an online softmax (running max, sum
+and output) for its own queries, in tiles of ``block_size`` keys, so its memory stays
+O(n_r·(d + d_v) + n_r·block). Causal: blocks from later ranks are passed on without compute.
+Communication per rank: (P − 1)·(its received shards) ≈ N·(d + d_v)·itemsize bytes — the whole
+K and V of the sequence — whatever the method's cost.
+
+Polynomial / Taylor (``method="polynomial" | "taylor"``, ``eps`` or ``degree``/``order``): the
+radius must be global, so one ``all_reduce(MAX)`` of (max‖q‖, max‖k‖, per-column max and −min of
+V, max|V|) precedes the degree choice, and every rank runs the same polynomial. Each rank builds
+its key state S_r = diag(w)·φ(K_r)ᵀ[V_r, 1] (r × (d_v + 1)).
+Non-causal: one ``all_reduce(SUM)`` of S. Causal: ``all_gather`` of the states, the exclusive
+prefix Σ_{p<r} S_p seeds the local causal pass. Communication per rank: r·(d_v + 1)·8 bytes
+(non-causal) or P·r·(d_v + 1)·8 (causal) — independent of n, against N·(d + d_v)·itemsize for
+exact: the reason low-rank attention is the one that scales out.
+
+Validation runs on every rank and its outcome is shared (``all_gather_object``) before any
+other collective, so bad input on one rank — NaN/Inf, a shape or dtype that differs from the
+others — makes every rank raise the same ValueError instead of hanging. Only ``kind="softmax"``
+and no ``attn_mask`` (use ``is_causal``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import validation as val
+from .api import _max_norms, certified_degree, degree_certificate
+from .certificate import Certificate, exact_certificate
+from .exact import DEFAULT_BLOCK, finish_online_softmax, online_softmax_step
+from .planner import MAX_TAYLOR_ORDER, default_memory_budget
+from .polynomial import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
+                         monomial_weights, normalize_readout, state_readout, weighted_values)
+from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
+from .taylor import check_order, taylor_coefficients
+
+METHODS = ("exact", "polynomial", "taylor")
+_LAST = {"bytes_sent": 0, "bytes_received": 0, "messages": 0}
+
+
+def last_communication() -> dict:
+    """Bytes this rank sent and received (and messages) in its last :func:`attention` call."""
+    return dict(_LAST)
+
+
+def _count(sent: int, received: int, messages: int = 1):
+    _LAST["bytes_sent"] += sent
+    _LAST["bytes_received"] += received
+    _LAST["messages"] += messages
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    method: str = "exact",
+    scale: float | None = None,
+    is_causal: bool = False,
+    eps: float | None = None,
+    degree: int | None = None,
+    order: int | None = None,
+    bound: float | None = None,
+    block_size: int | None = None,
+    memory_budget: int | None = None,
+    return_certificate: bool = False,
+):
+    """Attention over a sequence sharded across the ranks of ``group`` (see the module docstring).
+
+    Args:
+        q, k, v: this rank's shard, ``(..., n_r, d)``, ``(..., n_r, d)``, ``(..., n_r, d_v)``; the
+            leading dims, d, d_v, dtype and device must agree on every rank.
+        group: the process group (default: the world).
+        method: ``"exact"`` (ring), ``"polynomial"`` (``degree`` or ``eps``) or ``"taylor"``
+            (``order`` or ``eps``).
+        scale, is_causal, eps, bound, block_size, memory_budget: as in :func:`attnbound.attention`.
+        return_certificate: also return the :class:`~attnbound.Certificate` (identical on all ranks).
+
+    Returns:
+        this rank's output shard ``(..., n_r, d_v)``, or ``(out, certificate)``.
+
+    Raises:
+        ValueError (on every rank) when any rank's input is invalid or the ranks disagree.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("attnbound.distributed.attention needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, or launch with torchrun)")
+    world = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    _LAST.update(bytes_sent=0, bytes_received=0, messages=0)
+    error, meta = "", None
+    try:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        val.check_qkv(q, k, v, is_causal=is_causal)
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"q and k must hold the same shard of the sequence: n_q={q.shape[-2]}, n_k={k.shape[-2]}")
+        val.check_positive_int("block_size", block_size)
+        val.resolve_scale(scale, q.shape[-1])
+        val.check_eps(eps)
+        if bound is not None:
+            for name, x in (("q", q), ("k", k)):
+                top = float(x.detach().abs().max())
+                if top > bound:
+                    raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
+        meta = (tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]), q.shape[-1], v.shape[-1],
+                str(q.dtype), q.device.type, q.shape[-2])
+    except (ValueError, TypeError) as exc:
+        error = str(exc)
+    reports = [None] * world
+    dist.all_gather_object(reports, (error, meta), group=group)
+    bad = [(r, e) for r, (e, _) in enumerate(reports) if e]
+    if bad:
+        raise ValueError("; ".join(f"rank {r}: {e}" for r, e in bad))
+    metas = [m for _, m in reports]
+    if len({m[:-1] for m in metas}) > 1:
+        raise ValueError("the ranks disagree on (q batch, k batch, v batch, d, d_v, dtype, device): "
+                         + "; ".join(f"rank {r}: {m[:-1]}" for r, m in enumerate(metas)))
+    lengths = [m[-1] for m in metas]
+    s = val.resolve_scale(scale, q.shape[-1])
+    if method == "exact":
+        return _ring(q, k, v, s=s, is_causal=is_causal, lengths=lengths, me=me, world=world, group=group,
+                     block=block_size or DEFAULT_BLOCK, eps=eps, return_certificate=return_certificate)
+    return _features(q, k, v, s=s, method=method, is_causal=is_causal, lengths=lengths, me=me, world=world,
+                     group=group, eps=eps, degree=degree if method == "polynomial" else order, bound=bound,
+                     memory_budget=memory_budget, return_certificate=return_certificate)
+
+
+def _global_stats(q, k, v, group) -> tuple[float, float, float, float]:
+    """(max‖q‖, max‖k‖, value range, max|v|) over the whole sequence: one all_reduce(MAX)."""
+    mq, mk = _max_norms(q, k)
+    vd = v.detach().double().reshape(-1, v.shape[-2], v.shape[-1])
+    local = torch.cat([torch.tensor([mq, mk, float(vd.abs().max())], dtype=torch.float64),
+                       vd.amax(-2).reshape(-1).cpu(), (-vd.amin(-2)).reshape(-1).cpu()]).to(q.device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+    _count(local.numel() * 8, local.numel() * 8)
+    cols = (local.numel() - 3) // 2
+    spread = float((local[3:3 + cols] + local[3 + cols:]).max())
+    return float(local[0]), float(local[1]), spread, float(local[2])
+
+
+def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, return_certificate):
+    cd = val.compute_dtype(q.dtype)
+    qc = q.to(cd)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    d, d_v, n_r = q.shape[-1], v.shape[-1], q.shape[-2]
+    m = torch.full((*batch, n_r, 1), float("-inf"), dtype=cd, device=q.device)
+    l = torch.zeros((*batch, n_r, 1), dtype=cd, device=q.device)
+    acc = torch.zeros((*batch, n_r, d_v), dtype=cd, device=q.device)
+    kv = torch.cat([k.to(cd).expand(*batch, n_r, d), v.to(cd).expand(*batch, n_r, d_v)], -1).contiguous()
+    for step in range(world):
+        src = (me - step) % world
+        pending, incoming = None, None
+        if step < world - 1:
+            nxt = (me - step - 1) % world
+            incoming = torch.empty((*batch, lengths[nxt], d + d_v), dtype=cd, device=q.device)
+            ops = [dist.P2POp(dist.isend, kv, (me + 1) % world, group=group),
+                   dist.P2POp(dist.irecv, incoming, (me - 1) % world, group=group)]
+            pending = dist.batch_isend_irecv(ops)
+            _count(kv.numel() * kv.element_size(), incoming.numel() * incoming.element_size(), 2)
+        if not (is_causal and src > me):
+            kb, vb = kv[..., :d], kv[..., d:]
+            for j0 in range(0, kb.shape[-2], block):
+                j1 = min(j0 + block, kb.shape[-2])
+                for i0 in range(0, n_r, block):
+                    i1 = min(i0 + block, n_r)
+                    scores = s * (qc[..., i0:i1, :] @ kb[..., j0:j1, :].transpose(-1, -2))
+                    if is_causal and src == me and j1 > i0:
+                        rows = torch.arange(i0, i1, device=q.device).unsqueeze(-1)
+                        cols = torch.arange(j0, j1, device=q.device).unsqueeze(0)
+                        scores = scores.masked_fill(cols > rows, float("-inf"))
+                    part = online_softmax_step(m[..., i0:i1, :], l[..., i0:i1, :], acc[..., i0:i1, :], scores,
+                                               vb[..., j0:j1, :])
+                    m[..., i0:i1, :], l[..., i0:i1, :], acc[..., i0:i1, :] = part
+        if pending is not None:
+            for work in pending:
+                work.wait()
+            kv = incoming
+    out = finish_online_softmax(l, acc).to(q.dtype)
+    if not return_certificate:
+        return out
+    mq, mk, spread, vmax = _global_stats(q, k, v, group)
+    n = sum(lengths)
+    cert = exact_certificate(kind="softmax", logit_bound=s * mq * mk, d=d, n_k=n,
+                             blocks=sum(-(-x // block) for x in lengths), value_range=spread, max_abs_value=vmax,
+                             compute_dtype=cd, out_dtype=q.dtype, eps=eps)
+    return out, cert
+
+
+def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, degree, bound, memory_budget,
+              return_certificate):
+    d, d_v = q.shape[-1], v.shape[-1]
+    n = sum(lengths)
+    mq, mk, spread, vmax = _global_stats(q, k, v, group)
+    if bound is not None:
+        radius, source = s * d * float(bound) ** 2, "bound"
+    else:
+        radius, source = s * mq * mk, "data"
+    # every rank evaluates the same scalars below, so they agree on the degree (or on the error)
+    if radius > 700.0:
+        raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent; use method='exact'")
+    if degree is None:
+        if eps is None:
+            raise ValueError(f"method={method!r} needs eps or {'order' if method == 'taylor' else 'degree'}")
+        cert = certified_degree(method, radius, eps, d=d, n_k=n, value_range=spread, max_abs_value=vmax,
+                                radius_source=source, out_dtype=q.dtype)
+        if cert is None:
+            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
+            raise ValueError(f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at global "
+                             f"radius R={radius:.4g}; use method='exact'")
+    else:
+        if method == "taylor":
+            check_order(degree)
+        elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
+            raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
+        cert = degree_certificate(method, radius, degree, d=d, n_k=n, value_range=spread, max_abs_value=vmax,
+                                  radius_source=source, out_dtype=q.dtype, eps=eps)
+        if not cert.eta < 1.0:
+            raise ValueError(f"cannot certify {method} degree {degree} at global radius R={radius:.4g} "
+                             f"(η = {cert.eta:.3g} ≥ 1); raise the degree or use method='exact'")
+    g, r = cert.degree, feature_rank(d, cert.degree)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch_numel = math.prod(batch)
+    chunk = chunk_rows(batch_numel, r)
+    need = feature_memory_bytes(batch_numel, q.shape[-2], k.shape[-2], d_v, r, chunk, is_causal=is_causal,
+                                requires_grad=False) + (world * batch_numel * r * (d_v + 1) * 8 if is_causal else 0)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
+    if need > budget:
+        raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r} and about {need / 2**20:.1f} MiB per "
+                         f"rank (budget {budget / 2**20:.1f} MiB)")
+    coeffs = taylor_coefficients(radius, g) if method == "taylor" else chebyshev_coefficients(radius, g)
+    if radius == 0.0:
+        coeffs = coeffs[:1]
+    if source == "bound":
+        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
+    else:
+        aq, ak = (1.0 / mq if mq > 0 else 1.0), (1.0 / mk if mk > 0 else 1.0)
+    qd = (q.double() * aq).expand(*batch, *q.shape[-2:])
+    kd = (k.double() * ak).expand(*batch, *k.shape[-2:])
+    vv = weighted_values(v.double().expand(*batch, *v.shape[-2:]))
+    deg = len(coeffs) - 1
+    w = torch.as_tensor(monomial_weights(coeffs, d), dtype=torch.float64, device=q.device)
+    state = key_state(kd, vv, degree=deg, weights=w, chunk=chunk).contiguous()
+    nbytes = state.numel() * 8
+    if not is_causal:
+        dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
+        _count(nbytes, nbytes)
+        num = state_readout(qd, state, degree=deg, chunk=chunk)
+    else:
+        states = [torch.empty_like(state) for _ in range(world)]
+        dist.all_gather(states, state, group=group)
+        _count(nbytes, nbytes * world)
+        prefix = sum(states[:me]) if me > 0 else None
+        num = causal_readout(qd, kd, vv, degree=deg, weights=w, chunk=chunk, state=prefix)
+    out = normalize_readout(num, d_v).to(q.dtype)
+    return (out, cert) if return_certificate else out

@@ -1,0 +1,104 @@
+"""Sequence-parallel attention on gloo (loopback), 2 and 3 processes, against single-process results."""
+
+import datetime
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnbound
+from attnbound import distributed
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+CASES = [  # (method, options, is_causal)
+    ("exact", {}, False),
+    ("exact", {}, True),
+    ("exact", {"block_size": 3}, True),
+    ("polynomial", {"eps": 1e-6}, False),
+    ("polynomial", {"eps": 1e-6}, True),
+    ("polynomial", {"degree": 5}, True),
+    ("taylor", {"eps": 1e-4}, False),
+    ("taylor", {"order": 6}, True),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, lengths):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        n = sum(lengths)
+        lo, hi = sum(lengths[:rank]), sum(lengths[:rank + 1])
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(2, n, 4, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
+        v = v[..., :3]
+        for method, opts, causal in CASES:
+            single_kw = dict(opts)
+            if "block_size" in opts:
+                single_kw["method"] = "blockwise"
+            else:
+                single_kw["method"] = method
+            ref, ref_cert = attnbound.attention(q, k, v, is_causal=causal, return_certificate=True, **single_kw)
+            out, cert = distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method=method,
+                                              is_causal=causal, return_certificate=True, **opts)
+            err = float((out - ref[..., lo:hi, :]).abs().max())
+            assert err <= 1e-12, (method, opts, causal, err)
+            if method != "exact":
+                assert cert == ref_cert, (cert, ref_cert)  # the same certificate as one process
+            certs = [None] * world
+            dist.all_gather_object(certs, cert)
+            assert all(c == cert for c in certs)  # and identical on every rank
+            # against the float64 truth, within the certificate
+            truth = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + (torch.full((n, n), float("-inf")).triu(1)
+                                                                   if causal else 0.0), -1) @ v
+            assert float((out - truth[..., lo:hi, :]).abs().max()) <= cert.output_error_bound
+        # bytes on the wire are what the module docstring says: the state for polynomial, K and V for exact
+        distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="polynomial", degree=5)
+        stats = (3 + 2 * 2 * 3) * 8  # max‖q‖, max‖k‖, max|v| and per-(batch, column) max / −min of v
+        assert distributed.last_communication()["bytes_sent"] == 2 * math.comb(4 + 5, 5) * (3 + 1) * 8 + stats
+        distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="exact")
+        sent = sum(lengths[(rank - t) % world] for t in range(world - 1)) * 2 * (4 + 3) * 8
+        assert distributed.last_communication()["bytes_sent"] == sent
+        # float32 inputs go through float32 on the exact path, float64 on the feature path
+        out32 = distributed.attention(q[..., lo:hi, :].float(), k[..., lo:hi, :].float(), v[..., lo:hi, :].float())
+        assert out32.dtype == torch.float32
+        assert float((out32.double() - attnbound.attention(q, k, v)[..., lo:hi, :]).abs().max()) < 1e-5
+        # a NaN on the last rank: every rank raises, naming that rank, and nobody hangs
+        bad = q[..., lo:hi, :].clone()
+        if rank == world - 1:
+            bad[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=rf"rank {world - 1}: .*NaN"):
+            distributed.attention(bad, k[..., lo:hi, :], v[..., lo:hi, :])
+        # ranks that disagree on the head dim
+        width = 4 if rank == 0 else 3
+        with pytest.raises(ValueError, match="disagree"):
+            distributed.attention(q[..., lo:hi, :width], k[..., lo:hi, :width], v[..., lo:hi, :])
+        # an uncertifiable request fails on every rank alike
+        with pytest.raises(ValueError, match="cannot be certified"):
+            distributed.attention(q[..., lo:hi, :] * 8, k[..., lo:hi, :] * 8, v[..., lo:hi, :], method="polynomial",
+                                  eps=1e-6)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lengths", [[7, 12], [5, 1, 9]], ids=["2 ranks uneven", "3 ranks uneven"])
+def test_sharded_attention_matches_one_process(lengths):
+    mp.spawn(_worker, args=(len(lengths), _free_port(), lengths), nprocs=len(lengths), join=True)
+
+
+def test_needs_a_process_group():
+    q = torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="process group"):
+        distributed.attention(q, q, q)
