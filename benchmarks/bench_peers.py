@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--families", nargs="+", choices=["gaussian", "peaked", "minilm"], help="only these families")
     ap.add_argument("--merge", nargs="+", default=[], help="bench_peers.json files of other runs to merge in "
                     "(e.g. the same grid split over processes)")
+    ap.add_argument("--no-run", action="store_true", help="measure nothing: only merge, tabulate and plot")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     ok, why = peers.available()
@@ -56,7 +57,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     raw, t0 = [], time.perf_counter()
     grid = [(f, r, d, lg) for f, r, d in peers.families(ds, with_real=not args.no_real) for lg in log2ns
-            if not args.families or f in args.families]
+            if (not args.families or f in args.families) and not args.no_run]
     for i, (fam, radius, d, lg) in enumerate(grid, 1):
         t1 = time.perf_counter()
         raw += peers.measure(fam, radius, d, 1 << lg, features=feats, seeds=seeds, repeats=repeats,

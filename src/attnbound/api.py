@@ -116,23 +116,24 @@ def attention(
         out = out.to(out_dtype)
         if not return_certificate:
             return out
-        blocks = 1 if dense else -(-k.shape[-2] // (block_size or DEFAULT_BLOCK))
-        return out, _exact_certificate(q, k, v, s, kind, mask, blocks, cd, out_dtype, eps)
+        block = None if dense else (block_size or DEFAULT_BLOCK)
+        return out, _exact_certificate(q, k, v, s, kind, mask, block, cd, out_dtype, eps)
     out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                                 eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
                                 memory_budget=memory_budget, batch_numel=batch_numel, strict=strict)
     return (out, cert) if return_certificate else out
 
 
-def _exact_certificate(q, k, v, s, kind, mask, blocks, compute_dtype, out_dtype, eps) -> Certificate:
+def _exact_certificate(q, k, v, s, kind, mask, block, compute_dtype, out_dtype, eps) -> Certificate:
     mq, mk = _max_norms(q, k)
     logit = s * (mq + mk) ** 2 if kind == "l2" else s * mq * mk
     if mask is not None and mask.is_floating_point():
         finite = mask[torch.isfinite(mask)]
         logit += float(finite.abs().max()) if finite.numel() else 0.0
     vr, vmax = _value_stats(v)
-    return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=k.shape[-2], blocks=blocks,
-                             value_range=vr, max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype,
+    n_k = k.shape[-2]
+    return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=n_k,
+                             blocks=-(-n_k // block) if block else 1, block=block, value_range=vr, max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype,
                              eps=eps)
 
 

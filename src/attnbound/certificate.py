@@ -145,6 +145,7 @@ def exact_certificate(
     d: int,
     n_k: int,
     blocks: int,
+    block: int | None = None,
     value_range: float,
     max_abs_value: float,
     compute_dtype: torch.dtype,
@@ -157,15 +158,17 @@ def exact_certificate(
     the largest finite additive mask entry): the logit and the subtracted row maximum each carry
     at most γ_{d+2}·L, exp adds 2u and each of the ``blocks`` online-softmax rescales 3u, so every
     weight has relative error η ≤ exp(2γ_{d+2}·L + 2u + 3u·blocks) − 1 and, as for the
-    approximations, the output moves by at most η/(1−η)·range. Summing n_k terms in numerator
-    and denominator and dividing add (2γ_{n_k}/(1−γ_{n_k}) + 2u)·max|v|; the cast to the output
-    dtype u_out·max|v|. A worst case: measured errors sit orders of magnitude below it.
+    approximations, the output moves by at most η/(1−η)·range. Summing m terms in numerator
+    and denominator and dividing add (2γ_m/(1−γ_m) + 2u)·max|v|, with m = n_k for one dense
+    sum and m = block + blocks when ``block``-long partial sums are accumulated blockwise; the
+    cast to the output dtype adds u_out·max|v|. A worst case: measured errors sit orders of
+    magnitude below it.
     """
     u = unit_roundoff(compute_dtype)
     lam = 2.0 * _gamma(d + 2, u) * logit_bound + 2.0 * u + 3.0 * u * blocks
     eta = math.expm1(lam) if lam < 700.0 else math.inf
     approx = output_bound(eta, value_range)
-    g = _gamma(n_k, u)
+    g = _gamma(min(block, n_k) + blocks if block else n_k, u)
     sums = (2.0 * g / (1.0 - g) + 2.0 * u) if g < 1.0 else math.inf
     rounding = (sums + (unit_roundoff(out_dtype) if out_dtype != compute_dtype else 0.0)) * max_abs_value
     return Certificate(method="exact", kind=kind, eta=eta, value_range=value_range, max_abs_value=max_abs_value,

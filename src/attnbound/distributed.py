@@ -54,7 +54,9 @@ def last_communication() -> dict:
     return dict(_LAST)
 
 
-def _count(sent: int, received: int, messages: int = 1):
+def _count(sent: int, received: int, messages: int = 1, world: int = 2):
+    if world == 1:  # a collective over one process moves nothing
+        return
     _LAST["bytes_sent"] += sent
     _LAST["bytes_received"] += received
     _LAST["messages"] += messages
@@ -145,7 +147,7 @@ def _global_stats(q, k, v, group) -> tuple[float, float, float, float]:
     local = torch.cat([torch.tensor([mq, mk, float(vd.abs().max())], dtype=torch.float64),
                        vd.amax(-2).reshape(-1).cpu(), (-vd.amin(-2)).reshape(-1).cpu()]).to(q.device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
-    _count(local.numel() * 8, local.numel() * 8)
+    _count(local.numel() * 8, local.numel() * 8, world=dist.get_world_size(group))
     cols = (local.numel() - 3) // 2
     spread = float((local[3:3 + cols] + local[3 + cols:]).max())
     return float(local[0]), float(local[1]), spread, float(local[2])
@@ -194,7 +196,8 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
     mq, mk, spread, vmax = _global_stats(q, k, v, group)
     n = sum(lengths)
     cert = exact_certificate(kind="softmax", logit_bound=s * mq * mk, d=d, n_k=n,
-                             blocks=sum(-(-x // block) for x in lengths), value_range=spread, max_abs_value=vmax,
+                             blocks=sum(-(-x // block) for x in lengths), block=block, value_range=spread,
+                             max_abs_value=vmax,
                              compute_dtype=cd, out_dtype=q.dtype, eps=eps)
     return out, cert
 
@@ -256,12 +259,12 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     nbytes = state.numel() * 8
     if not is_causal:
         dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
-        _count(nbytes, nbytes)
+        _count(nbytes, nbytes, world=world)
         num = state_readout(qd, state, degree=deg, chunk=chunk)
     else:
         states = [torch.empty_like(state) for _ in range(world)]
         dist.all_gather(states, state, group=group)
-        _count(nbytes, nbytes * world)
+        _count(nbytes, nbytes * world, world=world)
         prefix = sum(states[:me]) if me > 0 else None
         num = causal_readout(qd, kd, vv, degree=deg, weights=w, chunk=chunk, state=prefix)
     out = normalize_readout(num, d_v).to(q.dtype)
