@@ -178,6 +178,8 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
                 j1 = min(j0 + block, kb.shape[-2])
                 for i0 in range(0, n_r, block):
                     i1 = min(i0 + block, n_r)
+                    if is_causal and src == me and j0 >= i1:
+                        continue  # the whole tile lies after these queries
                     scores = s * (qc[..., i0:i1, :] @ kb[..., j0:j1, :].transpose(-1, -2))
                     if is_causal and src == me and j1 > i0:
                         rows = torch.arange(i0, i1, device=q.device).unsqueeze(-1)
