@@ -14,23 +14,13 @@ import json
 import math
 import pathlib
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import attnbound
-
-
-def timed(fn, repeats):
-    ts, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+from attnbound.experiments.common import timed
 
 
 def inputs(n, d, radius, seed):

@@ -224,7 +224,6 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
             )
     g = cert.degree
     r = cert.rank
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     chunk = chunk_rows(batch_numel, r)
     need = feature_memory_bytes(batch_numel, n_q, n_k, d_v, r, chunk, is_causal=is_causal,
                                 requires_grad=_needs_grad(q, k, v))

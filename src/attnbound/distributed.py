@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from . import validation as val
 from .api import _max_norms, certified_degree, degree_certificate
-from .certificate import Certificate, exact_certificate
+from .certificate import exact_certificate
 from .exact import DEFAULT_BLOCK, finish_online_softmax, online_softmax_step
 from .planner import MAX_TAYLOR_ORDER, default_memory_budget
 from .polynomial import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,

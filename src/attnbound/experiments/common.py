@@ -35,6 +35,16 @@ def timeit(fn, repeats: int = 3) -> float:
     return statistics.median(ts)
 
 
+def timed(fn, repeats: int):
+    """(median wall time over ``repeats`` calls, the last result), without a warm-up call."""
+    ts, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
+
+
 def fit_slope(xs, ys) -> tuple[float, float, float]:
     """Least-squares slope of log y on log x with a 95% confidence interval (lo, hi)."""
     lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))

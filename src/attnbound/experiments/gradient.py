@@ -8,7 +8,6 @@ exceeds a small constant (7).
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import attnbound
-from .common import Result, new_figure
+from .common import Result, new_figure, timed
 
 DEFAULT = False  # minutes even at small scale: run with --only peers
 FEATURES = (32, 64, 128, 256, 512, 1024)
@@ -144,15 +142,6 @@ def error_stats(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> tup
     return float(diff.max()), float(diff.mean())
 
 
-def _timed(fn, repeats):
-    ts, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
-
-
 def performer(d: int, nb_features: int, seed: int):
     from performer_pytorch import FastAttention
 
@@ -174,29 +163,29 @@ def measure(family, radius, d, n, *, features, seeds, repeats, eps=EPS, max_rank
         out_rows.append({**base, "method": method, "param": param, "seconds": seconds, "max_err": mx,
                          "mean_err": mean, "bound": bound, **extra})
 
-    t, out = _timed(lambda: F.scaled_dot_product_attention(q, k, v), reps_exact)
+    t, out = timed(lambda: F.scaled_dot_product_attention(q, k, v), reps_exact)
     add("sdpa", None, t, out)
-    t, (out, cert) = _timed(lambda: attnbound.attention(q, k, v, method="blockwise", return_certificate=True),
+    t, (out, cert) = timed(lambda: attnbound.attention(q, k, v, method="blockwise", return_certificate=True),
                             reps_exact)
     add("attnbound exact", None, t, out, cert.output_error_bound)
     g = 1
     while attnbound.feature_rank(d, g) <= max_rank and g <= 40:
-        t, (out, cert) = _timed(lambda: attnbound.attention(q, k, v, method="polynomial", degree=g, strict=False,
+        t, (out, cert) = timed(lambda: attnbound.attention(q, k, v, method="polynomial", degree=g, strict=False,
                                                             return_certificate=True), repeats)
         add("attnbound polynomial", g, t, out, cert.output_error_bound, rank=cert.rank)
         g += 1
     for e in eps:
-        t, (out, cert) = _timed(lambda: attnbound.attention(q, k, v, method="auto", eps=e, return_certificate=True),
+        t, (out, cert) = timed(lambda: attnbound.attention(q, k, v, method="auto", eps=e, return_certificate=True),
                                 reps_exact)  # auto may run exact: as many repeats as exact gets
         add("attnbound auto", e, t, out, cert.output_error_bound, chosen=cert.method, degree=cert.degree)
-    t, (out, cert) = _timed(lambda: attnbound.taylor_attention(q, k, v, order=2, strict=False,
+    t, (out, cert) = timed(lambda: attnbound.taylor_attention(q, k, v, order=2, strict=False,
                                                                return_certificate=True), repeats)
     add("taylor-2 (Based)", 2, t, out, cert.output_error_bound, rank=cert.rank)
     for m in features:
         for sd in range(seeds):
             fa = performer(d, m, 1000 * sd + m)
             with torch.no_grad():
-                t, out = _timed(lambda: fa(q, k, v), repeats)
+                t, out = timed(lambda: fa(q, k, v), repeats)
             add("performer", m, t, out, None, seed=sd)
     return out_rows
 
