@@ -179,10 +179,10 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
         layer = log.layer_of(module)
         outs = []
         if method in EXACT:
-            out = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
-                            method=method, **options)
+            out, cert = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
+                                  method=method, eps=eps, return_certificate=True, **options)
             outs = list(out.unbind(1))
-            certs = [Certificate(method="exact", eps=eps)] * n_heads
+            certs = [cert] * n_heads  # one rounding bound covering every head of the call
         else:
             certs = []
             for h in range(n_heads):
