@@ -252,3 +252,18 @@ def test_auto_follows_the_plan(rng):
     idx = torch.randperm(4096, generator=rng)[:256]
     ref = reference_softmax(q[:, idx], k, v, 0.5)
     assert float((out[:, idx].double() - ref).abs().max()) <= max(cert.output_error_bound, 1e-6)
+
+
+def test_auto_runs_exact_in_float64_when_float32_rounding_cannot_meet_eps(rng):
+    # peaked inputs (R = 30): no polynomial is certified, so auto runs exact; float32's worst-case
+    # rounding bound is above eps = 2e-7, so it must compute in float64 and still meet eps
+    s = 1 / math.sqrt(8)
+    q, k, _ = scaled_inputs(rng, (1, 3000), (1, 3000), 8, 4, 30.0, s, dtype=torch.float32)
+    v = torch.rand(1, 3000, 4, generator=rng) * 2 - 1
+    _, c32 = attnbound.attention(q, k, v, method="exact", return_certificate=True)
+    assert c32.output_error_bound > 2e-7
+    out, cert = attnbound.attention(q, k, v, method="auto", eps=2e-7, return_certificate=True)
+    assert cert.method == "exact" and out.dtype == torch.float32
+    assert cert.output_error_bound <= 2e-7
+    ref = reference_softmax(q.double(), k.double(), v.double(), s)
+    assert float((out.double() - ref).abs().max()) <= cert.output_error_bound

@@ -47,7 +47,8 @@ def attention(
         method: ``"exact"`` (dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
             ``"taylor"`` (Keles et al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song
             Chebyshev; ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``;
-            see :func:`attnbound.plan`).
+            see :func:`attnbound.plan`; when that is exact and the input dtype's worst-case
+            rounding bound would exceed ``eps``, exact runs in float64).
         block_size: key block (and query chunk) length of the blockwise method.
         attn_mask: bool (True = take part) or additive float mask broadcastable to
             ``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks
@@ -91,6 +92,7 @@ def attention(
     out_dtype = q.dtype
     batch_numel = math.prod(batch)
 
+    auto = method == "auto"
     if method == "auto" and attn_mask is not None and not _is_key_padding(attn_mask):
         method = "exact"  # only exact methods take general masks
     if method == "auto":
@@ -105,9 +107,13 @@ def attention(
         degree = order = p.choice.degree
     if method in val.EXACT_METHODS:
         cd = val.compute_dtype(out_dtype)
+        dense = method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2]))
+        block = None if dense else (block_size or DEFAULT_BLOCK)
+        if auto and eps is not None and cd != torch.float64 and _exact_certificate(
+                q, k, v, s, kind, attn_mask, block, cd, out_dtype, eps).output_error_bound > eps:
+            cd = torch.float64  # the working precision's own rounding bound would exceed eps
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         mask = attn_mask.to(cd) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        dense = method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2]))
         if dense:
             out = dense_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask)
         else:
@@ -116,7 +122,6 @@ def attention(
         out = out.to(out_dtype)
         if not return_certificate:
             return out
-        block = None if dense else (block_size or DEFAULT_BLOCK)
         return out, _exact_certificate(q, k, v, s, kind, mask, block, cd, out_dtype, eps)
     out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                                 eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
