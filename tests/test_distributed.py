@@ -88,6 +88,11 @@ def _worker(rank, world, port, lengths):
         with pytest.raises(ValueError, match="cannot be certified"):
             distributed.attention(q[..., lo:hi, :] * 8, k[..., lo:hi, :] * 8, v[..., lo:hi, :], method="polynomial",
                                   eps=1e-6)
+        # a memory budget too small on one rank only: every rank raises, naming that rank
+        small = 1 << 10 if rank == 0 else None
+        with pytest.raises(ValueError, match=r"memory_budget: .*rank 0 needs"):
+            distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="polynomial", degree=4,
+                                  memory_budget=small)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -198,35 +198,8 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
                          f"(e^R overflows past R ≈ 700); use method='exact'")
     vr, vmax = _value_stats(v)
 
-    def certify(g):
-        return degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=vr, max_abs_value=vmax,
-                                  kind=kind, radius_source=source, out_dtype=q.dtype, eps=eps)
-
-    if degree is None:
-        if eps is None:
-            raise ValueError(f"method={method!r} needs eps (target error) or "
-                             f"{'order' if method == 'taylor' else 'degree'} (fixed)")
-        cert = certified_degree(method, radius, eps, d=d, n_k=n_k, value_range=vr, max_abs_value=vmax, kind=kind,
-                                radius_source=source, out_dtype=q.dtype)
-        if cert is None:
-            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
-            last = certify(top)
-            raise ValueError(
-                f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at radius R={radius:.4g} "
-                f"(best bound {last.output_error_bound:.3g}); use method='exact' or shrink the inputs' norms"
-            )
-    else:
-        if method == "taylor":
-            check_order(degree)
-        elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
-            raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
-        cert = certify(degree)
-        if strict and not cert.eta < 1.0:
-            raise ValueError(
-                f"cannot certify {method} degree {degree} at radius R={radius:.4g}: the relative weight error "
-                f"η = δ·e^R = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the degree or use "
-                f"method='exact'"
-            )
+    cert = choose_certificate(method, radius, eps=eps, degree=degree, d=d, n_k=n_k, value_range=vr,
+                              max_abs_value=vmax, kind=kind, radius_source=source, out_dtype=q.dtype, strict=strict)
     g = cert.degree
     r = cert.rank
     chunk = chunk_rows(batch_numel, r)
@@ -288,6 +261,41 @@ def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int
         if c.eta < 1.0 and c.output_error_bound <= eps:
             return c
     return None
+
+
+def choose_certificate(method: str, radius: float, *, eps: float | None, degree: int | None, d: int, n_k: int,
+                       value_range: float, max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
+                       out_dtype: torch.dtype = torch.float32, strict: bool = True) -> Certificate:
+    """The certificate a taylor/polynomial run will carry: the smallest degree meeting ``eps``, or the
+    fixed ``degree`` (even order for Taylor). Raises when neither is given, when no degree up to the
+    cap meets ``eps``, or (``strict``) when the fixed degree cannot be certified (η ≥ 1)."""
+    common = dict(d=d, n_k=n_k, value_range=value_range, max_abs_value=max_abs_value, kind=kind,
+                  radius_source=radius_source, out_dtype=out_dtype)
+    if degree is None:
+        if eps is None:
+            raise ValueError(f"method={method!r} needs eps (target error) or "
+                             f"{'order' if method == 'taylor' else 'degree'} (fixed)")
+        cert = certified_degree(method, radius, eps, **common)
+        if cert is None:
+            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
+            last = degree_certificate(method, radius, top, eps=eps, **common)
+            raise ValueError(
+                f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at radius R={radius:.4g} "
+                f"(best bound {last.output_error_bound:.3g}); use method='exact' or shrink the inputs' norms"
+            )
+        return cert
+    if method == "taylor":
+        check_order(degree)
+    elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
+        raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
+    cert = degree_certificate(method, radius, degree, eps=eps, **common)
+    if strict and not cert.eta < 1.0:
+        raise ValueError(
+            f"cannot certify {method} degree {degree} at radius R={radius:.4g}: the relative weight error "
+            f"η = δ·e^R = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the degree or use "
+            f"method='exact'"
+        )
+    return cert
 
 
 def taylor_attention(q, k, v, *, order: int | None = None, eps: float | None = None, return_certificate=False,

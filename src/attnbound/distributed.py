@@ -24,7 +24,9 @@ exact: the reason low-rank attention is the one that scales out.
 
 Validation runs on every rank and its outcome is shared (``all_gather_object``) before any
 other collective, so bad input on one rank — NaN/Inf, a shape or dtype that differs from the
-others — makes every rank raise the same ValueError instead of hanging. Only ``kind="softmax"``
+others — makes every rank raise the same ValueError instead of hanging. The degree follows from
+global scalars, so every rank accepts or refuses ``eps`` alike; the memory-budget check, whose
+budget may differ per machine, is shared the same way. Only ``kind="softmax"``
 and no ``attn_mask`` (use ``is_causal``).
 """
 
@@ -36,14 +38,14 @@ import torch
 import torch.distributed as dist
 
 from . import validation as val
-from .api import _max_norms, certified_degree, degree_certificate
+from .api import _max_norms, choose_certificate
 from .certificate import exact_certificate
 from .exact import DEFAULT_BLOCK, finish_online_softmax, online_softmax_step
-from .planner import MAX_TAYLOR_ORDER, default_memory_budget
+from .planner import default_memory_budget
 from .polynomial import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
                          monomial_weights, normalize_readout, state_readout, weighted_values)
-from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
-from .taylor import check_order, taylor_coefficients
+from .polynomial_method import chebyshev_coefficients
+from .taylor import taylor_coefficients
 
 METHODS = ("exact", "polynomial", "taylor")
 _LAST = {"bytes_sent": 0, "bytes_received": 0, "messages": 0}
@@ -216,25 +218,8 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     # every rank evaluates the same scalars below, so they agree on the degree (or on the error)
     if radius > 700.0:
         raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent; use method='exact'")
-    if degree is None:
-        if eps is None:
-            raise ValueError(f"method={method!r} needs eps or {'order' if method == 'taylor' else 'degree'}")
-        cert = certified_degree(method, radius, eps, d=d, n_k=n, value_range=spread, max_abs_value=vmax,
-                                radius_source=source, out_dtype=q.dtype)
-        if cert is None:
-            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
-            raise ValueError(f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at global "
-                             f"radius R={radius:.4g}; use method='exact'")
-    else:
-        if method == "taylor":
-            check_order(degree)
-        elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
-            raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
-        cert = degree_certificate(method, radius, degree, d=d, n_k=n, value_range=spread, max_abs_value=vmax,
-                                  radius_source=source, out_dtype=q.dtype, eps=eps)
-        if not cert.eta < 1.0:
-            raise ValueError(f"cannot certify {method} degree {degree} at global radius R={radius:.4g} "
-                             f"(η = {cert.eta:.3g} ≥ 1); raise the degree or use method='exact'")
+    cert = choose_certificate(method, radius, eps=eps, degree=degree, d=d, n_k=n, value_range=spread,
+                              max_abs_value=vmax, radius_source=source, out_dtype=q.dtype)
     g, r = cert.degree, feature_rank(d, cert.degree)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     batch_numel = math.prod(batch)
@@ -242,9 +227,12 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     need = feature_memory_bytes(batch_numel, q.shape[-2], k.shape[-2], d_v, r, chunk, is_causal=is_causal,
                                 requires_grad=False) + (world * batch_numel * r * (d_v + 1) * 8 if is_causal else 0)
     budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
-    if need > budget:
-        raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r} and about {need / 2**20:.1f} MiB per "
-                         f"rank (budget {budget / 2**20:.1f} MiB)")
+    budgets = [None] * world  # budgets differ between machines: decide together, or one rank would wait forever
+    dist.all_gather_object(budgets, (need, budget), group=group)
+    over = [(i, nd, b) for i, (nd, b) in enumerate(budgets) if nd > b]
+    if over:
+        raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r}; " + "; ".join(
+            f"rank {i} needs about {nd / 2**20:.1f} MiB (budget {b / 2**20:.1f} MiB)" for i, nd, b in over))
     coeffs = taylor_coefficients(radius, g) if method == "taylor" else chebyshev_coefficients(radius, g)
     if radius == 0.0:
         coeffs = coeffs[:1]
