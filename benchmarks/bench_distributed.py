@@ -38,7 +38,7 @@ def _inputs(n, d, seed=0):
     return q * c, k * c, v
 
 
-def _worker(rank, world, port, log2ns, d, threads, repeats, exact_max_log2n, out_path):
+def _worker(rank, world, port, log2ns, d, threads, repeats, exact_max_log2n, methods, out_path):
     from attnbound import distributed
 
     torch.set_num_threads(threads)
@@ -51,7 +51,7 @@ def _worker(rank, world, port, log2ns, d, threads, repeats, exact_max_log2n, out
         bounds = [n * r // world for r in range(world + 1)]
         sq, sk, sv = (x[..., bounds[rank]:bounds[rank + 1], :].contiguous() for x in (q, k, v))
         for method, opts, causal in CASES:
-            if method == "exact" and lg > exact_max_log2n:
+            if method not in methods or (method == "exact" and lg > exact_max_log2n):
                 continue
             times = []
             for _ in range(repeats):
@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--min-log2n", type=int, default=12)
     ap.add_argument("--max-log2n", type=int, default=17)
     ap.add_argument("--exact-max-log2n", type=int, default=17, help="skip exact runs above this length")
+    ap.add_argument("--methods", nargs="+", default=["exact", "polynomial"], choices=["exact", "polynomial"])
     ap.add_argument("--d", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--repeats", type=int, default=3)
@@ -97,7 +98,7 @@ def main(argv=None):
         tmp = out / f".bench_distributed_{world}.json"
         t0 = time.perf_counter()
         mp.spawn(_worker, args=(world, _free_port(), log2ns, args.d, args.threads, args.repeats,
-                                args.exact_max_log2n, str(tmp)), nprocs=world, join=True)
+                                args.exact_max_log2n, args.methods, str(tmp)), nprocs=world, join=True)
         rows += json.loads(tmp.read_text())
         tmp.unlink()
         print(f"{world} process(es): {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

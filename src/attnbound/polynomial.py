@@ -164,20 +164,30 @@ def state_readout(q, state, *, degree: int, chunk: int) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
+CAUSAL_TILE = 64  # rows per triangular tile: the n·tile·r intra-tile cost against the n·r·d_v state cost
+
+
 def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, state=None) -> torch.Tensor:
-    """Row i sees keys j ≤ i (and everything already in ``state``, the keys before this sequence)."""
+    """Row i sees keys j ≤ i (and everything already in ``state``, the keys before this sequence).
+
+    Features are built ``chunk`` rows at a time; inside a chunk the triangle is walked in tiles of
+    ``CAUSAL_TILE`` rows, so the quadratic intra-tile work is n·64·r instead of n·chunk·r.
+    """
     outs = []
     n_q = q.shape[-2]
     for i0 in range(0, n_q, chunk):
         i1 = min(i0 + chunk, n_q)
-        fq = monomial_features(q[..., i0:i1, :], degree)
+        fq = monomial_features(q[..., i0:i1, :], degree).transpose(-1, -2)
         fkw = monomial_features(k[..., i0:i1, :], degree) * weights.unsqueeze(-1)
-        num = torch.tril(fq.transpose(-1, -2) @ fkw) @ vv[..., i0:i1, :]
-        if state is not None:
-            num = num + fq.transpose(-1, -2) @ state
-        outs.append(num)
-        part = fkw @ vv[..., i0:i1, :]
-        state = part if state is None else state + part
+        for t0 in range(0, i1 - i0, CAUSAL_TILE):
+            t1 = min(t0 + CAUSAL_TILE, i1 - i0)
+            fq_t, fk_t, vv_t = fq[..., t0:t1, :], fkw[..., :, t0:t1], vv[..., i0 + t0:i0 + t1, :]
+            num = torch.tril(fq_t @ fk_t) @ vv_t
+            if state is not None:
+                num = num + fq_t @ state
+            outs.append(num)
+            part = fk_t @ vv_t
+            state = part if state is None else state + part
     return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
