@@ -6,7 +6,7 @@ g = 0, 1, 2, … — :func:`plan` computes the certified output error (SPEC §3,
 engine would allocate, and a predicted time from a cost model:
 
     exact       t = b·n_q·n_k·(c_pair + c_mac·(d + d_v))   (halved when causal)
-    features    t = b·(n_q + n_k)·r·(c_feat + c_mac_feat·(d_v + 1))  [+ causal intra-chunk GEMMs]
+    features    t = b·(n_q + n_k)·r·(c_feat + c_mac_feat·(d_v + 1))  [+ causal: b·n_q·(64·(r + d_v + 1) + 2r(d_v + 1))·c_mac_feat]
                   + c_op·(#chunks)·(g·d + 6)
 
 The constants are *measured*, not guessed: :func:`calibrate` times exact blockwise attention
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .certificate import feature_certificate
-from .polynomial import chunk_rows, feature_memory_bytes, feature_rank
+from .polynomial import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
 from .polynomial_method import MAX_DEGREE, chebyshev_coefficients, chebyshev_error
 from .taylor import taylor_coefficients, taylor_remainder
 
@@ -52,10 +52,13 @@ class CostModel:
         r = feature_rank(d, degree)
         chunk = chunk_rows(batch, r)
         t = batch * (n_q + n_k) * r * (self.c_feat + self.c_mac_feat * (d_v + 1))
-        if is_causal:
-            t += batch * n_q * chunk * (r + d_v + 1) * self.c_mac_feat
+        ops = 0
+        if is_causal:  # triangular tiles of CAUSAL_TILE rows, plus the per-tile state readout and update
+            tile = min(CAUSAL_TILE, n_q)
+            t += batch * n_q * (tile * (r + d_v + 1) + 2 * r * (d_v + 1)) * self.c_mac_feat
+            ops = 6 * math.ceil(n_q / tile)
         chunks = math.ceil(n_q / chunk) + math.ceil(n_k / chunk)
-        return t + self.c_op * chunks * (degree * d + 6)
+        return t + self.c_op * (chunks * (degree * d + 6) + ops)
 
 
 # Measured with `attnbound calibrate` (torch 2.13 CPU, 2 threads) on the project's reference machine.
