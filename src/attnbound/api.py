@@ -93,7 +93,7 @@ def attention(
     batch_numel = math.prod(batch)
 
     auto = method == "auto"
-    if method == "auto" and attn_mask is not None and not _is_key_padding(attn_mask):
+    if auto and attn_mask is not None and not _is_key_padding(attn_mask):
         method = "exact"  # only exact methods take general masks
     if method == "auto":
         key_mask = _key_padding(attn_mask, q, k)
@@ -109,8 +109,10 @@ def attention(
         cd = val.compute_dtype(out_dtype)
         dense = method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2]))
         block = None if dense else (block_size or DEFAULT_BLOCK)
-        if auto and eps is not None and cd != torch.float64 and _exact_certificate(
-                q, k, v, s, kind, attn_mask, block, cd, out_dtype, eps).output_error_bound > eps:
+        check_precision = auto and eps is not None and cd != torch.float64
+        certify = _exact_certifier(q, k, v, s, kind, attn_mask, block, out_dtype, eps) \
+            if check_precision or return_certificate else None
+        if check_precision and certify(cd).output_error_bound > eps:
             cd = torch.float64  # the working precision's own rounding bound would exceed eps
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         mask = attn_mask.to(cd) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
@@ -120,16 +122,15 @@ def attention(
             out = blockwise_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask,
                                       block_size=block_size)
         out = out.to(out_dtype)
-        if not return_certificate:
-            return out
-        return out, _exact_certificate(q, k, v, s, kind, mask, block, cd, out_dtype, eps)
+        return (out, certify(cd)) if return_certificate else out
     out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                                 eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
                                 memory_budget=memory_budget, batch_numel=batch_numel, strict=strict)
     return (out, cert) if return_certificate else out
 
 
-def _exact_certificate(q, k, v, s, kind, mask, block, compute_dtype, out_dtype, eps) -> Certificate:
+def _exact_certifier(q, k, v, s, kind, mask, block, out_dtype, eps):
+    """compute dtype -> the exact method's rounding certificate; the O(n·d) statistics are taken once."""
     mq, mk = _max_norms(q, k)
     logit = s * (mq + mk) ** 2 if kind == "l2" else s * mq * mk
     if mask is not None and mask.is_floating_point():
@@ -137,9 +138,13 @@ def _exact_certificate(q, k, v, s, kind, mask, block, compute_dtype, out_dtype, 
         logit += float(finite.abs().max()) if finite.numel() else 0.0
     vr, vmax = _value_stats(v)
     n_k = k.shape[-2]
-    return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=n_k,
-                             blocks=-(-n_k // block) if block else 1, block=block, value_range=vr, max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                             eps=eps)
+
+    def certify(compute_dtype):
+        return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=n_k,
+                                 blocks=-(-n_k // block) if block else 1, block=block, value_range=vr,
+                                 max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype, eps=eps)
+
+    return certify
 
 
 def _needs_grad(*xs) -> bool:
@@ -212,15 +217,9 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
             f"(budget {budget / 2**20:.1f} MiB); ask for a larger eps, a smaller radius, no gradients, or "
             f"method='exact'"
         )
-    coeffs = taylor_coefficients(radius, g) if method == "taylor" else chebyshev_coefficients(radius, g)
+    coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound if source == "bound" else None,
+                                      norms=norms)
     qd, kd, vd = q.double(), k.double(), v.double()
-    # normalise so that u = <q', k'> = x / R lies in [-1, 1]
-    if source == "bound":
-        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
-    else:
-        mq, mk = norms
-        aq = 1.0 / mq if mq > 0 else 1.0
-        ak = 1.0 / mk if mk > 0 else 1.0
     key_weight = None
     if kind == "l2":
         sq = (kd * kd).sum(-1)
@@ -229,11 +228,26 @@ def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, boun
         km = key_mask.to(torch.float64)
         key_weight = km if key_weight is None else key_weight * km
         kd = kd * km.unsqueeze(-1)  # masked keys may lie outside the radius: keep their features finite
-    if radius == 0.0:
-        coeffs = coeffs[:1]
     out = feature_attention(qd * aq, kd * ak, vd, coeffs=coeffs, key_weight=key_weight, is_causal=is_causal,
                             chunk=chunk)
     return out.to(q.dtype), cert
+
+
+def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: float | None,
+                     norms: tuple[float, float] | None):
+    """(monomial coefficients of P in u = x/R, query scale, key scale) such that ⟨a_q·q, a_k·k⟩ = x/R ∈ [−1, 1].
+
+    With a declared ``bound`` the scales are 1/(√d·B); otherwise 1/max‖q‖ and 1/max‖k‖ from ``norms``.
+    """
+    coeffs = taylor_coefficients(radius, degree) if method == "taylor" else chebyshev_coefficients(radius, degree)
+    if radius == 0.0:
+        coeffs = coeffs[:1]
+    if bound is not None:
+        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
+    else:
+        mq, mk = norms
+        aq, ak = (1.0 / mq if mq > 0 else 1.0), (1.0 / mk if mk > 0 else 1.0)
+    return coeffs, aq, ak
 
 
 def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
@@ -248,17 +262,19 @@ def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: 
 
 def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
                      max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
-                     out_dtype: torch.dtype = torch.float32) -> Certificate | None:
+                     out_dtype: torch.dtype = torch.float32, rounding: bool = True) -> Certificate | None:
     """The certificate of the smallest degree (even order for Taylor) meeting ``eps``, or None if none ≤ the cap.
 
     Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
+    ``rounding=False`` asks the approximation term alone to meet ``eps`` (what the mathematics
+    needs before the float64 rounding term, which grows with the rank, is counted).
     """
     step, top = (2, MAX_TAYLOR_ORDER) if method == "taylor" else (1, MAX_DEGREE)
     for g in range(0, top + 1, step):
         c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
                                out_dtype=out_dtype, eps=eps)
-        if c.eta < 1.0 and c.output_error_bound <= eps:
+        if c.eta < 1.0 and (c.output_error_bound if rounding else c.approximation_bound) <= eps:
             return c
     return None
 

@@ -38,14 +38,12 @@ import torch
 import torch.distributed as dist
 
 from . import validation as val
-from .api import _max_norms, choose_certificate
+from .api import _max_norms, choose_certificate, polynomial_setup
 from .certificate import exact_certificate
-from .exact import DEFAULT_BLOCK, finish_online_softmax, online_softmax_step
+from .exact import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .planner import default_memory_budget
 from .polynomial import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
                          monomial_weights, normalize_readout, state_readout, weighted_values)
-from .polynomial_method import chebyshev_coefficients
-from .taylor import taylor_coefficients
 
 METHODS = ("exact", "polynomial", "taylor")
 _LAST = {"bytes_sent": 0, "bytes_received": 0, "messages": 0}
@@ -184,9 +182,7 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
                         continue  # the whole tile lies after these queries
                     scores = s * (qc[..., i0:i1, :] @ kb[..., j0:j1, :].transpose(-1, -2))
                     if is_causal and src == me and j1 > i0:
-                        rows = torch.arange(i0, i1, device=q.device).unsqueeze(-1)
-                        cols = torch.arange(j0, j1, device=q.device).unsqueeze(0)
-                        scores = scores.masked_fill(cols > rows, float("-inf"))
+                        scores = scores.masked_fill(~_causal_block_mask(i0, i1, j0, j1, q.device), float("-inf"))
                     part = online_softmax_step(m[..., i0:i1, :], l[..., i0:i1, :], acc[..., i0:i1, :], scores,
                                                vb[..., j0:j1, :])
                     m[..., i0:i1, :], l[..., i0:i1, :], acc[..., i0:i1, :] = part
@@ -201,8 +197,7 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
     n = sum(lengths)
     cert = exact_certificate(kind="softmax", logit_bound=s * mq * mk, d=d, n_k=n,
                              blocks=sum(-(-x // block) for x in lengths), block=block, value_range=spread,
-                             max_abs_value=vmax,
-                             compute_dtype=cd, out_dtype=q.dtype, eps=eps)
+                             max_abs_value=vmax, compute_dtype=cd, out_dtype=q.dtype, eps=eps)
     return out, cert
 
 
@@ -233,13 +228,7 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     if over:
         raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r}; " + "; ".join(
             f"rank {i} needs about {nd / 2**20:.1f} MiB (budget {b / 2**20:.1f} MiB)" for i, nd, b in over))
-    coeffs = taylor_coefficients(radius, g) if method == "taylor" else chebyshev_coefficients(radius, g)
-    if radius == 0.0:
-        coeffs = coeffs[:1]
-    if source == "bound":
-        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
-    else:
-        aq, ak = (1.0 / mq if mq > 0 else 1.0), (1.0 / mk if mk > 0 else 1.0)
+    coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(mq, mk))
     qd = (q.double() * aq).expand(*batch, *q.shape[-2:])
     kd = (k.double() * ak).expand(*batch, *k.shape[-2:])
     vv = weighted_values(v.double().expand(*batch, *v.shape[-2:]))

@@ -23,8 +23,7 @@ import os
 import numpy as np
 import torch
 
-from ..api import certified_degree, degree_certificate
-from ..polynomial_method import MAX_DEGREE
+from ..api import certified_degree
 from .common import Result, new_figure
 
 SENTENCE_COUNT = {"test": 12, "small": None, "medium": None, "large": None}
@@ -121,10 +120,12 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
         h["d"] = head_dim
         h["B_over_sqrt_ln_n"] = h["B"] / math.sqrt(math.log(max(h["n"], 2)))
         for e in eps:
-            g = approximation_degree(h["R"], e, d=h["d"], n_k=h["n"], value_range=h["value_range"],
-                                     max_abs_value=h["max_abs_value"])
-            c = certified_degree("polynomial", h["R"], e, d=h["d"], n_k=h["n"], value_range=h["value_range"],
-                                 max_abs_value=h["max_abs_value"])
+            # the degree the approximation term alone needs: at the ranks real heads would need
+            # (10^14 and up) the float64 rounding term by itself exceeds any eps
+            stats = dict(d=h["d"], n_k=h["n"], value_range=h["value_range"], max_abs_value=h["max_abs_value"])
+            a = certified_degree("polynomial", h["R"], e, rounding=False, **stats)
+            c = certified_degree("polynomial", h["R"], e, **stats)
+            g = a.degree if a else None
             h[f"degree@{e:g}"] = g
             h[f"rank@{e:g}"] = math.comb(h["d"] + g, g) if g is not None else None
             h[f"certified@{e:g}"] = c is not None
@@ -134,22 +135,6 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
     return {"heads": sorted(heads.values(), key=lambda h: (h["layer"], h["head"])), "runs": runs,
             "sentences": len(texts), "batches": len(batches), "max_tokens": max(lengths), "min_tokens": min(
                 int(b["attention_mask"].sum(1).min()) for b in batches), "eps": list(eps)}
-
-
-def approximation_degree(radius: float, eps: float, *, d: int, n_k: int, value_range: float,
-                         max_abs_value: float) -> int | None:
-    """Smallest Chebyshev degree g ≤ 40 whose approximation term 2η/(1−η)·range alone meets eps.
-
-    The full certificate adds a float64 rounding term that grows with the rank C(d+g, g); at the
-    ranks real heads would need (10^15 and up) that term alone exceeds any eps, so this is the
-    degree the mathematics asks for before the machine's word length is even considered.
-    """
-    for g in range(0, MAX_DEGREE + 1):
-        c = degree_certificate("polynomial", radius, g, d=d, n_k=n_k, value_range=value_range,
-                               max_abs_value=max_abs_value)
-        if c.eta < 1.0 and c.approximation_bound <= eps:
-            return g
-    return None
 
 
 def figures(res: dict) -> dict:

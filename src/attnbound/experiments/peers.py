@@ -65,7 +65,7 @@ def _real_available() -> bool:
 _REAL_CACHE: dict = {}
 
 
-def real_rows(seed: int = 0):
+def real_rows():
     """Per-token (q, k, v) of one all-MiniLM-L6-v2 head over the study sentences (the head of least R)."""
     if "rows" not in _REAL_CACHE:
         from ..integrations.huggingface import make_attention_function, CertificateLog

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import validation as val
 from ..api import attention
 from ..certificate import Certificate
 
-EXACT = ("exact", "dense", "blockwise")
+EXACT = val.EXACT_METHODS
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,7 @@ def register(name: str = "attnbound", *, method: str = "auto", eps: float | None
                           "pip install 'attnbound[hf]'") from err
     if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
         raise ValueError(f"name must be a new implementation name, got {name!r}")
-    if method not in EXACT + ("auto", "taylor", "polynomial"):
-        raise ValueError(f"method must be one of exact, dense, blockwise, auto, taylor, polynomial; got {method!r}")
+    val.check_choice("method", method, val.METHODS)
     log = CertificateLog(name=name, method=method, eps=eps)
     AttentionInterface.register(name, make_attention_function(log, method=method, eps=eps, **options))
     AttentionMaskInterface.register(name, sdpa_mask)
