@@ -7,7 +7,7 @@ import numpy as np
 from attnbound.experiments.common import fit_slope, slope_verdict
 from attnbound.experiments.report import reproduce
 from attnbound.experiments.transition import log_tail
-from attnbound.polynomial_method import chebyshev_error
+from attnbound.chebyshev import chebyshev_error
 
 
 def test_slope_verdict_logic_on_synthetic_series():

@@ -11,8 +11,8 @@ See :func:`attention`, :func:`plan`, :class:`Certificate`, and the subpackages
 from .api import attention, polynomial_attention, taylor_attention
 from .certificate import Certificate
 from .planner import CostModel, Plan, calibrate, plan
-from .polynomial import feature_rank, monomial_features
-from .polynomial_method import chebyshev_coefficients, chebyshev_degree, chebyshev_error
+from .features import feature_rank, monomial_features
+from .chebyshev import chebyshev_coefficients, chebyshev_degree, chebyshev_error
 from .taylor import taylor_coefficients, taylor_remainder
 
 __version__ = "0.1.0"

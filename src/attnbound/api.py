@@ -10,8 +10,8 @@ from . import validation as val
 from .certificate import Certificate, exact_certificate, feature_certificate
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .planner import MAX_TAYLOR_ORDER, CostModel, default_memory_budget, family_error, plan
-from .polynomial import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
-from .polynomial_method import MAX_DEGREE, chebyshev_coefficients
+from .features import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
+from .chebyshev import MAX_DEGREE, chebyshev_coefficients
 from .taylor import check_order, taylor_coefficients
 
 

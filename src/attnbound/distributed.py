@@ -42,7 +42,7 @@ from .api import _max_norms, choose_certificate, polynomial_setup
 from .certificate import exact_certificate
 from .exact import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .planner import default_memory_budget
-from .polynomial import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
+from .features import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
                          monomial_weights, normalize_readout, state_readout, weighted_values)
 
 METHODS = ("exact", "polynomial", "taylor")

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .certificate import feature_certificate
-from .polynomial import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
-from .polynomial_method import MAX_DEGREE, chebyshev_coefficients, chebyshev_error
+from .features import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
+from .chebyshev import MAX_DEGREE, chebyshev_coefficients, chebyshev_error
 from .taylor import taylor_coefficients, taylor_remainder
 
 MAX_TAYLOR_ORDER = 20
@@ -181,7 +181,7 @@ def calibrate(repeats: int = 5) -> CostModel:
         return min(times)
 
     from .exact import blockwise_attention
-    from .polynomial import feature_attention
+    from .features import feature_attention
 
     gen = torch.Generator().manual_seed(0)
     n = 2048

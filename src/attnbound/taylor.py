@@ -2,7 +2,7 @@
 
 Keles et al. approximate every attention weight exp(x), x = s⟨q,k⟩, by the order-p Taylor
 polynomial T_p(x) = Σ_{j≤p} x^j / j!, which factors through the symmetric monomial features of
-q and k (see :mod:`attnbound.polynomial`): time O(n · C(d+p, p) · d_v), linear in n and
+q and k (see :mod:`attnbound.features`): time O(n · C(d+p, p) · d_v), linear in n and
 exponential in p (C(d+p, p) ≈ d^p/p!).
 
 On [−R, R] the Lagrange remainder gives δ_p = max |eˣ − T_p(x)| ≤ e^R R^{p+1}/(p+1)!.
