@@ -65,7 +65,7 @@ def _worker(rank, world, port, lengths):
             assert float((out - truth[..., lo:hi, :]).abs().max()) <= cert.output_error_bound
         # bytes on the wire are what the module docstring says: the state for polynomial, K and V for exact
         distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="polynomial", degree=5)
-        stats = (3 + 2 * 2 * 3) * 8  # max‖q‖, max‖k‖, max|v| and per-(batch, column) max / −min of v
+        stats = (4 + 2 * 2 * 3) * 8  # max‖q‖, max‖k‖, max|q|, max|k| and per-(batch, column) max / −min of v
         assert distributed.last_communication()["bytes_sent"] == 2 * math.comb(4 + 5, 5) * (3 + 1) * 8 + stats
         distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="exact")
         sent = sum(lengths[(rank - t) % world] for t in range(world - 1)) * 2 * (4 + 3) * 8

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import validation as val
-from .certificate import Certificate, exact_certificate, feature_certificate
+from .certificate import Certificate, feature_certificate, unit_roundoff
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
-from .planner import MAX_TAYLOR_ORDER, CostModel, default_memory_budget, family_error, plan
+from .families import MAX_FEATURE_RADIUS, family
 from .features import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
-from .chebyshev import MAX_DEGREE, chebyshev_coefficients
-from .taylor import check_order, taylor_coefficients
+from .planner import CostModel, default_memory_budget, exact_candidate, exact_memory_bytes, plan
+from .stats import InputStats, input_stats, shift_mask
 
 
 def attention(
@@ -82,107 +83,186 @@ def attention(
     val.check_mask(attn_mask, q, k)
     s = val.resolve_scale(scale, q.shape[-1])
     eps = val.check_eps(eps, required=(method == "auto"))
+    bound = val.check_bound(bound)
+    if degree is not None and method in ("polynomial", "auto"):
+        family("polynomial").check_degree(degree)
+    if order is not None and method in ("taylor", "auto"):
+        family("taylor").check_degree(order)
+    val.check_positive_int("memory_budget", memory_budget)
+    out_dtype = q.dtype
+    if val.check_empty(q, v, batch):
+        out = torch.zeros((*batch, q.shape[-2], v.shape[-1]), dtype=out_dtype, device=q.device)
+        return (out, Certificate(method=method, kind=kind, eps=eps)) if return_certificate else out
+    batch_numel = math.prod(batch)
+    key_mask = None
+    if attn_mask is not None and (method in ("taylor", "polynomial") or _is_key_padding(attn_mask)):
+        key_mask = _key_padding(attn_mask)  # raises for a general mask with an approximate method
+    st = input_stats(q, k, v, attn_mask=attn_mask, key_mask=key_mask)
     if bound is not None:
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
-            raise ValueError(f"bound must be a positive finite float, got {bound!r}")
-        for name, x in (("q", q), ("k", k)):
-            top = float(x.detach().abs().max())
+        for name, top in (("q", st.q_abs), ("k", st.k_abs)):
             if top > bound:
                 raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
-    out_dtype = q.dtype
-    batch_numel = math.prod(batch)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
+    call = _Call(q=q, k=k, v=v, stats=st, scale=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
+                 key_mask=key_mask, bound=bound, eps=eps, batch=batch, budget=budget, block_size=block_size,
+                 requires_grad=_needs_grad(q, k, v))
 
-    auto = method == "auto"
-    if auto and attn_mask is not None and not _is_key_padding(attn_mask):
-        method = "exact"  # only exact methods take general masks
     if method == "auto":
-        key_mask = _key_padding(attn_mask, q, k)
-        radius, source = _radius(q, k, s, kind, bound, None if bound is not None else _max_norms(q, k, key_mask))
-        vr, vmax = _value_stats(v)
-        p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
-                 batch=batch_numel, kind=kind, value_range=vr, max_abs_value=vmax,
-                 memory_budget=memory_budget, requires_grad=_needs_grad(q, k, v),
-                 cost_model=cost_model, out_dtype=out_dtype)
-        method = p.choice.method
-        degree = order = p.choice.degree
-    if method in val.EXACT_METHODS:
-        cd = val.compute_dtype(out_dtype)
-        dense = method == "dense" or (method == "exact" and use_dense(batch_numel, q.shape[-2], k.shape[-2]))
-        block = None if dense else (block_size or DEFAULT_BLOCK)
-        check_precision = auto and eps is not None and cd != torch.float64
-        certify = _exact_certifier(q, k, v, s, kind, attn_mask, block, out_dtype, eps) \
-            if check_precision or return_certificate else None
-        if check_precision and certify(cd).output_error_bound > eps:
-            cd = torch.float64  # the working precision's own rounding bound would exceed eps
-        qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-        mask = attn_mask.to(cd) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        if dense:
-            out = dense_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask)
+        if attn_mask is not None and key_mask is None:
+            method = "exact"  # only exact methods take general masks
         else:
-            out = blockwise_attention(qc, kc, vc, scale=s, kind=kind, is_causal=is_causal, attn_mask=mask,
-                                      block_size=block_size)
-        out = out.to(out_dtype)
-        return (out, certify(cd)) if return_certificate else out
-    out, cert = _feature_method(q, k, v, method=method, s=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
-                                eps=eps, bound=bound, degree=degree if method == "polynomial" else order,
-                                memory_budget=memory_budget, batch_numel=batch_numel, strict=strict)
+            radius, source = st.radius(s, kind, bound=bound, d=q.shape[-1])
+            p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
+                     batch=batch_numel, kind=kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
+                     memory_budget=budget, requires_grad=call.requires_grad, cost_model=cost_model,
+                     out_dtype=out_dtype, logit_bound=st.logit_bound(s, kind), mask_span=st.mask_span,
+                     key_log_weight=_key_log_weight_bound(st, s, kind), radius_source=source)
+            method = p.choice.method
+            degree = order = p.choice.degree
+    if method in val.EXACT_METHODS:
+        out, cert = _run_exact(call, method)
+    else:
+        cert = choose_certificate(method, *call.stats.radius(s, kind, bound=bound, d=q.shape[-1]), eps=eps,
+                                  degree=degree if method == "polynomial" else order, d=q.shape[-1],
+                                  n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
+                                  kind=kind, out_dtype=out_dtype, strict=strict,
+                                  key_log_weight=_key_log_weight_bound(st, s, kind))
+        out = _run_features(call, method, cert)
     return (out, cert) if return_certificate else out
 
 
-def _exact_certifier(q, k, v, s, kind, mask, block, out_dtype, eps):
-    """compute dtype -> the exact method's rounding certificate; the O(n·d) statistics are taken once."""
-    mq, mk = _max_norms(q, k)
-    logit = s * (mq + mk) ** 2 if kind == "l2" else s * mq * mk
+@dataclass(frozen=True)
+class _Call:
+    """One validated call: its inputs, options and statistics (taken once)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    stats: InputStats
+    scale: float
+    kind: str
+    is_causal: bool
+    attn_mask: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    bound: float | None
+    eps: float | None
+    batch: torch.Size
+    budget: int
+    block_size: int | None
+    requires_grad: bool
+
+    @property
+    def batch_numel(self) -> int:
+        return math.prod(self.batch)
+
+
+def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
+    """|log| of the engine's per-key weights: s·max‖k‖² for ℓ2 attention, None for softmax (masks are 0/1)."""
+    return s * st.k_norm**2 if kind == "l2" else None
+
+
+def _run_exact(call: _Call, method: str):
+    q, k, v, st = call.q, call.k, call.v, call.stats
+    n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    logit = st.logit_bound(call.scale, call.kind)
+    norms = st.q_norm * st.k_norm + (st.k_norm**2 if call.kind == "l2" else 0.0)
+    if max(logit, norms) * 8.0 > float(torch.finfo(torch.float64).max):
+        raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
+                         "use a smaller scale or smaller q, k")
+    item = 8 if val.compute_dtype(q.dtype) == torch.float64 else 4
+    dense = method == "dense" or (method == "exact" and use_dense(call.batch_numel, n_q, n_k)
+                                  and exact_memory_bytes(call.batch_numel, n_q, n_k, d_v, None, 8) <= call.budget)
+    block = None if dense else (call.block_size or DEFAULT_BLOCK)
+    cert = exact_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=d, n_k=n_k, block=block,
+                           value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
+                           eps=call.eps, norms_product=norms)
+    cd = getattr(torch, cert.compute_dtype)
+    if call.eps is not None and not cert.output_error_bound <= call.eps:
+        raise ValueError(_exact_eps_reason(cert, call.eps, q.dtype))
+    need = exact_memory_bytes(call.batch_numel, n_q, n_k, d_v, block, max(item, cd.itemsize))
+    if need > call.budget:
+        raise ValueError(f"memory_budget: {'dense' if dense else 'blockwise'} exact attention needs about "
+                         f"{need / 2**20:.1f} MiB (budget {call.budget / 2**20:.1f} MiB); "
+                         + ("use method='exact' or 'blockwise'" if dense else "pass a smaller block_size"))
+    mask = call.attn_mask
     if mask is not None and mask.is_floating_point():
-        finite = mask[torch.isfinite(mask)]
-        logit += float(finite.abs().max()) if finite.numel() else 0.0
-    vr, vmax = _value_stats(v)
-    n_k = k.shape[-2]
+        mask = shift_mask(mask, cd)
+    qc, kc, vc, vexp = q.to(cd), k.to(cd), v.to(cd), 0
+    if st.max_abs_value * n_k * 4.0 > float(torch.finfo(cd).max):  # Σ p·v could overflow: scale v by 2^-e exactly
+        vexp = math.frexp(st.max_abs_value)[1]
+        vc = _times_pow2(vc, -vexp)
+    if dense:
+        out = dense_attention(qc, kc, vc, scale=call.scale, kind=call.kind, is_causal=call.is_causal, attn_mask=mask)
+    else:
+        out = blockwise_attention(qc, kc, vc, scale=call.scale, kind=call.kind, is_causal=call.is_causal,
+                                  attn_mask=mask, block_size=block)
+    return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), cert
 
-    def certify(compute_dtype):
-        return exact_certificate(kind=kind, logit_bound=logit, d=q.shape[-1], n_k=n_k,
-                                 blocks=-(-n_k // block) if block else 1, block=block, value_range=vr,
-                                 max_abs_value=vmax, compute_dtype=compute_dtype, out_dtype=out_dtype, eps=eps)
 
-    return certify
+def _times_pow2(x: torch.Tensor, e: int) -> torch.Tensor:
+    """x·2^e by two exact multiplications (2^e alone may not be a float; torch.ldexp has no gradient)."""
+    if e == 0:
+        return x
+    half = e // 2
+    return x * (2.0**half) * (2.0 ** (e - half))
+
+
+def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies."""
+    return out.clamp(-max_abs_value, max_abs_value).to(dtype)
+
+
+def _exact_eps_reason(cert: Certificate, eps: float, dtype: torch.dtype) -> str:
+    u_out = unit_roundoff(dtype)
+    if dtype != torch.float64 and u_out * cert.max_abs_value > eps:
+        return (f"eps: {str(dtype).replace('torch.', '')} output cannot carry eps={eps:g}: its rounding alone is "
+                f"2^{math.log2(u_out):.0f}·max|v| = {u_out * cert.max_abs_value:.3g}; pass float32/float64 inputs "
+                f"or a larger eps")
+    return (f"eps: exact attention's worst-case rounding bound is {cert.output_error_bound:.3g} > eps={eps:g} "
+            f"even in {cert.compute_dtype} (logits up to the data's s·max‖q‖·max‖k‖, value range "
+            f"{cert.value_range:.3g}); pass a larger eps or smaller inputs")
+
+
+def _run_features(call: _Call, method: str, cert: Certificate):
+    q, k, v, st = call.q, call.k, call.v, call.stats
+    d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
+    g, r = cert.degree, cert.rank
+    chunk = chunk_rows(call.batch_numel, r)
+    need = feature_memory_bytes(call.batch_numel, n_q, n_k, d, d_v, r, chunk, is_causal=call.is_causal,
+                                requires_grad=call.requires_grad)
+    if need > call.budget:
+        raise ValueError(
+            f"memory_budget: {method} degree {g} needs feature rank r={r} and about {need / 2**20:.1f} MiB "
+            f"(budget {call.budget / 2**20:.1f} MiB); ask for a larger eps, a smaller radius, no gradients, or "
+            f"method='exact'"
+        )
+    coeffs, aq, ak = polynomial_setup(method, cert.radius, g, d=d,
+                                      bound=call.bound if cert.radius_source == "bound" else None,
+                                      norms=(st.q_norm, st.k_norm))
+    qd, kd, vd = q.double() * aq, k.double() * ak, v.double()
+    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
+    vd = _times_pow2(vd, -vexp)  # |v| ≤ 1: exact but for values below 2^-1074·2^e
+    log_w = None
+    if call.kind == "l2":
+        log_w = -call.scale * (k.double() * k.double()).sum(-1)
+    if call.key_mask is not None:
+        km = call.key_mask
+        log_w = torch.where(km, log_w if log_w is not None else torch.zeros((), dtype=torch.float64, device=q.device),
+                            torch.tensor(-math.inf, dtype=torch.float64, device=q.device))
+        kd = kd * km.unsqueeze(-1).to(kd.dtype)  # masked keys may lie outside the radius: keep their features finite
+    out = feature_attention(qd, kd, vd, coeffs=coeffs, key_log_weight=log_w, is_causal=call.is_causal, chunk=chunk)
+    return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype)
 
 
 def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _max_norms(q, k, key_mask=None) -> tuple[float, float]:
-    """max‖q‖ and max‖k‖ over the keys that take part (masked-out keys get weight 0 and do not count)."""
-    with torch.no_grad():
-        kn = torch.linalg.vector_norm(k.detach().double(), dim=-1)
-        if key_mask is not None:
-            kn = torch.where(key_mask, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
-        return float(torch.linalg.vector_norm(q.detach().double(), dim=-1).max()), float(kn.max())
-
-
-def _radius(q, k, s, kind, bound, norms=None) -> tuple[float, str]:
-    """R bounding |x| for x = s_eff⟨q, k⟩ (s_eff = 2s for ℓ2 attention), and where it came from."""
-    s_eff = 2.0 * s if kind == "l2" else s
-    if bound is not None:
-        return s_eff * q.shape[-1] * float(bound) ** 2, "bound"
-    mq, mk = norms or _max_norms(q, k)
-    return s_eff * mq * mk, "data"
-
-
-def _value_stats(v) -> tuple[float, float]:
-    with torch.no_grad():
-        vd = v.detach().double().reshape(-1, v.shape[-2], v.shape[-1])
-        spread = float((vd.amax(-2) - vd.amin(-2)).max())
-        return spread, float(vd.abs().max())
-
-
 def _is_key_padding(attn_mask) -> bool:
     return attn_mask.dtype == torch.bool and (attn_mask.dim() < 2 or attn_mask.shape[-2] == 1)
 
 
-def _key_padding(attn_mask, q, k) -> torch.Tensor | None:
-    if attn_mask is None:
-        return None
+def _key_padding(attn_mask) -> torch.Tensor:
     if not _is_key_padding(attn_mask):
         raise ValueError(
             "attn_mask: the taylor/polynomial methods support only boolean key-padding masks "
@@ -192,54 +272,13 @@ def _key_padding(attn_mask, q, k) -> torch.Tensor | None:
     return attn_mask if attn_mask.dim() == 1 else attn_mask.squeeze(-2)
 
 
-def _feature_method(q, k, v, *, method, s, kind, is_causal, attn_mask, eps, bound, degree, memory_budget,
-                    batch_numel, strict=True):
-    key_mask = _key_padding(attn_mask, q, k)
-    d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
-    norms = _max_norms(q, k, key_mask) if bound is None else None
-    radius, source = _radius(q, k, s, kind, bound, norms)
-    if radius > 700.0:
-        raise ValueError(f"radius R = s·max‖q‖·max‖k‖ = {radius:.4g} is beyond what float64 features can represent "
-                         f"(e^R overflows past R ≈ 700); use method='exact'")
-    vr, vmax = _value_stats(v)
-
-    cert = choose_certificate(method, radius, eps=eps, degree=degree, d=d, n_k=n_k, value_range=vr,
-                              max_abs_value=vmax, kind=kind, radius_source=source, out_dtype=q.dtype, strict=strict)
-    g = cert.degree
-    r = cert.rank
-    chunk = chunk_rows(batch_numel, r)
-    need = feature_memory_bytes(batch_numel, n_q, n_k, d_v, r, chunk, is_causal=is_causal,
-                                requires_grad=_needs_grad(q, k, v))
-    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
-    if need > budget:
-        raise ValueError(
-            f"memory_budget: {method} degree {g} needs feature rank r={r} and about {need / 2**20:.1f} MiB "
-            f"(budget {budget / 2**20:.1f} MiB); ask for a larger eps, a smaller radius, no gradients, or "
-            f"method='exact'"
-        )
-    coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound if source == "bound" else None,
-                                      norms=norms)
-    qd, kd, vd = q.double(), k.double(), v.double()
-    key_weight = None
-    if kind == "l2":
-        sq = (kd * kd).sum(-1)
-        key_weight = torch.exp(-s * (sq - sq.detach().amin(-1, keepdim=True)))
-    if key_mask is not None:
-        km = key_mask.to(torch.float64)
-        key_weight = km if key_weight is None else key_weight * km
-        kd = kd * km.unsqueeze(-1)  # masked keys may lie outside the radius: keep their features finite
-    out = feature_attention(qd * aq, kd * ak, vd, coeffs=coeffs, key_weight=key_weight, is_causal=is_causal,
-                            chunk=chunk)
-    return out.to(q.dtype), cert
-
-
 def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: float | None,
                      norms: tuple[float, float] | None):
     """(monomial coefficients of P in u = x/R, query scale, key scale) such that ⟨a_q·q, a_k·k⟩ = x/R ∈ [−1, 1].
 
     With a declared ``bound`` the scales are 1/(√d·B); otherwise 1/max‖q‖ and 1/max‖k‖ from ``norms``.
     """
-    coeffs = taylor_coefficients(radius, degree) if method == "taylor" else chebyshev_coefficients(radius, degree)
+    coeffs = family(method).coefficients(radius, degree)
     if radius == 0.0:
         coeffs = coeffs[:1]
     if bound is not None:
@@ -252,64 +291,80 @@ def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: 
 
 def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
                        max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
-                       out_dtype: torch.dtype = torch.float32, eps: float | None = None) -> Certificate:
+                       out_dtype: torch.dtype = torch.float32, eps: float | None = None,
+                       key_log_weight: float | None = None) -> Certificate:
     """The certificate a ``method`` ("taylor"/"polynomial") run of ``degree`` would carry at radius R."""
-    delta, abs_sum = family_error(method, radius, degree)
+    fam = family(method)
+    eta = fam.eta(radius, degree)
+    finite = math.isfinite(eta)
     return feature_certificate(method=method, kind=kind, degree=degree, rank=feature_rank(d, degree), radius=radius,
-                               radius_source=radius_source, delta=delta, coeff_abs_sum=abs_sum, n_k=n_k,
-                               value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+                               radius_source=radius_source, eta=eta,
+                               delta=fam.absolute_error(radius, degree) if finite else math.inf,
+                               coeff_abs_sum=fam.coeff_abs_sum(radius, degree) if finite else math.inf, n_k=n_k,
+                               d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
+                               key_log_weight=key_log_weight, eps=eps)
 
 
 def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
                      max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
-                     out_dtype: torch.dtype = torch.float32, rounding: bool = True) -> Certificate | None:
+                     out_dtype: torch.dtype = torch.float32, rounding: bool = True,
+                     key_log_weight: float | None = None) -> Certificate | None:
     """The certificate of the smallest degree (even order for Taylor) meeting ``eps``, or None if none ≤ the cap.
 
     Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
     ``rounding=False`` asks the approximation term alone to meet ``eps`` (what the mathematics
     needs before the float64 rounding term, which grows with the rank, is counted).
     """
-    step, top = (2, MAX_TAYLOR_ORDER) if method == "taylor" else (1, MAX_DEGREE)
-    for g in range(0, top + 1, step):
+    for g in family(method).degrees():
         c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
-                               out_dtype=out_dtype, eps=eps)
+                               out_dtype=out_dtype, eps=eps, key_log_weight=key_log_weight)
+        if not math.isfinite(c.eta):
+            continue
         if c.eta < 1.0 and (c.output_error_bound if rounding else c.approximation_bound) <= eps:
             return c
     return None
 
 
-def choose_certificate(method: str, radius: float, *, eps: float | None, degree: int | None, d: int, n_k: int,
-                       value_range: float, max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
-                       out_dtype: torch.dtype = torch.float32, strict: bool = True) -> Certificate:
+def choose_certificate(method: str, radius: float, radius_source: str = "data", *, eps: float | None,
+                       degree: int | None, d: int, n_k: int, value_range: float, max_abs_value: float,
+                       kind: str = "softmax", out_dtype: torch.dtype = torch.float32, strict: bool = True,
+                       key_log_weight: float | None = None) -> Certificate:
     """The certificate a taylor/polynomial run will carry: the smallest degree meeting ``eps``, or the
     fixed ``degree`` (even order for Taylor). Raises when neither is given, when no degree up to the
-    cap meets ``eps``, or (``strict``) when the fixed degree cannot be certified (η ≥ 1)."""
+    cap meets ``eps``, when the fixed degree's bound exceeds ``eps``, or (``strict``) when the fixed
+    degree cannot be certified (η ≥ 1)."""
+    fam = family(method)
     common = dict(d=d, n_k=n_k, value_range=value_range, max_abs_value=max_abs_value, kind=kind,
-                  radius_source=radius_source, out_dtype=out_dtype)
+                  radius_source=radius_source, out_dtype=out_dtype, key_log_weight=key_log_weight)
+    if radius > MAX_FEATURE_RADIUS or radius + math.log(n_k + 1.0) + 4.0 >= 709.0:
+        raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent "
+                         f"(e^R·n_k overflows); use method='exact'")
     if degree is None:
         if eps is None:
-            raise ValueError(f"method={method!r} needs eps (target error) or "
-                             f"{'order' if method == 'taylor' else 'degree'} (fixed)")
+            raise ValueError(f"method={method!r} needs eps (target error) or {fam.degree_name} (fixed)")
         cert = certified_degree(method, radius, eps, **common)
         if cert is None:
-            top = MAX_TAYLOR_ORDER if method == "taylor" else MAX_DEGREE
-            last = degree_certificate(method, radius, top, eps=eps, **common)
+            last = degree_certificate(method, radius, fam.max_degree, eps=eps, **common)
             raise ValueError(
-                f"eps={eps:g} cannot be certified by method={method!r} up to degree {top} at radius R={radius:.4g} "
-                f"(best bound {last.output_error_bound:.3g}); use method='exact' or shrink the inputs' norms"
+                f"eps={eps:g} cannot be certified by method={method!r} up to {fam.degree_name} {fam.max_degree} "
+                f"at radius R={radius:.4g} (best bound {last.output_error_bound:.3g}); use method='exact' or "
+                f"shrink the inputs' norms"
             )
         return cert
-    if method == "taylor":
-        check_order(degree)
-    elif isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= MAX_DEGREE:
-        raise ValueError(f"degree must be an int in 0..{MAX_DEGREE}, got {degree!r}")
+    fam.check_degree(degree)
     cert = degree_certificate(method, radius, degree, eps=eps, **common)
     if strict and not cert.eta < 1.0:
         raise ValueError(
-            f"cannot certify {method} degree {degree} at radius R={radius:.4g}: the relative weight error "
-            f"η = δ·e^R = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the degree or use "
-            f"method='exact'"
+            f"cannot certify {method} {fam.degree_name} {degree} at radius R={radius:.4g}: the relative weight "
+            f"error η = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the "
+            f"{fam.degree_name} or use method='exact'"
+        )
+    if eps is not None and not cert.output_error_bound <= eps:
+        raise ValueError(
+            f"eps: {method} {fam.degree_name} {degree} at radius R={radius:.4g} carries the bound "
+            f"{cert.output_error_bound:.3g} > eps={eps:g}; drop the fixed {fam.degree_name} (eps alone picks "
+            f"the smallest that meets it) or pass a larger eps"
         )
     return cert
 

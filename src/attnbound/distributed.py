@@ -38,10 +38,12 @@ import torch
 import torch.distributed as dist
 
 from . import validation as val
-from .api import _max_norms, choose_certificate, polynomial_setup
+from .families import family
+from .api import choose_certificate, polynomial_setup
 from .certificate import exact_certificate
 from .exact import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .planner import default_memory_budget
+from .stats import InputStats, value_extremes
 from .features import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
                          monomial_weights, normalize_readout, state_readout, weighted_values)
 
@@ -103,18 +105,27 @@ def attention(
     me = dist.get_rank(group)
     _LAST.update(bytes_sent=0, bytes_received=0, messages=0)
     error, meta = "", None
+    options = dict(method=method, scale=scale, is_causal=is_causal, eps=eps, degree=degree, order=order,
+                   bound=bound, block_size=block_size)
     try:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         val.check_qkv(q, k, v, is_causal=is_causal)
         if q.shape[-2] != k.shape[-2]:
             raise ValueError(f"q and k must hold the same shard of the sequence: n_q={q.shape[-2]}, n_k={k.shape[-2]}")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         val.check_positive_int("block_size", block_size)
         val.resolve_scale(scale, q.shape[-1])
         val.check_eps(eps)
+        val.check_bound(bound)
+        if degree is not None and method == "polynomial":
+            family("polynomial").check_degree(degree)
+        if order is not None and method == "taylor":
+            family("taylor").check_degree(order)
         if bound is not None:
             for name, x in (("q", q), ("k", k)):
-                top = float(x.detach().abs().max())
+                top = float(x.detach().abs().max()) if x.numel() else 0.0
                 if top > bound:
                     raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
         meta = (tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]), q.shape[-1], v.shape[-1],
@@ -122,11 +133,15 @@ def attention(
     except (ValueError, TypeError) as exc:
         error = str(exc)
     reports = [None] * world
-    dist.all_gather_object(reports, (error, meta), group=group)
-    bad = [(r, e) for r, (e, _) in enumerate(reports) if e]
+    dist.all_gather_object(reports, (error, meta, repr(sorted(options.items()))), group=group)
+    bad = [(r, e) for r, (e, _, _) in enumerate(reports) if e]
     if bad:
         raise ValueError("; ".join(f"rank {r}: {e}" for r, e in bad))
-    metas = [m for _, m in reports]
+    if len({o for _, _, o in reports}) > 1:
+        raise ValueError("the ranks disagree on the call's options (every rank must pass the same method, scale, "
+                         "is_causal, eps, degree, order, bound, block_size): "
+                         + "; ".join(f"rank {r}: {o}" for r, (_, _, o) in enumerate(reports)))
+    metas = [m for _, m, _ in reports]
     if len({m[:-1] for m in metas}) > 1:
         raise ValueError("the ranks disagree on (q batch, k batch, v batch, d, d_v, dtype, device): "
                          + "; ".join(f"rank {r}: {m[:-1]}" for r, m in enumerate(metas)))
@@ -140,17 +155,25 @@ def attention(
                      memory_budget=memory_budget, return_certificate=return_certificate)
 
 
-def _global_stats(q, k, v, group) -> tuple[float, float, float, float]:
-    """(max‖q‖, max‖k‖, value range, max|v|) over the whole sequence: one all_reduce(MAX)."""
-    mq, mk = _max_norms(q, k)
-    vd = v.detach().double().reshape(-1, v.shape[-2], v.shape[-1])
-    local = torch.cat([torch.tensor([mq, mk, float(vd.abs().max())], dtype=torch.float64),
-                       vd.amax(-2).reshape(-1).cpu(), (-vd.amin(-2)).reshape(-1).cpu()]).to(q.device)
+def _global_stats(q, k, v, group) -> InputStats:
+    """The call's :class:`~attnbound.stats.InputStats` over the whole sequence: one all_reduce(MAX)."""
+    with torch.no_grad():
+        qd, kd = q.detach().double(), k.detach().double()
+        hi, lo = value_extremes(v)
+        top = lambda x: float(x.max()) if x.numel() else 0.0  # noqa: E731  (an empty shard holds nothing)
+        scalars = torch.tensor([top(torch.linalg.vector_norm(qd, dim=-1)), top(torch.linalg.vector_norm(kd, dim=-1)),
+                                top(qd.abs()), top(kd.abs())], dtype=torch.float64)
+        local = torch.cat([scalars, hi.reshape(-1).cpu(), (-lo).reshape(-1).cpu()]).to(q.device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
     _count(local.numel() * 8, local.numel() * 8, world=dist.get_world_size(group))
-    cols = (local.numel() - 3) // 2
-    spread = float((local[3:3 + cols] + local[3 + cols:]).max())
-    return float(local[0]), float(local[1]), spread, float(local[2])
+    cols = (local.numel() - 4) // 2
+    hi, neg_lo = local[4:4 + cols], local[4 + cols:]
+    spread = hi + neg_lo
+    spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))
+    vmax = torch.maximum(hi.abs(), neg_lo.abs())
+    vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
+    return InputStats(q_norm=float(local[0]), k_norm=float(local[1]), q_abs=float(local[2]), k_abs=float(local[3]),
+                      value_range=float(spread.max()) if cols else 0.0, max_abs_value=float(vmax.max()) if cols else 0.0)
 
 
 def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, return_certificate):
@@ -193,11 +216,11 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
     out = finish_online_softmax(l, acc).to(q.dtype)
     if not return_certificate:
         return out
-    mq, mk, spread, vmax = _global_stats(q, k, v, group)
+    st = _global_stats(q, k, v, group)
     n = sum(lengths)
-    cert = exact_certificate(kind="softmax", logit_bound=s * mq * mk, d=d, n_k=n,
-                             blocks=sum(-(-x // block) for x in lengths), block=block, value_range=spread,
-                             max_abs_value=vmax, compute_dtype=cd, out_dtype=q.dtype, eps=eps)
+    cert = exact_certificate(kind="softmax", logit_bound=st.logit_bound(s, "softmax"), d=d, n_k=n,
+                             blocks=sum(-(-x // block) for x in lengths), block=block, value_range=st.value_range,
+                             max_abs_value=st.max_abs_value, compute_dtype=cd, out_dtype=q.dtype, eps=eps)
     return out, cert
 
 
@@ -205,21 +228,16 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
               return_certificate):
     d, d_v = q.shape[-1], v.shape[-1]
     n = sum(lengths)
-    mq, mk, spread, vmax = _global_stats(q, k, v, group)
-    if bound is not None:
-        radius, source = s * d * float(bound) ** 2, "bound"
-    else:
-        radius, source = s * mq * mk, "data"
+    st = _global_stats(q, k, v, group)
+    radius, source = st.radius(s, "softmax", bound=bound, d=d)
     # every rank evaluates the same scalars below, so they agree on the degree (or on the error)
-    if radius > 700.0:
-        raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent; use method='exact'")
-    cert = choose_certificate(method, radius, eps=eps, degree=degree, d=d, n_k=n, value_range=spread,
-                              max_abs_value=vmax, radius_source=source, out_dtype=q.dtype)
+    cert = choose_certificate(method, radius, source, eps=eps, degree=degree, d=d, n_k=n,
+                              value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype)
     g, r = cert.degree, feature_rank(d, cert.degree)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     batch_numel = math.prod(batch)
     chunk = chunk_rows(batch_numel, r)
-    need = feature_memory_bytes(batch_numel, q.shape[-2], k.shape[-2], d_v, r, chunk, is_causal=is_causal,
+    need = feature_memory_bytes(batch_numel, q.shape[-2], k.shape[-2], d, d_v, r, chunk, is_causal=is_causal,
                                 requires_grad=False) + (world * batch_numel * r * (d_v + 1) * 8 if is_causal else 0)
     budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
     budgets = [None] * world  # budgets differ between machines: decide together, or one rank would wait forever
@@ -228,7 +246,7 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     if over:
         raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r}; " + "; ".join(
             f"rank {i} needs about {nd / 2**20:.1f} MiB (budget {b / 2**20:.1f} MiB)" for i, nd, b in over))
-    coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(mq, mk))
+    coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(st.q_norm, st.k_norm))
     qd = (q.double() * aq).expand(*batch, *q.shape[-2:])
     kd = (k.double() * ak).expand(*batch, *k.shape[-2:])
     vv = weighted_values(v.double().expand(*batch, *v.shape[-2:]))

@@ -15,7 +15,8 @@ Two implementations, same function to rounding:
   recurrence (running max m_i, running sum ℓ_i, running output): the same Θ(n_q n_k (d + d_v))
   time, O((q_chunk + block)·(d + d_v) + q_chunk·block) memory per batch entry.
 
-Both subtract the running row maximum, so logits of any finite size do not overflow. A row whose
+Both subtract the running row maximum, so logits of any finite size do not overflow (callers
+shift additive masks by their row maximum first, :func:`attnbound.stats.shift_mask`). A row whose
 keys are all masked out returns zeros (torch SDPA returns NaN there); this is documented
 behaviour, not an error.
 """
@@ -75,8 +76,8 @@ def blockwise_attention(
     s, shift = key_logit_shift(k, scale, kind)
     n_q, n_k = q.shape[-2], k.shape[-2]
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    if attn_mask is not None:
-        attn_mask = attn_mask.expand(*batch, n_q, n_k) if attn_mask.dim() < len(batch) + 2 else attn_mask
+    if attn_mask is not None:  # a view: size-1 dims (a (..., 1, n_k) key-padding mask) broadcast, never slice
+        attn_mask = attn_mask.expand(*batch, n_q, n_k)
     outs = []
     for i0 in range(0, n_q, block):
         i1 = min(i0 + block, n_q)

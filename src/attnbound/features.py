@@ -100,15 +100,21 @@ def chunk_rows(batch_numel: int, rank: int, itemsize: int = 8, target_bytes: int
     return int(min(4096, max(32, rows)))
 
 
-def feature_memory_bytes(batch_numel: int, n_q: int, n_k: int, d_v: int, rank: int, chunk: int,
+def feature_memory_bytes(batch_numel: int, n_q: int, n_k: int, d: int, d_v: int, rank: int, chunk: int,
                          *, is_causal: bool, requires_grad: bool, itemsize: int = 8) -> int:
-    """Peak bytes the engine allocates beyond its inputs (features, state, causal block, output)."""
-    feats = 2 * batch_numel * rank * chunk * itemsize
-    state = 2 * batch_numel * rank * (d_v + 1) * itemsize
-    causal = batch_numel * chunk * chunk * itemsize if is_causal else 0
-    saved = batch_numel * rank * (n_q + n_k) * itemsize if requires_grad else 0
-    out = batch_numel * n_q * (d_v + 1) * itemsize
-    return feats + state + causal + saved + out
+    """Peak bytes a feature-method call allocates beyond its inputs.
+
+    Float64 copies of q, k, v (and their scaled copies), the weighted values [v, 1], two
+    (r × chunk) feature blocks and their product, the state, the causal tiles, the per-chunk
+    outputs and their concatenation, and the final output; with gradients, the saved features.
+    """
+    inputs = 2 * batch_numel * (n_q * d + n_k * d + n_k * d_v) * itemsize + 2 * batch_numel * n_k * (d_v + 2) * itemsize
+    feats = 3 * batch_numel * rank * chunk * itemsize
+    state = 3 * batch_numel * rank * (d_v + 1) * itemsize
+    causal = 4 * batch_numel * CAUSAL_TILE * CAUSAL_TILE * itemsize if is_causal else 0
+    saved = 2 * batch_numel * rank * (n_q + n_k) * itemsize if requires_grad else 0
+    out = 3 * batch_numel * n_q * (d_v + 1) * itemsize
+    return inputs + feats + state + causal + saved + out
 
 
 def feature_attention(
@@ -117,16 +123,19 @@ def feature_attention(
     v: torch.Tensor,
     *,
     coeffs: np.ndarray,
-    key_weight: torch.Tensor | None = None,
+    key_log_weight: torch.Tensor | None = None,
     is_causal: bool = False,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·key_weight_j, never forming an n_q×n_k matrix.
+    """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·exp(b_j), never forming an n_q×n_k matrix.
 
     ``q``, ``k`` are already normalised (|⟨q_i, k_j⟩| ≤ 1 is where P is certified), ``coeffs`` are
-    P's monomial coefficients a_0..a_g. ``key_weight`` (..., n_k) multiplies each key's weight
-    (key-padding masks: 0/1; ℓ2 attention: exp(−s‖k‖²) up to a constant). Rows whose weights all
-    vanish (every key masked) return zeros.
+    P's monomial coefficients a_0..a_g. ``key_log_weight`` b (..., n_k) is a per-key log-weight
+    (key-padding masks: 0 or −inf; ℓ2 attention: −s‖k_j‖²). It is normalised over the keys each row
+    can see — the maximum over all keys without ``is_causal``, the running prefix maximum with it
+    (the state is rescaled when the maximum grows, as in online softmax) — so no row's weights
+    underflow because of keys it cannot see. Rows whose weights all vanish (every key masked)
+    return zeros.
     """
     degree = len(coeffs) - 1
     d, d_v = q.shape[-1], v.shape[-1]
@@ -134,12 +143,20 @@ def feature_attention(
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     chunk = chunk or chunk_rows(math.prod(batch), rank)
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
-    vv = weighted_values(v, key_weight)
+    vv = weighted_values(v)
     if is_causal:
-        num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
+        num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk, key_log_weight=key_log_weight)
     else:
+        if key_log_weight is not None:
+            vv = vv * torch.exp(key_log_weight - _safe_max(key_log_weight, -1)).unsqueeze(-1)
         num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree, chunk=chunk)
     return normalize_readout(num, d_v)
+
+
+def _safe_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max over ``dim`` (kept), with 0 where every entry is −inf."""
+    m = x.amax(dim, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def weighted_values(v: torch.Tensor, key_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,12 +184,19 @@ def state_readout(q, state, *, degree: int, chunk: int) -> torch.Tensor:
 CAUSAL_TILE = 64  # rows per triangular tile: the n·tile·r intra-tile cost against the n·r·d_v state cost
 
 
-def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, state=None) -> torch.Tensor:
+def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, state=None,
+                   key_log_weight=None) -> torch.Tensor:
     """Row i sees keys j ≤ i (and everything already in ``state``, the keys before this sequence).
 
     Features are built ``chunk`` rows at a time; inside a chunk the triangle is walked in tiles of
     ``CAUSAL_TILE`` rows, so the quadratic intra-tile work is n·64·r instead of n·chunk·r.
+    With ``key_log_weight`` b, row i weights key j ≤ i by exp(b_j − m_i), m_i = max_{j'≤i} b_{j'}:
+    inside a tile explicitly, and through the state, which holds Σ φ(k_j)[v_j, 1]·exp(b_j − m_S) for
+    its running maximum m_S ≤ m_i and is read out with the factor exp(m_S − m_i) ≤ 1.
     """
+    if key_log_weight is not None:
+        return _causal_readout_weighted(q, k, vv, degree=degree, weights=weights, chunk=chunk,
+                                        key_log_weight=key_log_weight)
     outs = []
     n_q = q.shape[-2]
     for i0 in range(0, n_q, chunk):
@@ -188,6 +212,37 @@ def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, 
             outs.append(num)
             part = fk_t @ vv_t
             state = part if state is None else state + part
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+
+
+def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight):
+    outs = []
+    n_q = q.shape[-2]
+    state, ref = None, None  # ref: the state's running maximum m_S (..., 1, 1); −inf while no key counts
+    for i0 in range(0, n_q, chunk):
+        i1 = min(i0 + chunk, n_q)
+        fq = monomial_features(q[..., i0:i1, :], degree).transpose(-1, -2)
+        fkw = monomial_features(k[..., i0:i1, :], degree) * weights.unsqueeze(-1)
+        for t0 in range(0, i1 - i0, CAUSAL_TILE):
+            t1 = min(t0 + CAUSAL_TILE, i1 - i0)
+            fq_t, fk_t, vv_t = fq[..., t0:t1, :], fkw[..., :, t0:t1], vv[..., i0 + t0:i0 + t1, :]
+            lw = key_log_weight[..., i0 + t0:i0 + t1]
+            pm = torch.cummax(lw, -1).values.unsqueeze(-1)  # (..., t, 1): this tile's prefix maxima
+            if ref is not None:
+                pm = torch.maximum(pm, ref)
+            pm_safe = torch.where(torch.isfinite(pm), pm, torch.zeros_like(pm))
+            tri = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q.device).tril()
+            logits = torch.where(tri, lw.unsqueeze(-2) - pm_safe, torch.full_like(pm_safe, -math.inf))
+            num = ((fq_t @ fk_t) * torch.exp(logits)) @ vv_t
+            if state is not None:
+                num = num + (fq_t @ state) * torch.exp(ref - pm_safe)
+            outs.append(num)
+            top = lw.amax(-1, keepdim=True).unsqueeze(-1)
+            new_ref = top if ref is None else torch.maximum(ref, top)
+            new_safe = torch.where(torch.isfinite(new_ref), new_ref, torch.zeros_like(new_ref))
+            part = (fk_t * torch.exp(lw.unsqueeze(-2) - new_safe)) @ vv_t
+            state = part if state is None else state * torch.exp(ref - new_safe) + part
+            ref = new_ref
     return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 

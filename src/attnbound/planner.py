@@ -13,7 +13,10 @@ The constants are *measured*, not guessed: :func:`calibrate` times exact blockwi
 and the feature engine on this machine and solves for them. :data:`DEFAULT_COST_MODEL` holds
 the figures ``attnbound calibrate`` printed on the 2-core reference machine; pass
 ``cost_model=calibrate()`` to plan for yours. The choice is the cheapest candidate that is
-certified (error ≤ eps) and fits the memory budget; exact always qualifies.
+certified (error ≤ eps) and fits the memory budget. Every candidate carries its real certificate:
+exact's is its worst-case rounding bound (in float64 when the input precision's would exceed eps),
+so exact qualifies only when that bound meets eps; when nothing does, :func:`plan` raises.
+Approximations are skipped beyond R ≈ 700, where e^R leaves float64.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .certificate import feature_certificate
+from . import validation as val
+from .certificate import Certificate, exact_certificate, feature_certificate
+from .chebyshev import chebyshev_coefficients
+from .exact import DEFAULT_BLOCK, use_dense
+from .families import FAMILIES, MAX_TAYLOR_ORDER, family  # noqa: F401  (MAX_TAYLOR_ORDER re-exported)
 from .features import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
-from .chebyshev import MAX_DEGREE, chebyshev_coefficients, chebyshev_error
-from .taylor import taylor_coefficients, taylor_remainder
-
-MAX_TAYLOR_ORDER = 20
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Candidate:
     memory_bytes: int
     certified: bool
     fits_memory: bool
+    certificate: Certificate | None = None
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,32 @@ def default_memory_budget(device: torch.device | str = "cpu") -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2)
 
 
-def family_error(method: str, radius: float, degree: int) -> tuple[float, float]:
-    """(δ, Σ|a_j|) of the Taylor order / Chebyshev degree on [−R, R]."""
-    if method == "taylor":
-        return taylor_remainder(radius, degree), float(abs(taylor_coefficients(radius, degree)).sum())
-    return chebyshev_error(radius, degree), float(abs(chebyshev_coefficients(radius, degree)).sum())
+def exact_memory_bytes(batch_numel: int, n_q: int, n_k: int, d_v: int, block: int | None, itemsize: int) -> int:
+    """Peak bytes of exact attention beyond its inputs: about three score-sized temporaries (dense: n_q×n_k;
+    blockwise: block×block per query chunk) plus the running statistics and the output."""
+    rows, cols = (n_q, n_k) if block is None else (min(block, n_q), min(block, n_k))
+    return batch_numel * (3 * rows * cols + 3 * n_q * (d_v + 2)) * itemsize
+
+
+def exact_candidate(*, kind: str, logit_bound: float, mask_span: float, d: int, n_k: int, block: int | None,
+                    value_range: float, max_abs_value: float, out_dtype: torch.dtype, eps: float | None,
+                    norms_product: float = 0.0) -> Certificate:
+    """The exact method's certificate in the input dtype's compute precision, or in float64 when that one's
+    logits could overflow or (with ``eps``) its rounding bound would exceed eps."""
+    cd = val.compute_dtype(out_dtype)
+
+    def cert(dtype):
+        blocks = -(-n_k // block) if block else 1
+        return exact_certificate(kind=kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k,
+                                 blocks=blocks, block=block, value_range=value_range, max_abs_value=max_abs_value,
+                                 compute_dtype=dtype, out_dtype=out_dtype, eps=eps)
+
+    if cd != torch.float64:
+        c = cert(cd)
+        overflow = max(logit_bound, norms_product) * 8.0 > float(torch.finfo(cd).max)
+        if not overflow and (eps is None or c.output_error_bound <= eps):
+            return c
+    return cert(torch.float64)
 
 
 def plan(
@@ -128,43 +153,77 @@ def plan(
     requires_grad: bool = False,
     cost_model: CostModel | None = None,
     out_dtype: torch.dtype = torch.float32,
+    logit_bound: float | None = None,
+    mask_span: float = 0.0,
+    key_log_weight: float | None = None,
+    radius_source: str = "data",
 ) -> Plan:
-    """Plan the ``method="auto"`` run: every candidate's certified error, rank and predicted cost.
+    """Plan the ``method="auto"`` run: every candidate's real certificate, rank and predicted cost.
 
     ``radius`` bounds |s⟨q,k⟩| over all pairs; ``value_range``/``max_abs_value`` describe V
-    (defaults: entries in [−1, 1]). Returns a :class:`Plan` whose ``choice`` is the cheapest
-    candidate with error ≤ eps that fits ``memory_budget`` bytes.
+    (defaults: entries in [−1, 1]); ``logit_bound`` bounds |logit| for the exact candidate's
+    rounding certificate (default: ``radius``; ℓ2 attention needs s·(max‖q‖ + max‖k‖)²), and
+    ``key_log_weight`` the ℓ2 key log-weights (s·max‖k‖²). Returns a :class:`Plan` whose ``choice``
+    is the cheapest candidate with error ≤ eps that fits ``memory_budget`` bytes. Exact is computed
+    in float64 when the input precision's rounding bound would exceed eps (and costs twice as
+    much); when no candidate is certified, raises ValueError saying why.
     """
-    for name, val in (("n_q", n_q), ("n_k", n_k), ("d", d), ("d_v", d_v), ("batch", batch)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
-        raise ValueError(f"radius must be finite and >= 0, got {radius!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    for name, v in (("n_q", n_q), ("n_k", n_k), ("d", d), ("d_v", d_v), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name, v in (("radius", radius), ("value_range", value_range), ("max_abs_value", max_abs_value)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be positive and finite, got {eps!r}")
+    if logit_bound is None:
+        if kind == "l2":
+            raise ValueError("logit_bound: ℓ2 attention needs the exact logit bound s·(max‖q‖ + max‖k‖)²")
+        logit_bound = radius
     cm = cost_model or DEFAULT_COST_MODEL
     budget = memory_budget if memory_budget is not None else default_memory_budget()
-    exact = Candidate("exact", None, None, 0.0, cm.exact_seconds(batch, n_q, n_k, d, d_v, is_causal),
-                      8 * batch * min(n_q, 1024) * min(n_k, 1024) * 3, True, True)
+    radius = float(radius)
+    dense = use_dense(batch, n_q, n_k)
+    block = None if dense else DEFAULT_BLOCK
+    ex = exact_candidate(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k, block=block,
+                         value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+    item = 8 if ex.compute_dtype == "float64" else 4
+    slow = 2.0 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
+    mem = exact_memory_bytes(batch, n_q, n_k, d_v, block, item)
+    exact = Candidate("exact", None, None, ex.output_error_bound,
+                      slow * cm.exact_seconds(batch, n_q, n_k, d, d_v, is_causal), mem,
+                      ex.output_error_bound <= eps, mem <= budget, ex)
     candidates = [exact]
-    for method, degrees, max_deg in (("taylor", range(0, MAX_TAYLOR_ORDER + 1, 2), MAX_TAYLOR_ORDER),
-                                     ("polynomial", range(0, MAX_DEGREE + 1), MAX_DEGREE)):
-        for g in degrees:
+    feasible = radius <= 700.0 and radius + math.log(n_k + 1.0) + 4.0 < 709.0
+    for fam in FAMILIES.values():
+        if not feasible:
+            break
+        for g in fam.degrees():
             r = feature_rank(d, g)
-            mem = feature_memory_bytes(batch, n_q, n_k, d_v, r, chunk_rows(batch, r),
+            mem = feature_memory_bytes(batch, n_q, n_k, d, d_v, r, chunk_rows(batch, r),
                                        is_causal=is_causal, requires_grad=requires_grad)
-            delta, abs_sum = family_error(method, float(radius), g)
-            cert = feature_certificate(method=method, kind=kind, degree=g, rank=r, radius=float(radius),
-                                       radius_source="data", delta=delta, coeff_abs_sum=abs_sum, n_k=n_k,
-                                       value_range=value_range, max_abs_value=max_abs_value,
-                                       out_dtype=out_dtype)
+            eta = fam.eta(radius, g)
+            finite = math.isfinite(eta)
+            cert = feature_certificate(method=fam.name, kind=kind, degree=g, rank=r, radius=radius,
+                                       radius_source=radius_source, eta=eta,
+                                       delta=fam.absolute_error(radius, g) if finite else math.inf,
+                                       coeff_abs_sum=fam.coeff_abs_sum(radius, g) if finite else math.inf,
+                                       n_k=n_k, d=d, value_range=value_range, max_abs_value=max_abs_value,
+                                       out_dtype=out_dtype, key_log_weight=key_log_weight, eps=eps)
             err = cert.output_error_bound
-            cand = Candidate(method, g, r, err, cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal),
-                             mem, err <= eps, mem <= budget)
+            cand = Candidate(fam.name, g, r, err, cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal),
+                             mem, err <= eps, mem <= budget, cert)
             candidates.append(cand)
             if cand.certified or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
                 break
     usable = [c for c in candidates if c.certified and c.fits_memory]
+    if not usable:
+        why = (f"exact attention's worst-case rounding bound is {exact.error_bound:.3g} even in "
+               f"{ex.compute_dtype}" if not exact.certified else
+               f"exact attention needs about {exact.memory_bytes / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
+        raise ValueError(f"eps={eps:g}: no candidate is certified within the memory budget: {why}, and no "
+                         f"approximation up to the degree caps meets eps at radius R={radius:.4g}; pass a larger "
+                         f"eps or memory_budget")
     choice = min(usable, key=lambda c: c.seconds)
     return Plan(choice=choice, candidates=candidates, eps=float(eps), radius=float(radius))
 

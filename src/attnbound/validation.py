@@ -114,8 +114,29 @@ def check_mask(attn_mask, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
     target = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
     try:
-        torch.broadcast_shapes(attn_mask.shape, target)
+        shape = torch.broadcast_shapes(attn_mask.shape, target)
     except RuntimeError as exc:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}") from exc
-    if attn_mask.is_floating_point() and bool(torch.isnan(attn_mask).any()):
-        raise ValueError("attn_mask contains NaN (use -inf to exclude a key)")
+    if tuple(shape) != tuple(target):
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} would enlarge the output's batch dims "
+                         f"{tuple(target[:-2])} to {tuple(shape[:-2])}; broadcast q, k, v to those dims instead")
+    if attn_mask.is_floating_point():
+        if bool(torch.isnan(attn_mask).any()):
+            raise ValueError("attn_mask contains NaN (use -inf to exclude a key)")
+        if bool((attn_mask == math.inf).any()):
+            raise ValueError("attn_mask contains +inf: a key with weight +inf has no finite attention "
+                             "(use -inf to exclude a key, finite values to favour one)")
+
+
+def check_bound(bound) -> float | None:
+    """A declared entry bound B: None or a positive finite real (not a bool)."""
+    if bound is None:
+        return None
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
+        raise ValueError(f"bound must be a positive finite float, got {bound!r}")
+    return float(bound)
+
+
+def check_empty(q: torch.Tensor, v: torch.Tensor, batch) -> bool:
+    """True when the output (..., n_q, d_v) has no entries (empty batch, n_q = 0 or d_v = 0)."""
+    return math.prod(batch) == 0 or q.shape[-2] == 0 or v.shape[-1] == 0

@@ -1,0 +1,120 @@
+"""Approximation families of exp: the one interface the planner, the degree search and the engines use.
+
+A family maps (radius R, degree g) to a polynomial P(x) = Σ_j a_j (x/R)^j and a rigorous bound on
+its **relative** error on [−R, R],
+
+    η(R, g) ≥ max_{|x|≤R} |P(x)/eˣ − 1|,
+
+which is all the certificate needs (SPEC §3: each weight is off by a factor in [1 − η, 1 + η], so
+the output moves by at most η/(1−η) times the value range; η < 1 keeps every weight positive).
+It also states the largest degree it offers and which degrees are allowed (Taylor: even orders,
+whose polynomial is positive on all of ℝ).
+
+Members:
+
+* ``taylor`` (Keles et al.): T_p(x) = Σ_{j≤p} x^j/j!. Lagrange: eˣ − T_p(x) = e^ξ x^{p+1}/(p+1)! with
+  ξ between 0 and x, so |T_p(x)/eˣ − 1| ≤ e^{max(0, −x)}·R^{p+1}/(p+1)! ≤ e^R R^{p+1}/(p+1)!.
+* ``polynomial`` (Alman–Song): the degree-g Chebyshev truncation of e^{Ru}; its absolute error δ
+  (Bessel tail, :mod:`attnbound.chebyshev`) gives η = δ·e^R since eˣ ≥ e^{−R} on the interval.
+
+Both also report Σ|a_j|, which the float64 rounding term of the certificate needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .chebyshev import MAX_DEGREE as CHEBYSHEV_MAX_DEGREE
+from .chebyshev import chebyshev_coefficients, chebyshev_error
+from .taylor import taylor_coefficients, taylor_remainder
+
+MAX_TAYLOR_ORDER = 20
+MAX_FEATURE_RADIUS = 700.0  # e^R must stay representable in float64 for the engine and its certificate
+
+
+def _exp_or_inf(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the ``method`` of :func:`attnbound.attention`
+    max_degree: int
+    step: int  # allowed degrees: 0, step, 2·step, …
+    coefficients: Callable[[float, int], np.ndarray]  # a_0..a_g in u = x/R
+    eta: Callable[[float, int], float]  # rigorous max |P/exp − 1| on [−R, R]; inf where unusable
+    absolute_error: Callable[[float, int], float]  # rigorous max |P − exp| on [−R, R] (reported as δ)
+
+    @property
+    def degree_name(self) -> str:
+        return "order" if self.step == 2 else "degree"
+
+    def degrees(self) -> range:
+        return range(0, self.max_degree + 1, self.step)
+
+    def check_degree(self, degree) -> int:
+        if isinstance(degree, bool) or not isinstance(degree, int) or not 0 <= degree <= self.max_degree:
+            raise ValueError(f"{self.degree_name} must be an int in 0..{self.max_degree}, got {degree!r}")
+        if degree % self.step:
+            raise ValueError(
+                f"{self.degree_name} must be even, got {degree}: an odd Taylor polynomial of exp is negative for "
+                f"some x < 0 (e.g. 1 + x at x = −2), so the softmax denominator could vanish or flip sign; "
+                f"use {self.degree_name}={degree + 1} or {self.degree_name}={degree - 1}")
+        return degree
+
+    def coeff_abs_sum(self, radius: float, degree: int) -> float:
+        return float(np.abs(self.coefficients(radius, degree)).sum())
+
+
+def _usable(radius: float) -> bool:
+    return math.isfinite(radius) and 0.0 <= radius <= MAX_FEATURE_RADIUS
+
+
+def _taylor_eta(radius: float, degree: int) -> float:
+    if not _usable(radius):
+        return math.inf
+    if radius == 0.0:
+        return 0.0
+    log_tail = radius + (degree + 1) * math.log(radius) - math.lgamma(degree + 2)
+    coeff_rounding = 2.0**-52 * float(np.abs(taylor_coefficients(radius, degree)).sum())
+    return _exp_or_inf(log_tail) + coeff_rounding * _exp_or_inf(radius)
+
+
+def _taylor_delta(radius: float, degree: int) -> float:
+    return taylor_remainder(radius, degree) if _usable(radius) else math.inf
+
+
+def _chebyshev_delta(radius: float, degree: int) -> float:
+    return chebyshev_error(radius, degree) if _usable(radius) else math.inf
+
+
+def _chebyshev_eta(radius: float, degree: int) -> float:
+    delta = _chebyshev_delta(radius, degree)
+    return delta * _exp_or_inf(radius) if delta > 0 else 0.0
+
+
+def _taylor_coefficients(radius: float, degree: int) -> np.ndarray:
+    return taylor_coefficients(radius, degree) if radius > 0 else np.eye(1, degree + 1)[0]
+
+
+def _chebyshev_coefficients(radius: float, degree: int) -> np.ndarray:
+    return chebyshev_coefficients(radius, degree) if radius > 0 else np.eye(1, degree + 1)[0]
+
+
+FAMILIES: dict[str, Family] = {
+    "taylor": Family("taylor", MAX_TAYLOR_ORDER, 2, _taylor_coefficients, _taylor_eta, _taylor_delta),
+    "polynomial": Family("polynomial", CHEBYSHEV_MAX_DEGREE, 1, _chebyshev_coefficients, _chebyshev_eta,
+                         _chebyshev_delta),
+}
+
+
+def family(method: str) -> Family:
+    try:
+        return FAMILIES[method]
+    except KeyError:
+        raise ValueError(f"unknown approximation family {method!r}; choose one of "
+                         f"{', '.join(map(repr, FAMILIES))}") from None

@@ -1,0 +1,123 @@
+"""The statistics of one attention call, taken once and shared by every certificate (SPEC §3).
+
+A certificate needs a handful of scalars about the inputs, and every one of them must be taken
+over what the call actually computes:
+
+* ``q_norm`` = max_i ‖q_i‖₂ and ``k_norm`` = max_j ‖k_j‖₂ over the keys that take part with at
+  least one query (a key that every row masks out gets weight 0 and cannot affect the output,
+  whatever its size). The data radius is R = s·q_norm·k_norm (ℓ2 attention: 2s·q_norm·k_norm);
+  the exact methods' logit bound is s·q_norm·k_norm (ℓ2: s·(q_norm + k_norm)²).
+* ``value_range`` = max over batch entries and value columns of (max_j v_jc − min_j v_jc) and
+  ``max_abs_value`` = max |v_jc|, over the same keys: every output is a convex combination of
+  the values its row sees, so these bound how far any weight error can move it.
+* ``mask_span``: for an additive float mask, the largest |b'_ij| of the row-shifted mask
+  b' = b − max_j b_ij (see :func:`shift_mask`); the exact certificate charges the rounding of
+  the logits of the keys within the span and bounds the weight of keys beyond it.
+
+:func:`input_stats` computes them in one pass in float64 (O(inputs) work, no n_q×n_k
+allocation unless the mask already is one); :func:`attnbound.distributed` reduces the same
+quantities across ranks with one ``all_reduce(MAX)`` of :meth:`InputStats.as_tensor`'s pieces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class InputStats:
+    q_norm: float
+    k_norm: float
+    q_abs: float
+    k_abs: float
+    value_range: float
+    max_abs_value: float
+    mask_span: float = 0.0
+
+    def logit_bound(self, scale: float, kind: str) -> float:
+        """A bound on |logit| of every computed pair (before any mask)."""
+        if kind == "l2":
+            return scale * (self.q_norm + self.k_norm) ** 2
+        return scale * self.q_norm * self.k_norm
+
+    def radius(self, scale: float, kind: str, *, bound: float | None = None, d: int = 1) -> tuple[float, str]:
+        """R bounding |x| for x = s_eff⟨q, k⟩ (s_eff = 2s for ℓ2), and whether it came from the data or ``bound``."""
+        s_eff = 2.0 * scale if kind == "l2" else scale
+        if bound is not None:
+            return s_eff * d * float(bound) ** 2, "bound"
+        return s_eff * self.q_norm * self.k_norm, "data"
+
+
+def key_participation(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., n_k) bool: key j takes part with at least one query row (None: every key does)."""
+    if attn_mask is None:
+        return None
+    taking = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf
+    return taking.any(-2)
+
+
+def value_extremes(v: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch entry, column) max and min of v (float64) over the keys that take part; ±inf where none does."""
+    vd = v.detach().double()
+    if keys is None:
+        return vd.amax(-2), vd.amin(-2)
+    keep = keys.unsqueeze(-1)
+    return (torch.where(keep, vd, torch.tensor(-math.inf, dtype=vd.dtype, device=vd.device)).amax(-2),
+            torch.where(keep, vd, torch.tensor(math.inf, dtype=vd.dtype, device=vd.device)).amin(-2))
+
+
+def _max_or_zero(x: torch.Tensor) -> float:
+    return float(x.max()) if x.numel() else 0.0
+
+
+def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> InputStats:
+    """The :class:`InputStats` of one call. ``key_mask`` (..., n_k), if given, says which keys take part;
+    otherwise it is derived from ``attn_mask`` (a key takes part if some row may see it)."""
+    with torch.no_grad():
+        keys = key_mask if key_mask is not None else key_participation(attn_mask)
+        qd, kd = q.detach().double(), k.detach().double()
+        kn = torch.linalg.vector_norm(kd, dim=-1)
+        ka = kd.abs().amax(-1)
+        if keys is not None:
+            keys = keys.expand(*torch.broadcast_shapes(keys.shape, kn.shape))
+            kn = torch.where(keys, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
+            ka = torch.where(keys, ka, torch.zeros((), dtype=ka.dtype, device=ka.device))
+        hi, lo = value_extremes(v, keys)
+        spread = hi - lo
+        spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))
+        vmax = torch.maximum(hi.abs(), lo.abs())
+        vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
+        span = 0.0
+        if attn_mask is not None and attn_mask.is_floating_point():
+            shifted = shift_mask(attn_mask, torch.float64)
+            finite = shifted[torch.isfinite(shifted)]
+            span = float(finite.abs().max()) if finite.numel() else 0.0
+        return InputStats(
+            q_norm=_max_or_zero(torch.linalg.vector_norm(qd, dim=-1)),
+            k_norm=_max_or_zero(kn),
+            q_abs=_max_or_zero(qd.abs()),
+            k_abs=_max_or_zero(ka),
+            value_range=_max_or_zero(spread),
+            max_abs_value=_max_or_zero(vmax),
+            mask_span=span,
+        )
+
+
+def shift_mask(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask b shifted by its row maximum, b' = b − max_j b_ij ≤ 0, cast to ``dtype``.
+
+    Softmax is invariant to a per-row constant, so b' gives the same attention as b; but a row whose
+    entries are all huge and negative (−1e30, or a float64 entry that overflows the compute dtype)
+    would otherwise swamp the logits it is added to. The shift runs in the wider of the two dtypes;
+    entries below −max(dtype) become −inf (their weight is below e^{−max(dtype)} of the row's best).
+    +inf entries are rejected by validation. Rows with no finite entry stay −inf.
+    """
+    work = torch.promote_types(attn_mask.dtype, dtype)
+    m = attn_mask.to(work)
+    top = m.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return (m - top).to(dtype)
