@@ -1,70 +1,181 @@
-"""The ``attnbound`` command line."""
+"""The ``attnbound`` command line.
+
+Imports are lazy (torch and the package load inside the commands), so ``--help`` stays quick.
+Errors print one line and exit with status 2; progress goes to stderr when stdout is not a terminal.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import functools
+import sys
 import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certified fast attention and the fine-grained complexity of self-attention.")
 console = Console()
 
 
+class Method(str, enum.Enum):
+    """attnbound.attention's methods (validation.METHODS; kept here so --help needs no torch)."""
+
+    exact = "exact"
+    dense = "dense"
+    blockwise = "blockwise"
+    taylor = "taylor"
+    polynomial = "polynomial"
+    auto = "auto"
+
+
+class ApproxMethod(str, enum.Enum):
+    auto = "auto"
+    polynomial = "polynomial"
+    taylor = "taylor"
+
+
+class Kind(str, enum.Enum):
+    softmax = "softmax"
+    l2 = "l2"
+
+
+class Layout(str, enum.Enum):
+    bhnd = "bhnd"
+    bnhd = "bnhd"
+
+
+def _fail(msg: str):
+    console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _one_line_errors(fn):
+    """Bad input and resource limits end the command with one line (exit status 2), not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyError as exc:
+            _fail(f"missing key {exc.args[0]!r}" if exc.args else "missing key")
+        except (ValueError, TypeError, OSError) as exc:
+            _fail(str(exc))
+        except MemoryError:
+            _fail("out of memory: try a smaller size")
+
+    return wrapper
+
+
+def _positive(**values):
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"--{name} must be positive, got {value:g}")
+
+
+def _short(cert) -> str:
+    if cert is None:
+        return "-"
+    if cert.method == "exact":
+        return "exact: rounding only"
+    return f"{cert.method} degree {cert.degree}, rank {cert.rank}, R = {cert.radius:.3g}"
+
+
+@contextlib.contextmanager
+def _progress(message: str):
+    """A spinner on a terminal; one line on stderr otherwise (so redirected runs still show progress)."""
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        print(f"{message}", file=sys.stderr, flush=True)
+        yield
+
+
 @app.command()
-def demo(n: int = typer.Option(4096, help="sequence length"), d: int = typer.Option(64, help="head dim"),
-         heads: int = typer.Option(4, help="number of heads"), seed: int = typer.Option(0)):
-    """Exact attention on a random instance: shapes, time, and the max difference from torch SDPA."""
+@_one_line_errors
+def demo(n: int = typer.Option(4096, help="sequence length"),
+         d: int = typer.Option(8, help="head dim"),
+         heads: int = typer.Option(4, help="number of heads"),
+         scale: float = typer.Option(0.3, help="entries of q, k, v are N(0, scale²)"),
+         method: ApproxMethod = typer.Option(ApproxMethod.auto, help="the approximate method shown"),
+         eps: float = typer.Option(1e-3, help="target max-abs error ‖out − exact‖∞ (absolute)"),
+         seed: int = typer.Option(0)):
+    """Torch SDPA, attnbound exact and an approximate method with its certificate, on one random input.
+
+    Each is run once to warm up, then timed; the error column is measured against a float64 reference.
+    """
     import torch
     import torch.nn.functional as F
 
     import attnbound
 
+    _positive(n=n, d=d, heads=heads, scale=scale, eps=eps)
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for _ in range(3))
-    t0 = time.perf_counter()
-    out = attnbound.attention(q, k, v)
-    t1 = time.perf_counter()
-    ref = F.scaled_dot_product_attention(q, k, v)
-    t2 = time.perf_counter()
-    console.print(f"q, k, v: {tuple(q.shape)} float32 -> out {tuple(out.shape)}")
-    console.print(f"attnbound exact: {t1 - t0:.3f} s   torch SDPA: {t2 - t1:.3f} s")
-    console.print(f"max |attnbound - SDPA| = {float((out - ref).abs().max()):.3e}")
-
-
-@app.command()
-def calibrate():
-    """Measure the planner's cost-model constants on this machine."""
-    import attnbound
-
-    cm = attnbound.calibrate()
-    console.print(cm)
-
-
-@app.command("plan")
-def plan_cmd(n: int = typer.Option(..., help="sequence length (n_q = n_k)"), d: int = typer.Option(..., help="head dim"),
-             radius: float = typer.Option(..., help="R bounding |s<q,k>|"), eps: float = typer.Option(1e-3),
-             d_v: int = typer.Option(None, help="value dim (default d)"), causal: bool = typer.Option(False)):
-    """Show every candidate the auto method weighs: certified error, rank, predicted time."""
-    import attnbound
-
-    try:
-        p = attnbound.plan(n, n, d, d_v or d, radius, eps, causal)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    table = Table(title=f"plan: n={n} d={d} R={radius} eps={eps:g}")
-    for col in ("method", "degree", "rank", "error bound", "pred. time [s]", "memory [MiB]", "ok"):
-        table.add_column(col)
-    for c in p.candidates:
-        mark = "← choice" if c == p.choice else ("yes" if c.certified and c.fits_memory else "")
-        table.add_row(c.method, str(c.degree if c.degree is not None else "-"), str(c.rank or "-"),
-                      f"{c.error_bound:.3g}", f"{c.seconds:.4g}", f"{c.memory_bytes / 2**20:.1f}", mark)
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen) * scale for _ in range(3))
+    with _progress(f"float64 reference at n={n}…"):
+        ref = attnbound.attention(q.double(), k.double(), v.double(), method="exact")
+    runs = [("torch SDPA", lambda: (F.scaled_dot_product_attention(q, k, v), None)),
+            ("attnbound exact", lambda: attnbound.attention(q, k, v, return_certificate=True)),
+            (f"attnbound {method.value}", lambda: attnbound.attention(q, k, v, method=method.value, eps=eps,
+                                                                     return_certificate=True))]
+    table = Table(title=f"q, k, v: (1, {heads}, {n}, {d}) float32, entries N(0, {scale:g}²), eps = {eps:g} "
+                        f"(max-abs error)")
+    for col, just in (("implementation", "left"), ("time\n\\[s]", "right"), ("‖out − exact‖∞\nmeasured", "right"),
+                      ("‖out − exact‖∞\ncertified", "right"), ("certificate", "left")):
+        table.add_column(col, justify=just)
+    for name, run in runs:
+        with _progress(f"{name}: warm-up and timed run…"):
+            run()
+            t0 = time.perf_counter()
+            out, cert = run()
+            seconds = time.perf_counter() - t0
+        err = float((out.double() - ref).abs().max())
+        table.add_row(name, f"{seconds:.3g}", f"{err:.2e}", "-" if cert is None else f"{cert.output_error_bound:.2e}",
+                      _short(cert))
     console.print(table)
 
 
 @app.command()
+@_one_line_errors
+def calibrate():
+    """Measure the planner's cost-model constants on this machine."""
+    import attnbound
+
+    with _progress("timing exact and feature attention on this machine…"):
+        cm = attnbound.calibrate()
+    console.print(cm)
+
+
+@app.command("plan")
+@_one_line_errors
+def plan_cmd(n: int = typer.Option(..., help="sequence length (n_q = n_k)"),
+             d: int = typer.Option(..., help="head dim"),
+             radius: float = typer.Option(..., help="R bounding |s·⟨q, k⟩| over all pairs"),
+             eps: float = typer.Option(1e-3, help="target max-abs error ‖out − exact‖∞ (absolute)"),
+             d_v: int = typer.Option(None, help="value dim (default d)"), causal: bool = typer.Option(False)):
+    """Show every candidate the auto method weighs: certified error, rank, predicted time and memory."""
+    import attnbound
+
+    _positive(n=n, d=d, **({"d-v": d_v} if d_v is not None else {}))
+    p = attnbound.plan(n, n, d, d_v or d, radius, eps, causal)
+    table = Table(title=f"plan: n={n}, d={d}, R={radius:g}, eps={eps:g} (max-abs error){', causal' if causal else ''}")
+    # "[s]" would be read as rich markup (strike-through) and vanish: headers are escaped
+    for col in ("method", "degree", "rank", "error bound\n‖Δout‖∞", "pred. time\n\\[s]", "memory\n\\[MiB]", "ok"):
+        table.add_column(col, justify="left" if col in ("method", "ok") else "right", no_wrap=True)
+    for c in p.candidates:
+        mark = "choice" if c == p.choice else ("yes" if c.certified and c.fits_memory else "")
+        table.add_row(c.method, str(c.degree if c.degree is not None else "-"), str(c.rank or "-"),
+                      f"{c.error_bound:.2g}", f"{c.seconds:.2g}", f"{c.memory_bytes / 2**20:.3g}", mark)
+    console.print(table)
+
+
+@app.command()
+@_one_line_errors
 def reproduce(scale: str = typer.Option("small", help="test | small | medium | large"),
               out: str = typer.Option(None, help="output folder (default reports/<timestamp>)"),
               only: list[str] = typer.Option(None, help="run only these experiments (repeatable)"),
@@ -82,20 +193,13 @@ reduce_app = typer.Typer(no_args_is_help=True, help="Decide a hard combinatorial
 app.add_typer(reduce_app, name="reduce")
 
 
-def _fail(msg: str):
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
-
-
 def _report_decision(red, truth, seconds_brute, method, attention_kwargs):
     import math
 
     from attnbound.hardness import solve_via_attention
 
-    try:
+    with _progress(f"deciding n={red.meta['n']} with the {method} oracle…"):
         dec = solve_via_attention(red, method=method, **attention_kwargs)
-    except ValueError as exc:
-        _fail(str(exc))
     n = red.meta["n"]
     table = Table(show_header=False)
     for key, val in red.meta.items():
@@ -106,7 +210,7 @@ def _report_decision(red, truth, seconds_brute, method, attention_kwargs):
     table.add_row("agree", "[green]yes[/green]" if dec.answer == truth else "[red]NO[/red]")
     table.add_row("decision margin", f"{red.margin:.3g} (closest row {dec.out_margin:.3g} from the threshold)")
     if dec.certificate.method != "exact":
-        table.add_row("certificate", str(dec.certificate))
+        table.add_row("certificate", escape(str(dec.certificate)))  # "[data]" is not markup
     table.add_row("certified", "yes" if dec.certified else "[yellow]no: the answer is not trustworthy[/yellow]")
     console.print(table)
 
@@ -121,30 +225,35 @@ def _oracle_kwargs(degree, eps):
 
 
 @reduce_app.command("ov")
+@_one_line_errors
 def reduce_ov(n: int = typer.Option(512, help="|A| = |B|"), m: int = typer.Option(24, help="vector dimension"),
               planted: bool = typer.Option(True, "--planted/--no-planted"), seed: int = typer.Option(0),
-              kind: str = typer.Option("softmax", help="softmax or l2"),
-              method: str = typer.Option("exact"), degree: int = typer.Option(None), eps: float = typer.Option(None)):
+              kind: Kind = typer.Option(Kind.softmax, help="attention kind"),
+              method: Method = typer.Option(Method.exact, help="the attention oracle"),
+              degree: int = typer.Option(None, help="fixed degree (polynomial) or even order (taylor)"),
+              eps: float = typer.Option(None, help="target max-abs error of the oracle's output")):
     """Orthogonal Vectors → attention (Keles et al.)."""
     from attnbound.hardness import ov_instance, ov_to_attention, solve_ov
 
     try:
         inst = ov_instance(n, m, planted=planted, seed=seed)
-        red = ov_to_attention(inst, kind=kind)
+        red = ov_to_attention(inst, kind=kind.value)
     except ValueError as exc:
         _fail(str(exc))
     t0 = time.perf_counter()
     truth, _ = solve_ov(inst)
-    _report_decision(red, truth, time.perf_counter() - t0, method, _oracle_kwargs(degree, eps))
+    _report_decision(red, truth, time.perf_counter() - t0, method.value, _oracle_kwargs(degree, eps))
 
 
 @reduce_app.command("gap-hamming")
+@_one_line_errors
 def reduce_gap_hamming(n: int = typer.Option(512), d: int = typer.Option(64, help="vector dimension"),
                        t: int = typer.Option(None, help="close distance (default d/8)"),
                        gamma: float = typer.Option(0.5, help="gap: far pairs are >= (1+gamma)t"),
                        planted: bool = typer.Option(True, "--planted/--no-planted"), seed: int = typer.Option(0),
-                       method: str = typer.Option("exact"), degree: int = typer.Option(None),
-                       eps: float = typer.Option(None)):
+                       method: Method = typer.Option(Method.exact, help="the attention oracle"),
+                       degree: int = typer.Option(None, help="fixed degree (polynomial) or even order (taylor)"),
+                       eps: float = typer.Option(None, help="target max-abs error of the oracle's output")):
     """Gap-Hamming close pair → attention (Alman–Song)."""
     from attnbound.hardness import gap_hamming_instance, gap_hamming_to_attention, solve_gap_hamming
 
@@ -156,7 +265,7 @@ def reduce_gap_hamming(n: int = typer.Option(512), d: int = typer.Option(64, hel
         _fail(str(exc))
     t0 = time.perf_counter()
     truth, _ = solve_gap_hamming(inst)
-    _report_decision(red, truth, time.perf_counter() - t0, method, _oracle_kwargs(degree, eps))
+    _report_decision(red, truth, time.perf_counter() - t0, method.value, _oracle_kwargs(degree, eps))
 
 
 study_app = typer.Typer(no_args_is_help=True, help="Study a real pretrained model through attnbound.")
@@ -164,6 +273,7 @@ app.add_typer(study_app, name="study")
 
 
 @study_app.command("minilm")
+@_one_line_errors
 def study_minilm(eps: list[float] = typer.Option(None, help="target errors (repeatable; default 1e-2 and 1e-3)"),
                  batch_size: int = typer.Option(16, help="sentences per padded batch"),
                  out: str = typer.Option(None, help="also write minilm.json, minilm.csv and the two PNGs here")):
@@ -182,7 +292,7 @@ def study_minilm(eps: list[float] = typer.Option(None, help="target errors (repe
     eps_list = tuple(eps) if eps else minilm.EPS
     if any(not (e > 0) for e in eps_list):
         _fail(f"eps must be positive, got {list(eps_list)}")
-    with console.status("running all-MiniLM-L6-v2 through attnbound…"):
+    with _progress("running all-MiniLM-L6-v2 through attnbound…"):
         res = minilm.study(eps=eps_list, batch_size=batch_size)
     table = Table(title=f"all-MiniLM-L6-v2: {res['sentences']} sentences, {res['min_tokens']}–{res['max_tokens']} "
                         f"tokens (degree = Chebyshev degree whose approximation term meets eps; × = none ≤ 40)")
@@ -211,6 +321,49 @@ def study_minilm(eps: list[float] = typer.Option(None, help="target errors (repe
             fig.tight_layout()
             fig.savefig(path / f"{stem}.png", dpi=110)
         console.print(f"wrote {path.resolve()}")
+
+
+@app.command("error")
+@_one_line_errors
+def error_cmd(file: str = typer.Argument(..., help="a torch.save'd dict with out, q, k, v (and optional options)"),
+              layout: Layout = typer.Option(None, help="bhnd = (batch, heads, n, d) as torch SDPA; "
+                                                       "bnhd = (batch, n, heads, d) as flash-attn [default: bhnd]"),
+              scale: float = typer.Option(None, help="s in exp(s·⟨q, k⟩) [default: 1/√d]"),
+              causal: bool = typer.Option(None, "--causal/--no-causal", help="row i sees keys j ≤ i"),
+              kind: Kind = typer.Option(None, help="attention kind [default: softmax]"),
+              check_layout: bool = typer.Option(True, help="refuse when out fits the other layout far better")):
+    """The exact max |out − exact| of any attention output, against a float64 blockwise reference.
+
+    FILE holds ``torch.save({"out": out, "q": q, "k": k, "v": v})``; it may also hold ``scale``,
+    ``is_causal``, ``attn_mask`` (bool True = takes part, or additive float, as torch SDPA), ``kind``,
+    ``layout`` and ``enable_gqa``. Options given here override the file's.
+    """
+    import torch
+
+    from attnbound.measure import measure_error
+
+    data = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a dict with out, q, k, v; got {type(data).__name__}")
+    missing = [key for key in ("out", "q", "k", "v") if key not in data]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)} (it has {', '.join(map(str, data)) or 'nothing'})")
+    known = {"out", "q", "k", "v", "scale", "is_causal", "attn_mask", "kind", "layout", "enable_gqa"}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise ValueError(f"{file} has unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    opts = {key: data[key] for key in ("scale", "is_causal", "attn_mask", "kind", "layout", "enable_gqa") if key in data}
+    for key, value in (("layout", layout and layout.value), ("scale", scale), ("is_causal", causal),
+                       ("kind", kind and kind.value)):
+        if value is not None:
+            opts[key] = value
+    with _progress("float64 reference…"):
+        err = measure_error(data["out"], data["q"], data["k"], data["v"], check_layout=check_layout, **opts)
+    lay = opts.get("layout", "bhnd")
+    shape = "(batch, heads, n, d)" if lay == "bhnd" else "(batch, n, heads, d)"
+    console.print(f"layout {lay} {shape}: out {tuple(data['out'].shape)}, q {tuple(data['q'].shape)}, "
+                  f"k {tuple(data['k'].shape)}, v {tuple(data['v'].shape)}", soft_wrap=True)
+    console.print(f"max |out − exact| = {err:.6e}", soft_wrap=True)
 
 
 def main():  # pragma: no cover
