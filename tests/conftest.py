@@ -31,3 +31,21 @@ def rng():
     seed = np.random.SeedSequence().entropy % (2**31)
     print(f"seed={seed}")
     return torch.Generator().manual_seed(int(seed))
+
+
+@pytest.fixture(autouse=True)
+def poison_fresh_allocations(monkeypatch):
+    """Fill every fresh floating-point torch.empty/empty_like with NaN, so an uninitialised read shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def alloc(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            if t.is_floating_point() and not t.requires_grad:
+                t.fill_(float("nan"))
+            return t
+
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

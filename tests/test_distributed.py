@@ -93,6 +93,17 @@ def _worker(rank, world, port, lengths):
         with pytest.raises(ValueError, match=r"memory_budget: .*rank 0 needs"):
             distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="polynomial", degree=4,
                                   memory_budget=small)
+        # ranks that disagree on any option: every rank raises (no wrong answer, no abort, no hang)
+        mine = [dict(scale=0.5 if rank == 0 else 0.25), dict(eps=1e-3 if rank == 0 else 1e-4, method="polynomial"),
+                dict(method="polynomial" if rank == 0 else "taylor", eps=1e-3), dict(is_causal=rank == 0),
+                dict(method="polynomial", degree=4 + (rank == 0)), dict(method="taylor", order=2 * (1 + (rank == 0)))]
+        for opts in mine:
+            with pytest.raises(ValueError, match="disagree on the call's options"):
+                distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], **opts)
+        for bad_bound in (0.0, True, float("nan")):
+            with pytest.raises(ValueError, match="bound"):
+                distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method="polynomial",
+                                      eps=1e-3, bound=bad_bound)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from . import validation as val
-from .certificate import Certificate, feature_certificate, unit_roundoff
+from .certificate import Certificate, feature_certificate
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .families import MAX_FEATURE_RADIUS, family
 from .features import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
-from .planner import CostModel, default_memory_budget, exact_candidate, exact_memory_bytes, plan
+from .planner import CostModel, default_memory_budget, exact_candidate, exact_eps_reason, exact_memory_bytes, plan
 from .stats import InputStats, input_stats, shift_mask
 
 
@@ -110,6 +110,8 @@ def attention(
     if method == "auto":
         if attn_mask is not None and key_mask is None:
             method = "exact"  # only exact methods take general masks
+        elif not math.isfinite(st.logit_bound(s, kind)):
+            method = "exact"  # logits beyond float64: exact says so
         else:
             radius, source = st.radius(s, kind, bound=bound, d=q.shape[-1])
             p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
@@ -178,7 +180,7 @@ def _run_exact(call: _Call, method: str):
                            eps=call.eps, norms_product=norms)
     cd = getattr(torch, cert.compute_dtype)
     if call.eps is not None and not cert.output_error_bound <= call.eps:
-        raise ValueError(_exact_eps_reason(cert, call.eps, q.dtype))
+        raise ValueError(exact_eps_reason(cert, call.eps, q.dtype))
     need = exact_memory_bytes(call.batch_numel, n_q, n_k, d_v, block, max(item, cd.itemsize))
     if need > call.budget:
         raise ValueError(f"memory_budget: {'dense' if dense else 'blockwise'} exact attention needs about "
@@ -210,17 +212,6 @@ def _times_pow2(x: torch.Tensor, e: int) -> torch.Tensor:
 def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype) -> torch.Tensor:
     """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies."""
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)
-
-
-def _exact_eps_reason(cert: Certificate, eps: float, dtype: torch.dtype) -> str:
-    u_out = unit_roundoff(dtype)
-    if dtype != torch.float64 and u_out * cert.max_abs_value > eps:
-        return (f"eps: {str(dtype).replace('torch.', '')} output cannot carry eps={eps:g}: its rounding alone is "
-                f"2^{math.log2(u_out):.0f}·max|v| = {u_out * cert.max_abs_value:.3g}; pass float32/float64 inputs "
-                f"or a larger eps")
-    return (f"eps: exact attention's worst-case rounding bound is {cert.output_error_bound:.3g} > eps={eps:g} "
-            f"even in {cert.compute_dtype} (logits up to the data's s·max‖q‖·max‖k‖, value range "
-            f"{cert.value_range:.3g}); pass a larger eps or smaller inputs")
 
 
 def _run_features(call: _Call, method: str, cert: Certificate):

@@ -168,8 +168,7 @@ def _global_stats(q, k, v, group) -> InputStats:
     _count(local.numel() * 8, local.numel() * 8, world=dist.get_world_size(group))
     cols = (local.numel() - 4) // 2
     hi, neg_lo = local[4:4 + cols], local[4 + cols:]
-    spread = hi + neg_lo
-    spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))
+    spread = torch.where(torch.isfinite(hi) & torch.isfinite(neg_lo), hi + neg_lo, torch.zeros_like(hi))
     vmax = torch.maximum(hi.abs(), neg_lo.abs())
     vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
     return InputStats(q_norm=float(local[0]), k_norm=float(local[1]), q_abs=float(local[2]), k_abs=float(local[3]),

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import validation as val
-from .certificate import Certificate, exact_certificate, feature_certificate
+from .certificate import Certificate, exact_certificate, feature_certificate, unit_roundoff
 from .chebyshev import chebyshev_coefficients
 from .exact import DEFAULT_BLOCK, use_dense
 from .families import FAMILIES, MAX_TAYLOR_ORDER, family  # noqa: F401  (MAX_TAYLOR_ORDER re-exported)
@@ -136,6 +136,26 @@ def exact_candidate(*, kind: str, logit_bound: float, mask_span: float, d: int, 
     return cert(torch.float64)
 
 
+def dtype_eps_reason(max_abs_value: float, eps: float, dtype: torch.dtype) -> str | None:
+    """The reason no method can meet eps in ``dtype`` output (its rounding alone exceeds eps), or None."""
+    u_out = unit_roundoff(dtype)
+    if dtype != torch.float64 and u_out * max_abs_value > eps:
+        return (f"eps: {str(dtype).replace('torch.', '')} output cannot carry eps={eps:g}: its rounding alone is "
+                f"2^{math.log2(u_out):.0f}·max|v| = {u_out * max_abs_value:.3g}; pass float32/float64 inputs "
+                f"or a larger eps")
+    return None
+
+
+def exact_eps_reason(cert: Certificate, eps: float, dtype: torch.dtype) -> str:
+    """Why exact attention cannot certify eps: the output dtype's own rounding, or the worst-case bound."""
+    why = dtype_eps_reason(cert.max_abs_value, eps, dtype)
+    if why:
+        return why
+    return (f"eps: exact attention's worst-case rounding bound is {cert.output_error_bound:.3g} > eps={eps:g} "
+            f"even in {cert.compute_dtype} (logits up to the data's s·max‖q‖·max‖k‖, value range "
+            f"{cert.value_range:.3g}); pass a larger eps or smaller inputs")
+
+
 def plan(
     n_q: int,
     n_k: int,
@@ -218,6 +238,9 @@ def plan(
                 break
     usable = [c for c in candidates if c.certified and c.fits_memory]
     if not usable:
+        dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)
+        if dtype_why:
+            raise ValueError(dtype_why)
         why = (f"exact attention's worst-case rounding bound is {exact.error_bound:.3g} even in "
                f"{ex.compute_dtype}" if not exact.certified else
                f"exact attention needs about {exact.memory_bytes / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")

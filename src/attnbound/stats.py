@@ -87,8 +87,8 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             kn = torch.where(keys, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
             ka = torch.where(keys, ka, torch.zeros((), dtype=ka.dtype, device=ka.device))
         hi, lo = value_extremes(v, keys)
-        spread = hi - lo
-        spread = torch.where(torch.isfinite(spread), spread, torch.zeros_like(spread))
+        # columns no key takes part in have hi = −inf, lo = +inf: range 0; a range past float64's maximum stays inf
+        spread = torch.where(torch.isfinite(hi) & torch.isfinite(lo), hi - lo, torch.zeros_like(hi))
         vmax = torch.maximum(hi.abs(), lo.abs())
         vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
         span = 0.0

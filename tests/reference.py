@@ -1,0 +1,86 @@
+"""Independent references for the contract tests: never attnbound's own code.
+
+``long_double_attention`` computes attention of the inputs *as given* in numpy's long double
+(64-bit mantissa on x86: 2^11 times finer than float64), from the explicit n_q × n_k weight
+matrix: softmax or ℓ2 (direct ‖q − k‖², no key-shift identity), bool masks (True = take part),
+additive masks, causal. Rows that see no key return zeros.
+
+``dense_feature_reference`` is the explicit form of what the feature engine computes: weights
+P(⟨q_i, k_j⟩)·exp(b_j − max_{j' visible} b_{j'}) over the visible keys, normalised — the small
+dense reference each fast path is compared with at tile and chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+LD = np.longdouble
+
+
+def _ld(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float64).cpu().numpy().astype(LD) if x.dtype != torch.float64 else \
+        x.detach().cpu().numpy().astype(LD)
+
+
+def long_double_attention(q, k, v, *, scale, kind="softmax", is_causal=False, attn_mask=None) -> np.ndarray:
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    qq = np.broadcast_to(_ld(q), (*batch, n_q, q.shape[-1]))
+    kk = np.broadcast_to(_ld(k), (*batch, n_k, k.shape[-1]))
+    vv = np.broadcast_to(_ld(v), (*batch, n_k, v.shape[-1]))
+    s = LD(scale)
+    if kind == "l2":
+        diff = qq[..., :, None, :] - kk[..., None, :, :]
+        logits = -s * (diff * diff).sum(-1)
+    else:
+        logits = s * np.einsum("...id,...jd->...ij", qq, kk)
+    visible = np.ones(logits.shape, dtype=bool)
+    if attn_mask is not None:
+        am = attn_mask.detach().cpu()
+        m = np.broadcast_to((am if am.dtype == torch.bool else am.double()).numpy(), logits.shape)
+        if attn_mask.dtype == torch.bool:
+            visible &= m
+        else:
+            mm = m.astype(LD)
+            visible &= np.isfinite(mm)
+            # softmax is invariant to a per-row constant: subtract the row's largest mask entry first, or
+            # a row of entries near −1e30 would swamp the logits even in long double
+            top = np.where(np.isfinite(mm), mm, -np.inf).max(-1, keepdims=True)
+            mm = mm - np.where(np.isfinite(top), top, 0)
+            logits = logits + np.where(np.isfinite(mm), mm, 0)
+    if is_causal:
+        visible &= np.tril(np.ones((n_q, n_k), dtype=bool))
+    logits = np.where(visible, logits, -np.inf)
+    top = logits.max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    w = np.where(visible, np.exp(logits - top), 0)
+    den = w.sum(-1, keepdims=True)
+    out = np.einsum("...ij,...jc->...ic", w, vv)
+    return np.where(den > 0, out / np.where(den > 0, den, 1), 0)
+
+
+def max_error(out: torch.Tensor, ref: np.ndarray) -> float:
+    o = _ld(out)
+    assert o.shape == ref.shape, (o.shape, ref.shape)
+    return float(np.abs(o - ref).max()) if o.size else 0.0
+
+
+def dense_feature_reference(q, k, v, coeffs, *, key_log_weight=None, is_causal=False) -> torch.Tensor:
+    """Σ_j P(⟨q_i,k_j⟩)·exp(b_j − m_i)·v_j / Σ_j P(⟨q_i,k_j⟩)·exp(b_j − m_i) over visible j, in float64."""
+    x = q.double() @ k.double().transpose(-1, -2)
+    p = sum(float(c) * x**j for j, c in enumerate(coeffs))
+    n_q, n_k = x.shape[-2], x.shape[-1]
+    b = torch.zeros(x.shape[:-2] + (1, n_k), dtype=torch.float64) if key_log_weight is None else \
+        key_log_weight.double().unsqueeze(-2).expand(*x.shape[:-2], 1, n_k)
+    b = b.expand(*x.shape)
+    visible = torch.ones(x.shape, dtype=torch.bool)
+    if is_causal:
+        visible = visible & torch.ones(n_q, n_k, dtype=torch.bool).tril()
+    visible = visible & torch.isfinite(b)
+    bm = torch.where(visible, b, torch.tensor(-torch.inf, dtype=torch.float64))
+    m = bm.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.where(visible, p * torch.exp(bm - m), torch.zeros_like(p))
+    den = w.sum(-1, keepdim=True)
+    return (w @ v.double()) / torch.where(den > 0, den, torch.ones_like(den))
