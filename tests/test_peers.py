@@ -79,4 +79,6 @@ def test_reproduce_only_peers_at_test_scale(tmp_path):
 
     out = reproduce("test", tmp_path / "rep", only=["peers"], seed=1)
     assert (out / "peers.csv").stat().st_size > 0
-    assert (out / "peers_d8.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "peers_d4.png").read_bytes()[:4] == b"\x89PNG"
+    data = __import__("json").loads((out / "results.json").read_text())["experiments"]["peers"]
+    assert data["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and data["reason"]

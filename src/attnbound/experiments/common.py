@@ -41,14 +41,16 @@ class Result:
 
 # ---------------------------------------------------------------- operation counts
 
-# aten ops that do no arithmetic (views, copies, allocation, indexing): not counted
+# pointwise-tagged aten ops that only move or convert data: not counted (views and allocations
+# carry no pointwise tag and are not counted either)
+_DATA_MOVEMENT = {"clone", "copy", "_to_copy", "contiguous", "lift_fresh_copy", "alias_copy", "detach_copy"}
 _REDUCTIONS_PER_INPUT = {"sum", "mean", "amax", "amin", "max", "min", "prod", "cumsum", "logsumexp", "norm",
                          "linalg_vector_norm", "_softmax", "_log_softmax", "_softmax_backward_data"}
 
 
 class _ElementwiseCounter(TorchDispatchMode):
     """Counts arithmetic outside matrix products: one operation per output element of each
-    pointwise aten op (tag ``pointwise``), one per input element of each reduction."""
+    pointwise aten op (tag ``pointwise``; copies excluded), one per input element of each reduction."""
 
     def __init__(self):
         super().__init__()
@@ -61,6 +63,8 @@ class _ElementwiseCounter(TorchDispatchMode):
         if packet in flop_registry:  # matrix products: counted by FlopCounterMode
             return out
         name = packet.__name__.rstrip("_")
+        if name in _DATA_MOVEMENT:
+            return out
         if torch.Tag.pointwise in func.tags:
             first = out[0] if isinstance(out, (tuple, list)) else out
             if isinstance(first, torch.Tensor):

@@ -18,9 +18,33 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from . import EXPERIMENTS
-from .common import SCALES
+from .common import SCALES, VERDICT_MEANING
 
 COLORS = {"PASS": "#1a7f37", "FAIL": "#cf222e", "INCONCLUSIVE": "#9a6700", "SKIPPED": "#6e7781"}
+
+
+def provenance() -> dict:
+    """attnbound's version, the git commit of the checkout it runs from (if any, with '+dirty' when
+    tracked files differ from it) and the UTC date."""
+    import subprocess
+
+    import attnbound
+
+    here = pathlib.Path(attnbound.__file__).resolve().parent
+    commit = "unknown (not a git checkout)"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"version": attnbound.__version__, "commit": commit,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def environment() -> dict:
@@ -57,15 +81,26 @@ def write_csv(path: pathlib.Path, rows: list[dict]):
         w.writerows(rows)
 
 
-def write_html(out: pathlib.Path, results, env, scale, seed, seconds):
+def write_html(out: pathlib.Path, results, env, scale, seed, seconds, prov=None):
+    prov = prov or provenance()
+    legend = "".join(f"<tr><td><span class='v' style='background:{COLORS[k]}'>{k}</span></td><td>{html.escape(v)}</td></tr>"
+                     for k, v in VERDICT_MEANING.items())
     parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>attnbound reproduction report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1f2328}}
 .v{{display:inline-block;padding:.15em .6em;border-radius:1em;color:#fff;font-weight:600}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #d0d7de;padding:.3em .6em;font-size:.9em}}
 img{{max-width:100%;border:1px solid #d0d7de}}section{{margin:2.5em 0}}.claim{{color:#57606a}}</style></head><body>
 <h1>attnbound — reproduction report</h1>
-<p>Scale <b>{html.escape(scale)}</b>, seed {seed}, {seconds:.0f} s on {html.escape(env['cpu'])}
+<p>attnbound {html.escape(prov['version'])}, commit <code>{html.escape(prov['commit'])}</code>, {html.escape(prov['date'])}.
+Scale <b>{html.escape(scale)}</b>, seed {seed}, {seconds:.0f} s on {html.escape(env['cpu'])}
 ({env['threads']} torch threads), torch {html.escape(env['torch'])}. Machine-readable: <a href="results.json">results.json</a>.</p>
+<p>What is reproduced: that the hardness reductions compute what they claim, that the algorithms cost what
+the upper bounds say, and the polynomial method's rank threshold. The SETH lower bounds themselves are
+conditional, worst-case statements about all algorithms; no measurement reproduces them. Verdicts about
+operations are decided by counted operations (deterministic); wall times are illustrations.
+The mathematics is summarised in <code>docs/theory.md</code> of the source tree.</p>
+<table><tr><th>verdict</th><th>meaning</th></tr>{legend}</table>
+<h2>Summary</h2>
 <table><tr><th>experiment</th><th>verdict</th><th>reason</th></tr>"""]
     for r in results:
         parts.append(f"<tr><td><a href='#{r.name}'>{r.name}</a></td><td><span class='v' style='background:"
@@ -103,7 +138,9 @@ def reproduce(scale: str = "small", out: str | os.PathLike | None = None, only: 
         for name in names:
             mod = EXPERIMENTS[name]
             task = progress.add_task(name, total=mod.steps(scale))
+            t_exp = time.perf_counter()
             res = mod.run(scale, seed, lambda: progress.advance(task))
+            res.numbers["seconds"] = time.perf_counter() - t_exp
             progress.update(task, completed=mod.steps(scale))
             for stem, fig in res.figures.items():
                 fig.tight_layout()
@@ -115,13 +152,16 @@ def reproduce(scale: str = "small", out: str | os.PathLike | None = None, only: 
                 write_csv(out / f"{name}.csv", res.rows)
             results.append(res)
     seconds = time.perf_counter() - t_start
-    payload = {"scale": scale, "seed": seed, "seconds": seconds, "environment": env,
+    prov = provenance()
+    payload = {"scale": scale, "seed": seed, "seconds": seconds, "environment": env, **prov,
+               "verdict_meaning": VERDICT_MEANING,
                "experiments": {r.name: {"claim": r.claim, "verdict": r.verdict, "reason": r.reason,
                                         "numbers": r.numbers, "rows": r.rows, "figures": [f"{s}.png" for s in r.figures]}
                                for r in results}}
     (out / "results.json").write_text(json.dumps(_clean(payload), indent=1))
-    write_html(out, results, env, scale, seed, seconds)
-    table = Table(title=f"attnbound reproduce --scale {scale} ({seconds:.0f} s)")
+    write_html(out, results, env, scale, seed, seconds, prov)
+    table = Table(title=f"attnbound {prov['version']} ({prov['commit']}) reproduce --scale {scale}, {prov['date']} "
+                        f"({seconds:.0f} s)")
     table.add_column("experiment"), table.add_column("verdict"), table.add_column("reason", overflow="fold")
     for r in results:
         table.add_row(r.name, f"[{COLORS[r.verdict]}]{r.verdict}[/]", r.reason)

@@ -1,0 +1,299 @@
+"""Every verdict function of the reproduction report on synthetic data that must PASS and data that
+must FAIL (or be INCONCLUSIVE), plus the deterministic measuring helpers they rely on."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnbound.experiments import direct_sum, gradient, minilm, reductions, scaling, taylor_order, transition
+from attnbound.experiments.common import count_ops, fit_slope, interleaved_min_times, overhead_fit, slope_verdict
+
+
+# ------------------------------------------------------------------ measuring helpers
+
+
+def test_count_ops_known_answers():
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    c, out = count_ops(lambda: a @ b)
+    assert c.matmul == 2 * 5 * 7 * 3 and c.elementwise == 0 and out.shape == (5, 3)
+    x = torch.randn(4, 6)
+    c, _ = count_ops(lambda: torch.exp(x).sum())  # 24 pointwise outputs + 24 reduction inputs
+    assert (c.matmul, c.elementwise) == (0, 48)
+    c, _ = count_ops(lambda: x.t().reshape(-1)[:5].clone())  # views and copies do no arithmetic
+    assert c.total == 0
+
+
+def test_count_ops_counts_the_backward_pass():
+    w = torch.randn(8, 8)
+    x = torch.randn(8, 8, requires_grad=True)
+    fwd, _ = count_ops(lambda: (x @ w).sum())
+
+    def both():
+        y = (x @ w).sum()
+        y.backward()
+
+    fb, _ = count_ops(both)
+    # backward of a matmul needs one more matmul (grad wrt x), sum's backward is an expand
+    assert fb.matmul == 2 * fwd.matmul
+    assert fb.total > fwd.total
+
+
+def test_overhead_fit_recovers_a_fixed_cost_and_flags_domination():
+    work = np.array([1e6, 2e6, 4e6, 8e6])
+    f = overhead_fit(work, 0.05 + 1e-9 * work)
+    assert f["fixed_s"] == pytest.approx(0.05, rel=1e-6) and f["per_unit_s"] == pytest.approx(1e-9, rel=1e-6)
+    assert f["dominated"] and f["max_relative_residual"] < 1e-9
+    g = overhead_fit(work, 1e-4 + 1e-8 * work)
+    assert not g["dominated"] and g["fixed_share"] < 0.01
+    h = overhead_fit(work, np.array([1.0, 0.1, 3.0, 0.2]))  # time that does not follow work
+    assert h["max_relative_residual"] > 0.3
+
+
+def test_interleaved_min_times_calls_every_function_each_round():
+    calls = {"a": 0, "b": 0}
+
+    def make(key):
+        def fn():
+            calls[key] += 1
+        return fn
+
+    best = interleaved_min_times({"a": make("a"), "b": make("b")}, rounds=3)
+    assert calls == {"a": 4, "b": 4} and all(0 <= t < 1 for t in best.values())
+
+
+def test_slope_verdict_on_synthetic_series():
+    ns = [1024, 2048, 4096, 8192, 16384]
+    rng = np.random.default_rng(0)
+    quad = [1e-9 * n**2 * (1 + 0.01 * rng.standard_normal()) for n in ns]
+    assert slope_verdict(*fit_slope(ns, quad), 2.0, 0.35)[0] == "PASS"
+    assert slope_verdict(*fit_slope(ns, [1e-9 * n**1.5 for n in ns]), 2.0, 0.35)[0] == "FAIL"
+    noisy = [1e-9 * n**2 * float(np.exp(2 * rng.standard_normal())) for n in ns]
+    assert slope_verdict(*fit_slope(ns, noisy), 2.0, 0.35)[0] == "INCONCLUSIVE"
+
+
+# ------------------------------------------------------------------ gradient (Baur–Strassen)
+
+
+def _ratio_rows(ratios):
+    return [{"n": 64 * 2**i, "d": 8, "method": "dense", "ratio": r} for i, r in enumerate(ratios)]
+
+
+def test_gradient_ratio_verdict():
+    v, why = gradient.verdict_ratios(_ratio_rows([2.9, 3.0, 3.1]))
+    assert v == "PASS" and "3.10" in why
+    assert gradient.verdict_ratios(_ratio_rows([3.0, 4.0, 5.6]))[0] == "FAIL"
+    v, why = gradient.verdict_ratios(_ratio_rows([0.6, 3.0]))  # a backward pass cannot be free
+    assert v == "FAIL" and "impossible" in why
+
+
+def test_gradient_product_verdict():
+    ss = [1e-2, 1e-3, 1e-4, 1e-5]
+    linear = [{"s": s, "relative_error": 5 * s} for s in ss]
+    assert gradient.verdict_product(linear)[0] == "PASS"
+    flat = [{"s": s, "relative_error": 1e-2} for s in ss]  # gradient is not the product
+    assert gradient.verdict_product(flat)[0] == "FAIL"
+    quadratic = [{"s": s, "relative_error": 50 * s * s} for s in ss]
+    assert gradient.verdict_product(quadratic)[0] == "FAIL"
+
+
+def test_gradient_equals_the_matrix_product_at_small_scale():
+    errs = [gradient.gradient_vs_product(12, s, seed=1)["relative_error"] for s in (1e-2, 1e-3, 1e-4)]
+    assert errs[0] / errs[1] == pytest.approx(10, rel=0.1) and errs[1] / errs[2] == pytest.approx(10, rel=0.1)
+
+
+def test_gradient_op_ratio_uses_the_same_forward_and_stays_below_five():
+    row = gradient.op_ratio("polynomial", {"degree": 2}, 64, 4, seed=0)
+    assert 1.0 < row["ratio"] <= 5.0
+
+
+# ------------------------------------------------------------------ direct sum
+
+
+def test_split_instance_partitions_one_instance():
+    for planted in (True, False):
+        big, parts = direct_sum.split_instance(8, 3, 8, planted=planted, seed=5)
+        assert big.B.shape[0] == 24 and big.A.shape[0] == 8 and len(parts) == 3
+        assert torch.equal(torch.cat([p.B for p in parts]), big.B)
+        truths = [direct_sum.solve_ov(p)[0] for p in parts]
+        assert direct_sum.solve_ov(big)[0] == planted == any(truths)
+
+
+def test_packed_trial_decides_and_splits_operations():
+    t = direct_sum.packed_trial(2, 2, 8, seed=3, planted=True)
+    assert t["correct"] and t["parts_correct"] and t["truth"]
+    assert 0 < t["ops_attention"] < t["ops_total"]
+
+
+def test_direct_sum_verdict():
+    trial = {"correct": True, "parts_correct": True, "truth": True}
+    ratio = {"method": "exact", "LH": 4, "ratio": 1.0}
+    assert direct_sum.verdict([trial], [ratio])[0] == "PASS"
+    assert direct_sum.verdict([{**trial, "correct": False}], [ratio])[0] == "FAIL"
+    assert direct_sum.verdict([{**trial, "parts_correct": False}], [ratio])[0] == "FAIL"
+    v, why = direct_sum.verdict([trial], [{**ratio, "ratio": 0.5}])  # shared work
+    assert v == "FAIL" and "0.500" in why
+    assert direct_sum.verdict([], [ratio])[0] == "INCONCLUSIVE"
+
+
+def test_head_ratio_is_one_for_independent_heads():
+    r = direct_sum.head_ratio("exact", {"method": "blockwise"}, 64, 4, seed=0)
+    assert r["ratio"] == pytest.approx(1.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------ transition
+
+
+def test_log_tail_matches_the_certified_tail():
+    from attnbound.chebyshev import chebyshev_error
+
+    for radius in (0.5, 3.0, 10.0):
+        for g in (2, 8, 20):
+            ours = math.exp(transition.log_tail(radius, g))
+            theirs = chebyshev_error(radius, g)
+            assert ours >= 0.999 * (theirs - 1e-13 * math.exp(radius)) and ours <= 1.01 * theirs + 1e-12
+
+
+def test_needed_degree_agrees_with_chebyshev_degree():
+    checked = transition.crosscheck([(r * r, -lg * math.log(2), transition.needed_degree(r * r, -lg * math.log(2)))
+                                     for lg in (8, 16, 24) for r in (0.5, 1.0, 2.0)])
+    assert checked[0] == "PASS" and checked[2] >= 6
+    wrong = transition.crosscheck([(1.0, -8 * math.log(2), transition.needed_degree(1.0, -8 * math.log(2)) + 5)])
+    assert wrong[0] == "FAIL"
+
+
+def test_needed_degree_is_the_smallest_certified_degree():
+    radius, log_eps = 30.0, -200 * math.log(2)
+    g = transition.needed_degree(radius, log_eps)
+    tails = transition.log_tail_all(radius, g + 50)
+    target = log_eps - math.log(2)
+    assert tails[g] + radius <= target < tails[g - 1] + radius
+
+
+def test_transition_exponent_verdict():
+    ln_ns = [lg * math.log(2) for lg in (64, 128, 256, 512, 1024, 2048)]
+    assert transition.verdict_exponent(ln_ns, [0.17 * math.sqrt(x) for x in ln_ns])[0] == "PASS"
+    assert transition.verdict_exponent(ln_ns, [3.0 for _ in ln_ns])[0] == "FAIL"  # constant threshold
+    assert transition.verdict_exponent(ln_ns, [0.01 * x for x in ln_ns])[0] == "FAIL"  # Θ(log n) threshold
+    rng = np.random.default_rng(1)
+    noisy = [0.17 * math.sqrt(x) * math.exp(0.5 * rng.standard_normal()) for x in ln_ns]
+    assert transition.verdict_exponent(ln_ns, noisy)[0] == "INCONCLUSIVE"
+
+
+def test_transition_family_verdicts():
+    level = {0.1: [0.5, 0.7, 0.8, 0.83, 0.835], 1.0: [2.3, 2.6, 2.7, 2.72, 2.725]}
+    assert transition.verdict_levelling(level)[0] == "PASS"
+    growing = {0.1: [0.5, 0.6, 0.7, 0.8, 0.9]}
+    assert transition.verdict_levelling(growing)[0] == "FAIL"
+    assert transition.verdict_decay({"B = 1": [1.1, 1.0, 0.9, 0.8, 0.7, 0.6]})[0] == "PASS"
+    assert transition.verdict_decay({"B = 1": [1.1, 1.0, 1.0, 1.0, 1.0, 1.0]})[0] == "FAIL"
+    assert transition.verdict_decay({"B = 1": [1.1, 1.0, 0.9, 1.0, 1.05, 1.0]})[0] == "FAIL"
+
+
+def test_rank_exponent_levels_off_for_fixed_c_and_decays_for_bounded_b():
+    f = [transition.rank_exponent(lg, 0.5 * math.sqrt(lg * math.log(2)))[1] for lg in (256, 1024, 4096)]
+    assert 1.6 < f[0] < f[1] < f[2] < 1.8 and f[2] - f[1] < 0.02
+    b1 = [transition.rank_exponent(lg, 1.0)[1] for lg in (64, 256, 1024)]
+    assert b1[0] > b1[1] > b1[2]
+
+
+# ------------------------------------------------------------------ scaling
+
+
+def test_scaling_slope_verdicts():
+    ns = [1024, 2048, 4096, 8192]
+    ops = {"exact": [3 * n * n + 40 * n for n in ns], "polynomial": [500 * n + 7000 for n in ns]}
+    v, reasons, fits = scaling.verdict_slopes(ns, ops, {"exact": 2.0, "polynomial": 1.0})
+    assert v == "PASS" and len(reasons) == 2
+    bad = {"exact": [n**1.5 for n in ns], "polynomial": ops["polynomial"]}
+    assert scaling.verdict_slopes(ns, bad, {"exact": 2.0, "polynomial": 1.0})[0] == "FAIL"
+
+
+def test_alman_song_verdict():
+    series = [{"n": n, "degree": g, "rank": math.comb(4 + g, g), "ops": 30 * n * math.comb(4 + g, g)}
+              for n, g in ((1024, 9), (4096, 10), (16384, 11))]
+    ranks = [(lg, scaling.alman_song_rank(lg)[1]) for lg in range(8, 41, 4)]
+    assert scaling.verdict_alman_song(series, ranks)[0] == "PASS"
+    quadratic = [{**s, "ops": s["ops"] * s["n"] / 1024} for s in series]
+    assert scaling.verdict_alman_song(quadratic, ranks)[0] == "FAIL"
+    rising = [(lg, int(2 ** (0.8 * lg))) for lg in range(8, 41, 4)]  # rank n^0.8: polynomial
+    assert scaling.verdict_alman_song(series, rising)[0] == "FAIL"
+
+
+# ------------------------------------------------------------------ taylor order
+
+
+def _taylor_rows(err_scale=1.0, ops_power=1.0):
+    rows = []
+    for p in range(0, 11, 2):
+        r = math.comb(4 + p, p)
+        err = err_scale * math.e / math.factorial(p + 1)
+        rows.append({"order": p, "d": 4, "n": 256, "rank": r, "measured_max_error": err, "certificate": 2 * math.e /
+                     math.factorial(p + 1), "ops": 256 * (50 + 10 * 4 + 22 * r**ops_power)})
+    equal = [{"order": p, "d": p, "n": 64, "rank": math.comb(2 * p, p), "ops": 64 * (50 + 10 * p + 22 * math.comb(2 * p, p)
+                                                                                     ** ops_power)} for p in (2, 4, 6)]
+    return rows, equal
+
+
+def test_taylor_order_verdict():
+    assert taylor_order.verdict(*_taylor_rows())[0] == "PASS"
+    v, why = taylor_order.verdict(*_taylor_rows(err_scale=3.0))  # above the certificate
+    assert v == "FAIL" and "ABOVE" in why
+    assert taylor_order.verdict(*_taylor_rows(ops_power=1.5))[0] == "FAIL"  # cost not linear in the rank
+    rows, equal = _taylor_rows()
+    for r in rows:  # errors falling only geometrically
+        r["measured_max_error"] = 0.1 ** r["order"]
+    assert taylor_order.verdict(rows, equal)[0] == "FAIL"
+
+
+# ------------------------------------------------------------------ reductions
+
+
+def test_reductions_verdict():
+    exact = {"problem": "ov", "method": "exact", "certified": True, "correct": True, "truth": True}
+    cert = {"problem": "ov_tiny", "method": "polynomial", "certified": True, "correct": True, "truth": False}
+    unc = {"problem": "ov", "method": "taylor-2", "certified": False, "correct": False, "truth": True}
+    assert reductions.verdict([exact, cert, unc])[0] == "PASS"  # uncertified errors are allowed
+    assert reductions.verdict([{**exact, "correct": False}, cert])[0] == "FAIL"
+    assert reductions.verdict([exact, {**cert, "correct": False}])[0] == "FAIL"
+    assert reductions.verdict([exact])[0] == "FAIL"  # nothing certified to check
+
+
+def test_certified_need_grows_with_the_instance():
+    from attnbound.hardness import ov_instance, ov_to_attention
+
+    small = reductions.certified_need(ov_to_attention(ov_instance(8, 8, planted=True, seed=0)))
+    big = reductions.certified_need(ov_to_attention(ov_instance(64, 9, planted=True, seed=0)))
+    assert small["R"] < big["R"] and small["needed_degree"] < big["needed_degree"]
+    assert big["log10_rank_needed"] > 2 * math.log10(64)
+
+
+# ------------------------------------------------------------------ minilm
+
+
+def _heads(n=20):
+    hs = []
+    for i in range(4):
+        hs.append({"layer": 0, "head": i, "n": n, "R": 10.0 + i, "max_abs_logit": 5.0 + i, "B_over_sqrt_ln_n": 2.0,
+                   "log10_rank_tight@0.01": 9.0, "log10_rank_tight@0.001": 10.0})
+    return hs
+
+
+def _runs():
+    return [{"backend": "exact", "max_abs_diff": 1e-7, "cos_min": 1.0, "worst_bound": 1e-6},
+            {"backend": "auto eps=0.001", "max_abs_diff": 1e-7, "cos_min": 1.0, "worst_bound": 1e-6}]
+
+
+def test_minilm_verdict():
+    eps = [0.01, 0.001]
+    assert minilm.verdict(_heads(), _runs(), eps)[0] == "PASS"
+    heads = _heads()
+    heads[1]["max_abs_logit"] = 30.0  # tight radius above Cauchy–Schwarz: impossible
+    assert minilm.verdict(heads, _runs(), eps)[0] == "FAIL"
+    heads = _heads()
+    heads[2]["log10_rank_tight@0.01"] = 0.5  # a head outside the bounded regime with a cheap certificate
+    assert minilm.verdict(heads, _runs(), eps)[0] == "FAIL"
+    runs = _runs()
+    runs[1]["worst_bound"] = 0.1  # auto over its eps
+    assert minilm.verdict(_heads(), runs, eps)[0] == "FAIL"
