@@ -1,0 +1,550 @@
+"""Fused, cache-resident feature kernels (float64, CPU): the key state, its readout and the causal pass.
+
+They compute what :mod:`attnbound.features` computes — with φ the bare monomials of degree ≤ g in
+the engine order (``features.monomial_exponents``) and w the monomial weights,
+
+    key_state(K, [V, 1])       S = diag(w)·φ(K)ᵀ[V, 1]                      (…, r, d_v + 1)
+    state_readout(Q, S)        φ(Q)·S                                        (…, n_q, d_v + 1)
+    causal_readout(Q, K, [V,1]) row i: φ(q_i)·(S_in + Σ_{j ≤ i} w ⊙ φ(k_j)[v_j, 1]ᵀ)
+
+— without ever holding an r × chunk feature block in memory. The monomials are visited depth
+first on the tree in which a degree-j monomial m with largest variable i has the children m·x_{i'}
+(i' ≥ i): a tile of T rows keeps one T-vector per depth (a (g + 1) × T stack, in L1 cache), each
+new monomial is one multiply of its parent's vector by x_{i'}, and it is used at once — summed into
+the key state against the tile's [V, 1] (keys) or multiplied by the state's row into the tile's
+outputs (queries). Work: n·r·(d_v + 1) multiply-adds per side plus n·r multiplies to build the
+monomials, the same as the reference; memory beyond inputs and outputs: one r × (d_v + 1) partial
+state per parallel work item (keys) and O((g + d + d_v)·T) per tile.
+
+Parallelism: tiles are split over numba threads; each work item sums into a private partial state
+and the partial states are added afterwards. The causal pass splits each sequence into segments:
+a first pass computes every segment's key state in parallel, their exclusive prefix sums give each
+segment its incoming state, and the segments then run their tiles in order, in parallel. Inside a
+causal tile the exact lower triangle (keys j ≤ i of the same tile) is evaluated as
+P(⟨q_i, k_j⟩) = Σ_{|α| ≤ g} w_α q_i^α k_j^α by Horner's rule in u = ⟨q_i, k_j⟩ (a_j recovered from w:
+the weight of x_0^j is a_j), which is the same real number as the monomial sum and costs
+O(T·(d + g + d_v)) per row instead of O(T·r). Weights not of the form w_α = a_{|α|}·|α|!/α! (the only
+form the engine builds) fall back to the reference :func:`attnbound.features.causal_readout`.
+
+Rounding: every output entry is a float64 sum of the same products as the reference, in a different
+order (and the causal triangle by Horner), so results agree with the reference to within the usual
+float64 summation bound γ_m·Σ|terms|; nothing here is exact beyond that.
+
+The kernels are generated for each number of columns d_v + 1 (the per-column sums live in
+registers), compiled by numba on first use and cached on disk (``ATTNBOUND_CACHE_DIR``, else
+``$XDG_CACHE_HOME/attnbound`` or ``~/.cache/attnbound``), so later processes load them in well under a
+second. Columns beyond ``MAX_COLUMNS`` are processed in groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+import tempfile
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .features import chunk_rows, feature_rank, monomial_exponents
+
+try:  # numba is a declared dependency; without it the pure-torch engine is used
+    import numba
+    _NUMBA_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the environment
+    numba = None
+    _NUMBA_ERROR = f"numba is not importable ({type(exc).__name__}: {exc})"
+
+KEY_TILE = 256  # keys per tile: (d + d_v + 1 + g + 1) rows of 256 float64, in L1 for d, d_v, g ≲ 8
+QUERY_TILE = 128  # queries per tile: the (d_v + 1) × 128 output block is read and written per monomial
+CAUSAL_TILE = 128  # rows per causal tile; the state is read and updated once per tile
+MAX_COLUMNS = 12  # per-column sums held in registers; more columns are processed in groups
+_POISON = False  # tests: fill every fresh kernel output with NaN so a missed write shows
+
+
+def available(*tensors: torch.Tensor) -> tuple[bool, str]:
+    """(True, "") when the fused kernels can compute on ``tensors``; else (False, why not).
+
+    Requirements: numba importable, every tensor a float64 strided CPU tensor, and none requiring
+    grad while autograd is on (the kernels are forward only; use the reference engine for autograd).
+    """
+    if numba is None:
+        return False, _NUMBA_ERROR
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            return False, f"not a tensor: {type(t).__name__}"
+        if t.dtype != torch.float64:
+            return False, f"dtype {t.dtype} (the fused kernels are float64 only)"
+        if t.device.type != "cpu":
+            return False, f"device {t.device} (the fused kernels run on the CPU)"
+        if t.layout != torch.strided:
+            return False, f"layout {t.layout}"
+        if t.requires_grad and torch.is_grad_enabled():
+            return False, "requires_grad (the fused kernels have no backward)"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# the depth-first monomial order
+
+
+@lru_cache(maxsize=64)
+def dfs_order(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-constant monomials in depth-first order: (engine index, degree, variable multiplied in).
+
+    The parent of entry m (degree j, variable i) is the latest earlier entry of degree j − 1 (the
+    constant monomial for j = 1); its engine index is where the reference puts the same exponent α.
+    """
+    alpha = monomial_exponents(d, degree)
+    index = {tuple(a): n for n, a in enumerate(alpha.tolist())}
+    order = []
+    work = [((0,) * d, 0, 0)]  # (exponent, largest variable, degree); a stack gives the preorder
+    while work:
+        expo, maxvar, depth = work.pop()
+        if depth > 0:
+            order.append((index[expo], depth, maxvar))
+        if depth < degree:
+            for i in range(d - 1, maxvar - 1, -1):  # pushed in reverse: the smallest i is visited first
+                e = list(expo)
+                e[i] += 1
+                work.append((tuple(e), i, depth + 1))
+    arr = np.array(order, dtype=np.int64).reshape(-1, 3)
+    return (np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1]), np.ascontiguousarray(arr[:, 2]))
+
+
+@lru_cache(maxsize=64)
+def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
+    alpha = monomial_exponents(d, degree)
+    total = alpha.sum(1)
+    multi = np.array([math.factorial(int(t)) // math.prod(math.factorial(int(x)) for x in a)
+                      for t, a in zip(total, alpha)], dtype=np.float64)
+    first = np.array([int(np.flatnonzero(total == j)[0]) for j in range(degree + 1)], dtype=np.int64)
+    return total, multi, first
+
+
+def polynomial_of_weights(weights: np.ndarray, d: int, degree: int) -> np.ndarray | None:
+    """a_0..a_g when w_α = a_{|α|}·|α|!/α! (to 1e-14 relative), else None."""
+    total, multi, first = _degree_structure(d, degree)
+    a = weights[first]  # x_0^j has |α|!/α! = 1
+    expect = a[total] * multi
+    if np.all(np.abs(weights - expect) <= 1e-14 * np.abs(expect)):
+        return np.ascontiguousarray(a, dtype=np.float64)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel generation (one set per column count; the column sums are named locals)
+
+
+def _lines_keys(C: int) -> list[str]:
+    init = "; ".join(f"x{c} = 0.0" for c in range(C))
+    upd = [f"                        x{c} += f * vvt[{c}, t]" for c in range(C)]
+    store = [f"                part[p, a, {c}] += x{c}" for c in range(C)]
+    return [
+        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
+        "def key_partials(kk, vv, idx, dep, var, g, T, part, nseg, per):",
+        "    B, n, d = kk.shape",
+        "    r = part.shape[1]",
+        "    ntiles = (n + T - 1) // T",
+        "    for p in prange(B * nseg):",
+        "        b = p // nseg",
+        "        sgi = p % nseg",
+        "        for a in range(r):",
+        f"            for c in range({C}):",
+        "                part[p, a, c] = 0.0",
+        f"        kt = np.empty((d, T)); vvt = np.empty(({C}, T)); stack = np.empty((g + 1, T))",
+        "        for tile in range(sgi * per, min(ntiles, (sgi + 1) * per)):",
+        "            t0 = tile * T",
+        "            tl = min(T, n - t0)",
+        "            for t in range(tl):",
+        "                for i in range(d):",
+        "                    kt[i, t] = kk[b, t0 + t, i]",
+        f"                for c in range({C}):",
+        "                    vvt[c, t] = vv[b, t0 + t, c]",
+        "                stack[0, t] = 1.0",
+        f"            for c in range({C}):",
+        "                s = 0.0",
+        "                for t in range(tl):",
+        "                    s += vvt[c, t]",
+        "                part[p, 0, c] += s",
+        "            for m in range(idx.shape[0]):",
+        "                a = idx[m]",
+        "                j = dep[m]",
+        "                i = var[m]",
+        f"                {init}",
+        "                if j < g:",
+        "                    for t in range(tl):",
+        "                        f = stack[j - 1, t] * kt[i, t]",
+        "                        stack[j, t] = f",
+        *upd,
+        "                else:",
+        "                    for t in range(tl):",
+        "                        f = stack[j - 1, t] * kt[i, t]",
+        *upd,
+        *store,
+    ]
+
+
+def _lines_readout(C: int) -> list[str]:
+    load = "; ".join(f"s{c} = state[b, a, {c}]" for c in range(C))
+    upd = [f"                    acc[{c}, t] += f * s{c}" for c in range(C)]
+    return [
+        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
+        "def readout(qq, state, idx, dep, var, g, T, out):",
+        "    B, n, d = qq.shape",
+        "    ntiles = (n + T - 1) // T",
+        "    for p in prange(B * ntiles):",
+        "        b = p // ntiles",
+        "        tile = p % ntiles",
+        f"        qt = np.empty((d, T)); acc = np.empty(({C}, T)); stack = np.empty((g + 1, T))",
+        "        t0 = tile * T",
+        "        tl = min(T, n - t0)",
+        "        for t in range(tl):",
+        "            for i in range(d):",
+        "                qt[i, t] = qq[b, t0 + t, i]",
+        "            stack[0, t] = 1.0",
+        f"        for c in range({C}):",
+        "            s = state[b, 0, c]",
+        "            for t in range(tl):",
+        "                acc[c, t] = s",
+        "        for m in range(idx.shape[0]):",
+        "            a = idx[m]",
+        "            j = dep[m]",
+        "            i = var[m]",
+        f"            {load}",
+        "            if j < g:",
+        "                for t in range(tl):",
+        "                    f = stack[j - 1, t] * qt[i, t]",
+        "                    stack[j, t] = f",
+        *upd,
+        "            else:",
+        "                for t in range(tl):",
+        "                    f = stack[j - 1, t] * qt[i, t]",
+        *upd,
+        "        for t in range(tl):",
+        f"            for c in range({C}):",
+        "                out[b, t0 + t, c] = acc[c, t]",
+    ]
+
+
+def _lines_causal(C: int) -> list[str]:
+    load = "; ".join(f"s{c} = S[a, {c}]" for c in range(C))
+    init = "; ".join(f"x{c} = 0.0" for c in range(C))
+    readq = [f"                        acc[{c}, t] += fq * s{c}" for c in range(C)]
+    sumk = [f"                        x{c} += fk * vvt[{c}, t]" for c in range(C)]
+    store = [f"                S[a, {c}] = s{c} + wa * x{c}" for c in range(C)]
+    return [
+        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
+        "def causal(qq, kk, vv, w, coef, idx, dep, var, g, T, sin, nseg, per, out):",
+        "    B, n, d = qq.shape",
+        "    r = w.shape[0]",
+        "    ntiles = (n + T - 1) // T",
+        "    for p in prange(B * nseg):",
+        "        b = p // nseg",
+        "        sgi = p % nseg",
+        f"        S = np.empty((r, {C}))",
+        "        for a in range(r):",
+        f"            for c in range({C}):",
+        "                S[a, c] = sin[p, a, c]",
+        f"        qt = np.empty((d, T)); kt = np.empty((d, T)); vvt = np.empty(({C}, T))",
+        f"        sq = np.empty((g + 1, T)); sk = np.empty((g + 1, T)); acc = np.empty(({C}, T)); pv = np.empty(T)",
+        "        for tile in range(sgi * per, min(ntiles, (sgi + 1) * per)):",
+        "            t0 = tile * T",
+        "            tl = min(T, n - t0)",
+        "            for t in range(tl):",
+        "                for i in range(d):",
+        "                    qt[i, t] = qq[b, t0 + t, i]",
+        "                    kt[i, t] = kk[b, t0 + t, i]",
+        f"                for c in range({C}):",
+        "                    vvt[c, t] = vv[b, t0 + t, c]",
+        "                sq[0, t] = 1.0",
+        "                sk[0, t] = 1.0",
+        f"            for c in range({C}):",
+        "                s = S[0, c]",
+        "                x = 0.0",
+        "                for t in range(tl):",
+        "                    acc[c, t] = s",
+        "                    x += vvt[c, t]",
+        "                S[0, c] = s + w[0] * x",
+        "            for m in range(idx.shape[0]):",
+        "                a = idx[m]",
+        "                j = dep[m]",
+        "                i = var[m]",
+        f"                {load}",
+        f"                {init}",
+        "                if j < g:",  # two loops (queries, keys): each vectorises like the kernels above
+        "                    for t in range(tl):",
+        "                        fq = sq[j - 1, t] * qt[i, t]",
+        "                        sq[j, t] = fq",
+        *readq,
+        "                    for t in range(tl):",
+        "                        fk = sk[j - 1, t] * kt[i, t]",
+        "                        sk[j, t] = fk",
+        *sumk,
+        "                else:",
+        "                    for t in range(tl):",
+        "                        fq = sq[j - 1, t] * qt[i, t]",
+        *readq,
+        "                    for t in range(tl):",
+        "                        fk = sk[j - 1, t] * kt[i, t]",
+        *sumk,
+        "                wa = w[a]",
+        *store,
+        "            for t in range(tl):",  # the exact triangle: keys s <= t of this tile, P(<q_t, k_s>)
+        "                for s in range(t + 1):",
+        "                    pv[s] = 0.0",
+        "                for i in range(d):",
+        "                    qi = qt[i, t]",
+        "                    for s in range(t + 1):",
+        "                        pv[s] += qi * kt[i, s]",
+        "                for s in range(t + 1):",
+        "                    u = pv[s]",
+        "                    h = coef[g]",
+        "                    for jj in range(g - 1, -1, -1):",
+        "                        h = h * u + coef[jj]",
+        "                    pv[s] = h",
+        f"                for c in range({C}):",
+        "                    x = 0.0",
+        "                    for s in range(t + 1):",
+        "                        x += pv[s] * vvt[c, s]",
+        "                    acc[c, t] += x",
+        "            for t in range(tl):",
+        f"                for c in range({C}):",
+        "                    out[b, t0 + t, c] = acc[c, t]",
+    ]
+
+
+def _source(C: int) -> str:
+    head = ["# generated by attnbound.fused: kernels for %d columns" % C,
+            "import numpy as np",
+            "from numba import njit, prange",
+            "FM = {'reassoc', 'contract', 'nsz'}",
+            "CACHE = True", ""]
+    return "\n".join(head + _lines_keys(C) + [""] + _lines_readout(C) + [""] + _lines_causal(C)) + "\n"
+
+
+def _cache_dir() -> pathlib.Path:
+    env = os.environ.get("ATTNBOUND_CACHE_DIR")
+    if env:
+        return pathlib.Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "attnbound"
+
+
+@lru_cache(maxsize=None)
+def _kernels(C: int):
+    """The three kernels for C columns: imported from a generated file so numba can cache them."""
+    src = _source(C)
+    tag = hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:16]
+    name = f"attnbound_fused_c{C}_{tag}"
+    for root in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / f"attnbound-{os.getuid()}"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / f"{name}.py"
+            if not path.exists() or path.read_text() != src:
+                tmp = root / f".{name}.{os.getpid()}.tmp"
+                tmp.write_text(src)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            return mod.key_partials, mod.readout, mod.causal
+        except OSError:
+            continue
+    ns: dict = {}  # no writable directory: compile in memory, without a disk cache
+    exec(compile(src.replace("CACHE = True", "CACHE = False"), f"<{name}>", "exec"), ns)
+    return ns["key_partials"], ns["readout"], ns["causal"]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument handling
+
+
+def _check(name: str, x, ndim_min: int = 2) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dimensions, got shape {tuple(x.shape)}")
+    ok, why = available(x)
+    if not ok:
+        raise ValueError(f"{name}: the fused kernels cannot run on it: {why}")
+    return x
+
+
+def _check_degree(degree) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)):
+        raise TypeError(f"degree must be an int, got {type(degree).__name__}")
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    return int(degree)
+
+
+def _check_weights(weights, r: int) -> np.ndarray:
+    w = torch.as_tensor(weights)
+    if w.shape != (r,):
+        raise ValueError(f"weights must have shape ({r},) (the rank), got {tuple(w.shape)}")
+    return np.ascontiguousarray(w.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+def _as3(x: torch.Tensor, batch: tuple[int, ...]) -> np.ndarray:
+    """(batch..., n, m) → contiguous float64 numpy (B, n, m) (a copy only where needed)."""
+    x = x.detach().expand(*batch, *x.shape[-2:])
+    return np.ascontiguousarray(x.reshape(-1, *x.shape[-2:]).numpy())
+
+
+def _alloc(shape) -> np.ndarray:
+    return np.full(shape, np.nan) if _POISON else np.empty(shape)
+
+
+def _column_groups(C: int) -> list[tuple[int, int]]:
+    groups = -(-C // MAX_COLUMNS)
+    size = -(-C // groups)
+    return [(c0, min(C, c0 + size)) for c0 in range(0, C, size)]
+
+
+def _threads() -> int:
+    return int(numba.get_num_threads())
+
+
+def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: int, tile: int) -> np.ndarray:
+    """Unweighted φ(K)ᵀ[V, 1] of each (batch row, segment of ``per`` tiles of ``tile`` keys): (B·nseg, r, C)."""
+    B, n, d = kk.shape
+    C = vv.shape[-1]
+    r = feature_rank(d, degree)
+    idx, dep, var = dfs_order(d, degree)
+    out = _alloc((B * nseg, r, C))
+    for c0, c1 in _column_groups(C):
+        kern = _kernels(c1 - c0)[0]
+        part = out if (c0, c1) == (0, C) else _alloc((B * nseg, r, c1 - c0))
+        kern(kk, np.ascontiguousarray(vv[..., c0:c1]), idx, dep, var, degree, tile, part, nseg, per)
+        if part is not out:
+            out[..., c0:c1] = part
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# public kernels
+
+
+def key_state(k: torch.Tensor, vv: torch.Tensor, *, degree: int, weights: torch.Tensor,
+              segments: int | None = None) -> torch.Tensor:
+    """S = diag(w)·φ(K)ᵀ[V, 1] of shape (…, r, C) for k (…, n, d), vv (…, n, C), w (r,).
+
+    The reference is :func:`attnbound.features.key_state`. Cost n·r·C multiply-adds plus n·r
+    multiplies, in tiles of ``KEY_TILE`` keys; ``segments`` (default: enough for every thread)
+    splits each sequence into that many parallel partial sums, added at the end.
+    """
+    _check("k", k), _check("vv", vv)
+    degree = _check_degree(degree)
+    d, n, C = k.shape[-1], k.shape[-2], vv.shape[-1]
+    if vv.shape[-2] != n:
+        raise ValueError(f"vv must have as many rows as k ({n}), got {vv.shape[-2]}")
+    r = feature_rank(d, degree)
+    w = _check_weights(weights, r)
+    batch = torch.broadcast_shapes(k.shape[:-2], vv.shape[:-2])
+    B = math.prod(batch)
+    if n == 0 or B == 0:
+        return torch.zeros(*batch, r, C, dtype=torch.float64)
+    ntiles = -(-n // KEY_TILE)
+    nseg = segments or max(1, min(ntiles, -(-_threads() // B)))
+    nseg = max(1, min(int(nseg), ntiles))
+    per = -(-ntiles // nseg)
+    nseg = -(-ntiles // per)
+    part = _key_partials(_as3(k, batch), _as3(vv, batch), degree, nseg, per, KEY_TILE)
+    state = part.reshape(B, nseg, r, C).sum(1) * w[:, None]
+    return torch.from_numpy(state).reshape(*batch, r, C)
+
+
+def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch.Tensor:
+    """φ(Q)·S of shape (…, n, C) for q (…, n, d) and a key state S (…, r, C).
+
+    The reference is :func:`attnbound.features.state_readout`. Cost n·r·C multiply-adds plus n·r
+    multiplies, in parallel tiles of ``QUERY_TILE`` queries.
+    """
+    _check("q", q), _check("state", state)
+    degree = _check_degree(degree)
+    d, n, C = q.shape[-1], q.shape[-2], state.shape[-1]
+    r = feature_rank(d, degree)
+    if state.shape[-2] != r:
+        raise ValueError(f"state must have {r} rows (the rank for d={d}, degree={degree}), got {state.shape[-2]}")
+    batch = torch.broadcast_shapes(q.shape[:-2], state.shape[:-2])
+    B = math.prod(batch)
+    if n == 0 or B == 0:
+        return torch.zeros(*batch, n, C, dtype=torch.float64)
+    qq, st = _as3(q, batch), _as3(state, batch)
+    idx, dep, var = dfs_order(d, degree)
+    out = _alloc((B, n, C))
+    for c0, c1 in _column_groups(C):
+        kern = _kernels(c1 - c0)[1]
+        o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
+        kern(qq, np.ascontiguousarray(st[..., c0:c1]), idx, dep, var, degree, QUERY_TILE, o)
+        if o is not out:
+            out[..., c0:c1] = o
+    return torch.from_numpy(out).reshape(*batch, n, C)
+
+
+def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree: int,
+                   weights: torch.Tensor, state: torch.Tensor | None = None,
+                   segments: int | None = None) -> torch.Tensor:
+    """Row i: φ(q_i)·(S_in + Σ_{j ≤ i} diag(w) φ(k_j)[v_j, 1]ᵀ), shape (…, n, C).
+
+    ``state`` S_in (…, r, C), already weighted, holds the keys before this sequence (None: none).
+    The reference is :func:`attnbound.features.causal_readout` (without ``key_log_weight``).
+    Cost: one key-state pass over all but the last segment (parallel), then per row
+    2·r·C multiply-adds and 2·r multiplies plus O(CAUSAL_TILE·(d + g + C)) for the triangle.
+    """
+    _check("q", q), _check("k", k), _check("vv", vv)
+    if state is not None:
+        _check("state", state)
+    degree = _check_degree(degree)
+    d, n, C = q.shape[-1], q.shape[-2], vv.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have the feature size of q ({d}), got {k.shape[-1]}")
+    if k.shape[-2] != n or vv.shape[-2] != n:
+        raise ValueError(f"causal attention needs as many keys and vv rows as queries ({n}), "
+                         f"got k {k.shape[-2]}, vv {vv.shape[-2]}")
+    r = feature_rank(d, degree)
+    if state is not None and (state.shape[-2] != r or state.shape[-1] != C):
+        raise ValueError(f"state must have shape (..., {r}, {C}), got {tuple(state.shape)}")
+    w = _check_weights(weights, r)
+    coef = polynomial_of_weights(w, d, degree)
+    if coef is None:  # weights the engine never builds: the reference computes them
+        from . import features
+        B0 = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], vv.shape[:-2]))
+        return features.causal_readout(q, k, vv, degree=degree, weights=torch.as_tensor(w), state=state,
+                                       chunk=chunk_rows(max(1, B0), r))
+    shapes = [q.shape[:-2], k.shape[:-2], vv.shape[:-2]] + ([state.shape[:-2]] if state is not None else [])
+    batch = torch.broadcast_shapes(*shapes)
+    B = math.prod(batch)
+    if n == 0 or B == 0:
+        return torch.zeros(*batch, n, C, dtype=torch.float64)
+    qq, kk, vvn = _as3(q, batch), _as3(k, batch), _as3(vv, batch)
+    ntiles = -(-n // CAUSAL_TILE)
+    nseg = segments or max(1, min(ntiles // 4, -(-_threads() // B)))
+    nseg = max(1, min(int(nseg), ntiles))
+    sub = max(1, -(-_threads() // (B * (nseg - 1)))) if nseg > 1 else 1  # pass-1 splits per segment
+    per = -(-ntiles // nseg)
+    per = -(-per // sub) * sub  # whole pass-1 splits per segment
+    nseg = -(-ntiles // per)
+    sin = np.zeros((B, nseg, r, C)) if state is None else _as3(state, batch).reshape(B, 1, r, C).repeat(nseg, 1)
+    if nseg > 1:  # each segment's incoming state: the weighted key states of the segments before it
+        m = (nseg - 1) * per * CAUSAL_TILE
+        parts = _key_partials(np.ascontiguousarray(kk[:, :m]), np.ascontiguousarray(vvn[:, :m]), degree, (nseg - 1) * sub, per // sub, CAUSAL_TILE)
+        sin[:, 1:] += np.cumsum(parts.reshape(B, nseg - 1, sub, r, C).sum(2) * w[:, None], axis=1)
+    sin = np.ascontiguousarray(sin.reshape(B * nseg, r, C))
+    idx, dep, var = dfs_order(d, degree)
+    out = _alloc((B, n, C))
+    for c0, c1 in _column_groups(C):
+        kern = _kernels(c1 - c0)[2]
+        o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
+        kern(qq, kk, np.ascontiguousarray(vvn[..., c0:c1]), w, coef, idx, dep, var, degree, CAUSAL_TILE,
+             np.ascontiguousarray(sin[..., c0:c1]), nseg, per, o)
+        if o is not out:
+            out[..., c0:c1] = o
+    return torch.from_numpy(out).reshape(*batch, n, C)
