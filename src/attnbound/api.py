@@ -34,6 +34,7 @@ def attention(
     memory_budget: int | None = None,
     cost_model: CostModel | None = None,
     strict: bool = True,
+    enable_gqa: bool = False,
     return_certificate: bool = False,
 ):
     r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
@@ -65,6 +66,9 @@ def attention(
         strict: with a fixed ``degree``/``order``, refuse (default) or, when False, run anyway a
             degree that cannot be certified (η ≥ 1); its certificate then says ``inf``. For
             demonstrations such as the hardness reductions.
+        enable_gqa: grouped-query attention as in SDPA: q ``(..., H_q, n_q, d)`` against k, v
+            ``(..., H_kv, n_k, ·)`` with H_kv dividing H_q; query head h uses key/value head
+            h // (H_q / H_kv). K and V are never copied per head.
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:
@@ -76,6 +80,11 @@ def attention(
         unknown kind/method, causal with n_q ≠ n_k, entries above ``bound``, an uncertifiable
         request (η ≥ 1, no degree meets ``eps``), or a feature memory need above the budget.
     """
+    if enable_gqa:
+        return _grouped(q, k, v, attn_mask, is_causal, return_certificate,
+                        dict(scale=scale, kind=kind, method=method, block_size=block_size, eps=eps, bound=bound,
+                             degree=degree, order=order, memory_budget=memory_budget, cost_model=cost_model,
+                             strict=strict))
     batch = val.check_qkv(q, k, v, is_causal=is_causal)
     val.check_choice("kind", kind, val.KINDS)
     val.check_choice("method", method, val.METHODS)
@@ -131,6 +140,41 @@ def attention(
                                   key_log_weight=_key_log_weight_bound(st, s, kind))
         out = _run_features(call, method, cert)
     return (out, cert) if return_certificate else out
+
+
+def _grouped(q, k, v, attn_mask, is_causal, return_certificate, options):
+    """Grouped-query attention by broadcasting, never by copying K and V per query head.
+
+    Query heads are grouped as (..., H_kv, G, n_q, d) against keys (..., H_kv, 1, n_k, d). Without
+    causality or a per-row mask the G·n_q rows of a group are one block of queries (..., H_kv, G·n_q, d)
+    against the group's keys: plain batched attention.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        val.check_tensor(name, x)
+        if x.dim() < 3:
+            raise ValueError(f"enable_gqa needs a head dim: {name} must be (..., heads, n, d), got {tuple(x.shape)}")
+    h_q, h_kv = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != h_kv:
+        raise ValueError(f"enable_gqa: k and v must have the same number of heads, got {h_kv} and {v.shape[-3]}")
+    if h_kv == 0 or h_q % h_kv:
+        raise ValueError(f"enable_gqa: the key/value heads ({h_kv}) must divide the query heads ({h_q})")
+    g, n_q = h_q // h_kv, q.shape[-2]
+    mask = attn_mask
+    per_head = mask is not None and mask.dim() >= 3 and mask.shape[-3] == h_q and h_q > 1
+    if not is_causal and not per_head and (mask is None or mask.dim() < 2 or mask.shape[-2] == 1):
+        qg = q.reshape(*q.shape[:-3], h_kv, g * n_q, q.shape[-1])
+        res = attention(qg, k, v, attn_mask=mask, is_causal=False, return_certificate=return_certificate, **options)
+        out = res[0] if return_certificate else res
+        out = out.reshape(*out.shape[:-3], h_q, n_q, out.shape[-1])
+        return (out, res[1]) if return_certificate else out
+    qg = q.unflatten(-3, (h_kv, g))
+    if mask is not None and mask.dim() >= 3:
+        mask = mask.unflatten(-3, (h_kv, g)) if per_head else mask.unsqueeze(-3)
+    res = attention(qg, k.unsqueeze(-3), v.unsqueeze(-3), attn_mask=mask, is_causal=is_causal,
+                    return_certificate=return_certificate, **options)
+    out = res[0] if return_certificate else res
+    out = out.flatten(-4, -3)
+    return (out, res[1]) if return_certificate else out
 
 
 @dataclass(frozen=True)

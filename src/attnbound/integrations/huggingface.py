@@ -36,6 +36,7 @@ import torch
 from .. import validation as val
 from ..api import attention
 from ..certificate import Certificate
+from ..stats import input_stats
 
 EXACT = val.EXACT_METHODS
 
@@ -129,23 +130,16 @@ def split_mask(mask: torch.Tensor | None, n_q: int, n_k: int):
     return None
 
 
-def _head_stats(q, k, v, key_mask, scale):
-    """(B, R, value range, max |v|, longest unpadded key count) of one head; q, k, v: (B, n, d)."""
-    with torch.no_grad():
-        qd, kd, vd = q.detach().double(), k.detach().double(), v.detach().double()
-        if key_mask is not None:
-            keep = key_mask.reshape(key_mask.shape[0], -1)[:, -k.shape[-2]:].expand(k.shape[0], -1)
-        else:
-            keep = torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device)
-        kk = kd.masked_fill(~keep.unsqueeze(-1), 0.0)
-        vv_hi = vd.masked_fill(~keep.unsqueeze(-1), -math.inf).amax(-2)
-        vv_lo = vd.masked_fill(~keep.unsqueeze(-1), math.inf).amin(-2)
-        spread = (vv_hi - vv_lo).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-        b = max(float(qd.abs().max()), float(kk.abs().max()))
-        radius = scale * float(torch.linalg.vector_norm(qd, dim=-1).max()) * float(
-            torch.linalg.vector_norm(kk, dim=-1).max())
-        vmax = float(vd.masked_fill(~keep.unsqueeze(-1), 0.0).abs().max())
-        return b, radius, float(spread.max()), vmax, int(keep.sum(-1).max())
+def _head_record(layer, head, q, k, v, key_mask, scale, cert) -> HeadRecord:
+    """The record of one head (q, k, v: (B, n, d)), from the same statistics the certificates use."""
+    keep = None
+    if key_mask is not None:
+        keep = key_mask.reshape(key_mask.shape[0], -1)[:, -k.shape[-2]:].expand(k.shape[0], -1)
+    st = input_stats(q, k, v, key_mask=keep)
+    longest = int(keep.sum(-1).max()) if keep is not None else k.shape[-2]
+    return HeadRecord(layer=layer, head=head, n_q=q.shape[-2], n_k=longest, scale=scale,
+                      max_entry=max(st.q_abs, st.k_abs), radius=st.radius(scale, "softmax")[0],
+                      value_range=st.value_range, max_abs_value=st.max_abs_value, certificate=cert)
 
 
 def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
@@ -161,9 +155,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"{unsupported}: not supported by the attnbound backend")
         n_heads, n_kv = query.shape[1], key.shape[1]
-        if n_heads != n_kv:  # grouped-query attention: share each key/value head across its group
-            key = key.repeat_interleave(n_heads // n_kv, dim=1)
-            value = value.repeat_interleave(n_heads // n_kv, dim=1)
+        group = n_heads // n_kv  # grouped-query attention: query head h reads key/value head h // group
         n_q, n_k = query.shape[2], key.shape[2]
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         causal = causal and n_q > 1 and attention_mask is None
@@ -181,7 +173,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
         outs = []
         if method in EXACT:
             out, cert = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
-                                  method=method, eps=eps, return_certificate=True, **options)
+                                  method=method, eps=eps, enable_gqa=group > 1, return_certificate=True, **options)
             outs = list(out.unbind(1))
             certs = [cert] * n_heads  # one rounding bound covering every head of the call
         else:
@@ -190,16 +182,15 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                 m = head_mask
                 if m is not None and m.dim() == 4:
                     m = m[:, h if m.shape[1] > 1 else 0]
-                o, c = attention(query[:, h], key[:, h], value[:, h], scale=scale, is_causal=head_causal,
+                o, c = attention(query[:, h], key[:, h // group], value[:, h // group], scale=scale,
+                                 is_causal=head_causal,
                                  attn_mask=m, method=method, eps=eps, return_certificate=True, **options)
                 outs.append(o)
                 certs.append(c)
         for h in range(n_heads):
             kp = key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None
-            b, radius, spread, vmax, longest = _head_stats(query[:, h], key[:, h], value[:, h], kp, scale)
-            log.records.append(HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b,
-                                          radius=radius, value_range=spread, max_abs_value=vmax,
-                                          certificate=certs[h]))
+            log.records.append(_head_record(layer, h, query[:, h], key[:, h // group], value[:, h // group], kp, scale,
+                                            certs[h]))
         return torch.stack(outs, dim=2).contiguous(), None
 
     return attnbound_attention_forward
