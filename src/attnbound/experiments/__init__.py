@@ -1,4 +1,8 @@
-"""The reproduction experiments: one module per claim of SPEC §5 (see each docstring)."""
+"""The reproduction experiments: one module per claim of docs/theory.md §5 (see each docstring).
+
+Each module has ``run(scale, seed, advance) -> Result`` and ``steps(scale)``; its verdict function(s)
+are pure functions of the measured data, tested on synthetic data that must pass and must fail.
+"""
 
 from . import direct_sum, gradient, minilm, peers, reductions, scaling, taylor_order, transition
 
