@@ -138,9 +138,9 @@ def run(scale: str, seed: int, advance) -> Result:
     reason = f"{why}. Attention's share of the packed pass's operations: {share_txt} (the rest is projections and MLPs)."
     fig, axes = new_figure(2)
     ax = axes[0]
-    for label, _ in HEAD_METHODS:
+    for (label, _), style in zip(HEAD_METHODS, ("o-", "s--")):
         sub = [r for r in ratios if r["method"] == label]
-        ax.plot([r["LH"] for r in sub], [r["ratio"] for r in sub], "o-", label=label)
+        ax.plot([r["LH"] for r in sub], [r["ratio"] for r in sub], style, ms=9 if style == "o-" else 5, label=label)
     ax.axhline(1.0, color="k", ls=":", lw=1, label="prediction: L·H × one head")
     ax.axhspan(1 - TOL, 1 + TOL, color="grey", alpha=0.15, label=f"tolerance ±{TOL:g}")
     ax.set_xscale("log", base=2), ax.set_ylim(0.9, 1.1)

@@ -177,6 +177,7 @@ def _figures(ns_c, ops, fits, g, series, ranks, timed_rows, tfits):
     for p, style in ((2, ":"), (1, "--")):
         ref = ops["exact" if p == 2 else "polynomial"][-1]
         ax.loglog(ns_c, [ref * (n / ns_c[-1]) ** p for n in ns_c], "k" + style, lw=0.8, label=f"∝ n^{p} (prediction)")
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("n"), ax.set_ylabel("operations (matmul flops + elementwise)")
     ax.set_title(f"Operation counts (d = {D}, R = {RADIUS:g})", fontsize=10), ax.legend(fontsize=7)
     ax = axes[1]
@@ -194,6 +195,7 @@ def _figures(ns_c, ops, fits, g, series, ranks, timed_rows, tfits):
         f = tfits[label]
         ax.loglog([r["n"] for r in sub], [f["fixed_s"] + f["per_unit_s"] * r["ops"] for r in sub], ":", color=f"C{i}",
                   lw=0.8)
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("n"), ax.set_ylabel("seconds (min over rounds)")
     ax.set_title("Wall time (illustration; dotted: t = a + b·ops)", fontsize=10), ax.legend(fontsize=7)
     return {"scaling": fig}
