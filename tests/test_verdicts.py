@@ -163,6 +163,13 @@ def test_needed_degree_agrees_with_chebyshev_degree():
     assert wrong[0] == "FAIL"
 
 
+def test_log_tail_is_an_upper_bound_up_to_its_truncation_point():
+    for radius in (1.5, 40.0):
+        short, long = transition.log_tail_all(radius, 150), transition.log_tail_all(radius, 3000)
+        assert np.all(short >= long[: len(short)] - 1e-9)  # the remainder covers the terms left out
+        assert np.all(np.diff(long[:2000]) < 0)
+
+
 def test_needed_degree_is_the_smallest_certified_degree():
     radius, log_eps = 30.0, -200 * math.log(2)
     g = transition.needed_degree(radius, log_eps)
