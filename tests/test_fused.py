@@ -1,0 +1,178 @@
+"""The fused feature kernels against the pure-torch engine (attnbound.features), at every tile boundary.
+
+Every kernel output is allocated NaN-filled (fused._POISON) so an entry the kernel forgets to write
+shows up as NaN. All tests use d_v + 1 = 3 columns so only one set of kernels is compiled.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from attnbound import features, fused
+
+C = 3  # columns of [V, 1]: d_v = 2
+TILES = (fused.KEY_TILE, fused.QUERY_TILE, fused.CAUSAL_TILE)
+LENGTHS = sorted({1, 63, 64, 65, 300, 1025} | {t + e for t in TILES for e in (-1, 0, 1)})
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(fused, "_POISON", True)
+
+
+def make(n, d, degree, batch=(), seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    q = scale * torch.randn(*batch, n, d, generator=g, dtype=torch.float64)
+    k = scale * torch.randn(*batch, n, d, generator=g, dtype=torch.float64)
+    vv = features.weighted_values(torch.randn(*batch, n, C - 1, generator=g, dtype=torch.float64))
+    coeffs = np.random.default_rng(seed).standard_normal(degree + 1)  # signs mixed on purpose
+    w = torch.as_tensor(features.monomial_weights(coeffs, d))
+    return q, k, vv, w
+
+
+def close(got, want):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert not torch.isnan(got).any(), "a kernel left an output entry unwritten (NaN poison)"
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    err = float((got - want).abs().max()) if want.numel() else 0.0
+    assert err <= 1e-12 * max(scale, 1.0), f"max error {err:.3e} at scale {scale:.3e}"
+
+
+def test_poison_fills_nan():
+    assert torch.isnan(torch.from_numpy(fused._alloc((3, 2)))).all()
+
+
+@pytest.mark.parametrize("d,degree", [(1, 4), (3, 0), (3, 1), (2, 6), (5, 3)])
+def test_dfs_order_is_the_engine_monomials(d, degree):
+    idx, dep, var = fused.dfs_order(d, degree)
+    alpha = features.monomial_exponents(d, degree)
+    r = features.feature_rank(d, degree)
+    assert sorted(idx.tolist()) == list(range(1, r))  # every non-constant monomial exactly once
+    last = {0: 0}  # degree -> engine index of the latest entry of that degree
+    for a, j, i in zip(idx, dep, var):
+        parent = alpha[last[j - 1]]
+        assert alpha[a].sum() == j and alpha[a][i] == parent[i] + 1
+        assert np.array_equal(np.delete(alpha[a], i), np.delete(parent, i))
+        assert not alpha[a][i + 1:].any()  # i is the largest variable, so the parent's is ≤ i
+        last[j] = a
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_key_state_and_readout_every_boundary(n):
+    q, k, vv, w = make(n, 4, 3, batch=(2,), seed=n)
+    ref = features.key_state(k, vv, degree=3, weights=w, chunk=100)
+    for segments in (None, 3):
+        close(fused.key_state(k, vv, degree=3, weights=w, segments=segments), ref)
+    close(fused.state_readout(q, ref, degree=3), features.state_readout(q, ref, degree=3, chunk=100))
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_causal_every_boundary(n):
+    q, k, vv, w = make(n, 4, 3, seed=n)
+    want = features.causal_readout(q, k, vv, degree=3, weights=w, chunk=100)
+    for segments in (None, 1, 2, 5):
+        close(fused.causal_readout(q, k, vv, degree=3, weights=w, segments=segments), want)
+    prev = make(50, 4, 3, seed=n + 1)
+    state = features.key_state(prev[1], prev[2], degree=3, weights=w, chunk=100)  # keys before this sequence
+    want = features.causal_readout(q, k, vv, degree=3, weights=w, chunk=100, state=state)
+    for segments in (None, 3):
+        close(fused.causal_readout(q, k, vv, degree=3, weights=w, state=state, segments=segments), want)
+
+
+@pytest.mark.parametrize("d,degree", [(1, 4), (3, 0), (3, 1), (2, 6), (6, 2)])
+def test_dimensions_and_degrees(d, degree):
+    n = fused.KEY_TILE + 1
+    q, k, vv, w = make(n, d, degree, seed=d * 10 + degree)
+    ref = features.key_state(k, vv, degree=degree, weights=w, chunk=64)
+    close(fused.key_state(k, vv, degree=degree, weights=w), ref)
+    close(fused.state_readout(q, ref, degree=degree), features.state_readout(q, ref, degree=degree, chunk=64))
+    close(fused.causal_readout(q, k, vv, degree=degree, weights=w, segments=2),
+          features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=64))
+
+
+def test_every_segment_one_tile():
+    n = 5 * fused.CAUSAL_TILE + 3
+    q, k, vv, w = make(n, 3, 4, seed=7)
+    close(fused.causal_readout(q, k, vv, degree=4, weights=w, segments=6),
+          features.causal_readout(q, k, vv, degree=4, weights=w, chunk=96))
+    close(fused.key_state(k, vv, degree=4, weights=w, segments=50),
+          features.key_state(k, vv, degree=4, weights=w, chunk=96))
+
+
+def test_batch_broadcasting():
+    n, d, degree = 70, 3, 3
+    g = torch.Generator().manual_seed(3)
+    q = 0.5 * torch.randn(3, n, d, generator=g, dtype=torch.float64)
+    k = 0.5 * torch.randn(2, 1, n, d, generator=g, dtype=torch.float64)
+    vv = torch.randn(1, 3, n, C, generator=g, dtype=torch.float64)
+    w = torch.as_tensor(features.monomial_weights(np.array([1.0, -0.5, 0.25, 0.125]), d))
+    ref = features.key_state(k, vv, degree=degree, weights=w, chunk=32)
+    close(fused.key_state(k, vv, degree=degree, weights=w), ref)
+    close(fused.state_readout(q, ref, degree=degree), features.state_readout(q, ref, degree=degree, chunk=32))
+    state = ref[:1]  # (1, 3, r, C), broadcast against the (2, 3) batch
+    close(fused.causal_readout(q, k, vv, degree=degree, weights=w, state=state),
+          features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=32, state=state))
+
+
+def test_column_groups(monkeypatch):
+    monkeypatch.setattr(fused, "MAX_COLUMNS", C)  # 2·C columns: two groups of C, the compiled width
+    n, d, degree = 200, 3, 3
+    q, k, _, w = make(n, d, degree, seed=11)
+    vv = torch.randn(n, 2 * C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = features.key_state(k, vv, degree=degree, weights=w, chunk=64)
+    close(fused.key_state(k, vv, degree=degree, weights=w), ref)
+    close(fused.state_readout(q, ref, degree=degree), features.state_readout(q, ref, degree=degree, chunk=64))
+    close(fused.causal_readout(q, k, vv, degree=degree, weights=w),
+          features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=64))
+
+
+def test_weights_of_a_polynomial_and_fallback():
+    d, degree = 3, 4
+    coeffs = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    got = fused.polynomial_of_weights(features.monomial_weights(coeffs, d), d, degree)
+    assert np.array_equal(got, coeffs)
+    q, k, vv, _ = make(130, d, degree, seed=5)
+    r = features.feature_rank(d, degree)
+    w = torch.rand(r, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # no polynomial behind it
+    assert fused.polynomial_of_weights(w.numpy(), d, degree) is None
+    close(fused.causal_readout(q, k, vv, degree=degree, weights=w),
+          features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=64))
+
+
+def test_empty_inputs():
+    q, k, vv, w = make(0, 3, 2)
+    r = features.feature_rank(3, 2)
+    assert torch.equal(fused.key_state(k, vv, degree=2, weights=w), torch.zeros(r, C, dtype=torch.float64))
+    assert fused.state_readout(q, torch.ones(r, C, dtype=torch.float64), degree=2).shape == (0, C)
+    assert fused.causal_readout(q, k, vv, degree=2, weights=w).shape == (0, C)
+
+
+def test_available_says_why_not():
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    assert fused.available(x) == (True, "")
+    ok, why = fused.available(x.float())
+    assert not ok and "float32" in why
+    ok, why = fused.available(x.clone().requires_grad_())
+    assert not ok and "requires_grad" in why
+    with torch.no_grad():
+        assert fused.available(x.clone().requires_grad_())[0]
+
+
+def test_bad_arguments_name_the_argument():
+    q, k, vv, w = make(10, 3, 2)
+    with pytest.raises(ValueError, match="weights"):
+        fused.key_state(k, vv, degree=2, weights=w[:-1])
+    with pytest.raises(ValueError, match="degree"):
+        fused.key_state(k, vv, degree=-1, weights=w)
+    with pytest.raises(TypeError, match="degree"):
+        fused.key_state(k, vv, degree=2.0, weights=w)
+    with pytest.raises(ValueError, match="vv"):
+        fused.key_state(k, vv[:5], degree=2, weights=w)
+    with pytest.raises(ValueError, match="state"):
+        fused.state_readout(q, torch.zeros(7, C, dtype=torch.float64), degree=2)
+    with pytest.raises(ValueError, match="q"):
+        fused.state_readout(q.float(), torch.zeros(10, C, dtype=torch.float64), degree=2)
+    with pytest.raises(ValueError, match="k"):
+        fused.causal_readout(q, k[:4], vv, degree=2, weights=w)
+    with pytest.raises(TypeError, match="vv"):
+        fused.key_state(k, vv.numpy(), degree=2, weights=w)
