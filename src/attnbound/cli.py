@@ -100,7 +100,7 @@ def _progress(message: str):
 @_one_line_errors
 def demo(n: int = typer.Option(4096, help="sequence length"),
          d: int = typer.Option(8, help="head dim"),
-         heads: int = typer.Option(4, help="number of heads"),
+         heads: int = typer.Option(2, help="number of heads"),
          scale: float = typer.Option(0.3, help="entries of q, k, v are N(0, scale²)"),
          method: ApproxMethod = typer.Option(ApproxMethod.auto, help="the approximate method shown"),
          eps: float = typer.Option(1e-3, help="target max-abs error ‖out − exact‖∞ (absolute)"),
@@ -127,7 +127,7 @@ def demo(n: int = typer.Option(4096, help="sequence length"),
                         f"(max-abs error)")
     for col, just in (("implementation", "left"), ("time\n\\[s]", "right"), ("‖out − exact‖∞\nmeasured", "right"),
                       ("‖out − exact‖∞\ncertified", "right"), ("certificate", "left")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=col != "certificate")
     for name, run in runs:
         with _progress(f"{name}: warm-up and timed run…"):
             run()
@@ -142,12 +142,13 @@ def demo(n: int = typer.Option(4096, help="sequence length"),
 
 @app.command()
 @_one_line_errors
-def calibrate():
+def calibrate(repeats: int = typer.Option(5, help="timed runs per kernel (the best is kept)")):
     """Measure the planner's cost-model constants on this machine."""
     import attnbound
 
+    _positive(repeats=repeats)
     with _progress("timing exact and feature attention on this machine…"):
-        cm = attnbound.calibrate()
+        cm = attnbound.calibrate(repeats=repeats)
     console.print(cm)
 
 
