@@ -262,8 +262,6 @@ class Attention(nn.Module):
                 mask = mask[..., :1, :]  # padding-like: a key mask (..., 1, S)
 
         m = method or self.method
-        if m in _EXACT and mask is not None and mask.shape[-2] == 1:
-            mask = mask.expand(*mask.shape[:-2], L, mask.shape[-1])  # a view; exact methods take any mask
         kw = {"is_causal": causal, "attn_mask": mask}
         if m not in _EXACT:
             kw |= {"eps": self.eps, "bound": self.bound}
