@@ -23,6 +23,8 @@ def test_count_ops_known_answers():
     assert (c.matmul, c.elementwise) == (0, 48)
     c, _ = count_ops(lambda: x.t().reshape(-1)[:5].clone())  # views and copies do no arithmetic
     assert c.total == 0
+    outer, (inner, _) = count_ops(lambda: count_ops(lambda: torch.exp(a @ b)))  # nested counts both see it
+    assert outer == inner == type(outer)(2 * 5 * 7 * 3, 15)
 
 
 def test_count_ops_counts_the_backward_pass():
