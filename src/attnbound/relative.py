@@ -27,8 +27,9 @@ e^{−zs} after the power M leaves, for |s| ≤ 1, at most Σ_k |b_k| · Σ_{m>M
 
 with σ̃ the truncated sums. Every quantity is computed with Python integers: b_k exactly; z^m/m!,
 e^{−R'c} and the products in fixed point with 2^−256 units, each rounded in a known direction or with its
-rounding added to the bound (e^y is enclosed by its Taylor series at y/2^s with the remainder
-2·x^{K+1}/(K+1)! for 0 ≤ x ≤ 1/2, then squared s times with floor/ceil rounding). The maximum over
+rounding added to the bound (e^y is enclosed by its Taylor series at x = |y|/2^s ≤ 2^−8, summed
+with floor/ceil until a term drops below one unit — the rest is then below one unit — squared s times
+with floor/ceil rounding, and inverted outward for y < 0). The maximum over
 the pieces is therefore an upper bound on the real-number maximum — a proof, not a sample. Pieces
 are bisected where the bound exceeds 1.03 times the largest centre value |r(c)| (a lower bound of the
 true maximum), so the stored η is within a few per cent of the true relative error.
@@ -36,7 +37,7 @@ true maximum), so the stored η is within a few per cent of the true relative er
 Rescaling. For a radius R ≤ R' (R' the smallest grid radius ≥ R), P(x) = Σ a'_j (x/R')^j also
 approximates eˣ on [−R, R] ⊂ [−R', R'] with relative error ≤ η(R', g); in u = x/R its coefficients
 are a'_j (R/R')^j. The float64 values a_j actually returned differ from those by Δa_j, computed
-exactly in integer arithmetic, and |P̃(x) − P(x)|/eˣ ≤ Σ_j |Δa_j|·e^R on the interval, so
+exactly in integer arithmetic (each |Δa_j| rounded up to a multiple of 2^−400), and |P̃(x) − P(x)|/eˣ ≤ Σ_j |Δa_j|·e^R on the interval, so
 
     relative_eta(R, g) = η(R', g) + Σ_j |Δa_j| · e^R        (rounded up).
 
@@ -91,9 +92,10 @@ def _ceil_div(a: int, b: int) -> int:
 def _exp_interval(y_num: int, y_exp: int, bits: int = _F) -> tuple[int, int]:
     """Integers (lo, hi) with lo ≤ e^y · 2^bits ≤ hi for y = y_num / 2^y_exp (exact dyadic).
 
-    Proof: for x = |y|/2^s ∈ [0, 2^−8], e^x = Σ_{m≤K} x^m/m! + ρ with 0 ≤ ρ ≤ 2 x^{K+1}/(K+1)!;
-    the partial sum is taken term by term with floor (lo) and ceil (hi); squaring s times with floor/ceil
-    keeps lo ≤ e^{|y|}·2^G ≤ hi; e^{−|y|} = 1/e^{|y|} swaps and rounds outward.
+    Proof: for x = |y|/2^s ∈ [0, 2^−8], e^x = Σ_{m≤K} x^m/m! + ρ; the partial sum is taken term by
+    term with floor (lo) and ceil (hi) in units 2^−G, stopping at the first K whose term is below one
+    unit, so 0 ≤ ρ < x^K/K!·(x/(K+1))/(1 − x/(K+1)) < 1 unit (2 are added to hi); squaring s times with
+    floor/ceil keeps lo ≤ e^{|y|}·2^G ≤ hi; e^{−|y|} = 1/e^{|y|} swaps the ends and rounds outward.
     """
     guard = bits + 64
     a = abs(y_num)
@@ -458,13 +460,21 @@ def _rescaled(radius: float, degree: int) -> tuple[np.ndarray, float]:
     for j in range(b + 1):  # a_j = a'_j·ρ^j by repeated products; the rounding is measured exactly below
         out[j] = base[j] * power
         power *= rho
-    ratio = Fraction(radius) / Fraction(grid_r)
-    drift = Fraction(0)
-    rp = Fraction(1)
+    # Σ_j |a_j − a'_j (radius/R')^j| exactly, in integers: ratio = N/Q, each term rounded up to 2^-400
+    rn, re_ = _dyadic(radius)
+    gn, ge = _dyadic(grid_r)
+    N, Q = rn << ge, gn << re_
+    units = 0
+    Nj, Qj = 1, 1
     for j in range(b + 1):
-        drift += abs(Fraction(float(out[j])) - Fraction(float(base[j])) * rp)
-        rp *= ratio
-    total = Fraction(table_eta) + drift * Fraction(_exp_upper(radius))
+        m, e = _dyadic(out[j])
+        n, f = _dyadic(base[j])
+        x = abs((m << f) * Qj - (n << e) * Nj)  # |Δ_j| = x / (2^{e+f} Q^j)
+        if x:
+            units += _ceil_div(x << 400, Qj << (e + f))
+        Nj *= N
+        Qj *= Q
+    total = Fraction(table_eta) + Fraction(units, 1 << 400) * Fraction(_exp_upper(radius))
     return out, _fraction_up(total)
 
 
