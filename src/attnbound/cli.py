@@ -100,7 +100,7 @@ def _progress(message: str):
 @_one_line_errors
 def demo(n: int = typer.Option(4096, help="sequence length"),
          d: int = typer.Option(8, help="head dim"),
-         heads: int = typer.Option(2, help="number of heads"),
+         heads: int = typer.Option(1, help="number of heads"),
          scale: float = typer.Option(0.3, help="entries of q, k, v are N(0, scale²)"),
          method: ApproxMethod = typer.Option(ApproxMethod.auto, help="the approximate method shown"),
          eps: float = typer.Option(1e-3, help="target max-abs error ‖out − exact‖∞ (absolute)"),
@@ -135,7 +135,7 @@ def demo(n: int = typer.Option(4096, help="sequence length"),
             out, cert = run()
             seconds = time.perf_counter() - t0
         err = float((out.double() - ref).abs().max())
-        table.add_row(name, f"{seconds:.3g}", f"{err:.2e}", "-" if cert is None else f"{cert.output_error_bound:.2e}",
+        table.add_row(name, f"{seconds:.4f}", f"{err:.2e}", "-" if cert is None else f"{cert.output_error_bound:.2e}",
                       _short(cert))
     console.print(table)
 
