@@ -302,6 +302,8 @@ class Transformer(nn.Module):
     """L pre-norm blocks of H-head attention + MLP; the attention method is switchable per call.
 
     ``norm=False`` drops the LayerNorms (the hard-instance packing needs the raw residual stream).
+    ``forward(x, method=None, **kwargs)`` is self-attention: ``kwargs`` go to every layer's
+    :meth:`Attention.forward` (``key_padding_mask``, ``attn_mask`` in torch's conventions, ``eps``, ...).
     ``last_certificates`` lists each layer's certificate after a forward.
     """
 
