@@ -1,10 +1,26 @@
-"""Certified fast attention vs exact, in one run: time ratios to torch SDPA and measured error vs certificate.
+"""Certified fast attention vs exact, in one run: time ratios to torch SDPA, measured error vs
+certificate, and every feature method's multiple of its float64 flop floor.
 
-    python benchmarks/bench_approx.py [--quick] [--max-log2n 17]
+    python benchmarks/bench_approx.py [--quick] [--sections peak kernel grid] [--ds 8 16] [--radii 0.5 1 2]
+                                      [--min-log2n 12] [--max-log2n 17] [--methods auto polynomial taylor blockwise]
+                                      [--no-causal] [--threads N]
 
-Grid: d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2}, eps = 1e-3, n = 2^12 … 2^17, one head. SDPA gets
-4-D (1, 1, n, d) tensors (its fair CPU path). Errors are measured against a float64 reference on
-a random subsample of 256 query rows. Prints a table and writes benchmarks/results/bench_approx.json.
+peak:   the float64 GEMM rate of this process (best of 5 products of 2048×2048 matrices), measured
+        at the start (the multiples use it) and again at the end, so a change of load shows.
+        The flop floor of a feature method of rank r is 2·2·n·r·(d_v + 1) flops (key state and
+        readout, each an n × r by r × (d_v + 1) product) at that rate.
+kernel: the feature engine itself at fixed (d, degree, d_v = 8): the pure-torch engine
+        (attnbound.features.feature_attention) against the fused kernels (attnbound.fused, through
+        a small wrapper), non-causal and causal, with their multiples of the flop floor and their
+        largest difference.
+grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2}, eps = 1e-3, n = 2^12 … 2^17, one head, without and
+        with ``is_causal``. SDPA gets 4-D (1, 1, n, d) tensors (its fair CPU path), with
+        ``is_causal`` in the causal rows. Errors are measured against a float64 reference on a
+        random subsample of 256 query rows. Times are medians of ``--repeats`` calls (one call
+        above n = 2^15).
+
+Prints tables and writes benchmarks/results/bench_approx.json. Wall times on a shared machine are
+noisy; the JSON records the thread count and both GEMM peaks.
 """
 
 from __future__ import annotations
@@ -14,13 +30,33 @@ import json
 import math
 import pathlib
 import platform
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import attnbound
+from attnbound import features, fused
 from attnbound.experiments.common import timed
+
+
+def gemm_peak(size: int = 2048, rounds: int = 5) -> float:
+    """Best float64 GEMM rate (flop/s) of this process over ``rounds`` products of size × size."""
+    a = torch.randn(size, size, dtype=torch.float64)
+    b = torch.randn(size, size, dtype=torch.float64)
+    a @ b
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def floor_seconds(n: int, rank: int, d_v: int, peak: float) -> float:
+    """2·2·n·r·(d_v + 1) flops at the GEMM peak: key state plus readout as two dense products."""
+    return 4 * n * rank * (d_v + 1) / peak
 
 
 def inputs(n, d, radius, seed):
@@ -30,57 +66,113 @@ def inputs(n, d, radius, seed):
     return q * c, k * c, v
 
 
-def sub_error(out, q, k, v, idx):
+def sub_error(out, q, k, v, idx, is_causal):
     s = 1 / math.sqrt(q.shape[-1])
-    ref = torch.softmax(s * q[..., idx, :].double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    scores = s * q[..., idx, :].double() @ k.double().transpose(-1, -2)
+    if is_causal:
+        keys = torch.arange(k.shape[-2])
+        scores = scores.masked_fill(keys[None, :] > idx[:, None], float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.double()
     return float((out[..., idx, :].double() - ref).abs().max())
 
 
-def run(ds, radii, log2ns, eps, repeats, skip_exact_above):
+# ------------------------------------------------------------------------------------------------
+# kernel section: engine vs fused at a fixed rank
+
+
+def fused_feature_attention(q, k, v, coeffs, is_causal):
+    """The fused kernels behind the engine's normalisation: what a dispatch from
+    ``features.feature_attention`` (without key weights) computes."""
+    degree, d, d_v = len(coeffs) - 1, q.shape[-1], v.shape[-1]
+    w = torch.as_tensor(features.monomial_weights(coeffs, d))
+    vv = features.weighted_values(v)
+    if is_causal:
+        num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
+    else:
+        num = fused.state_readout(q, fused.key_state(k, vv, degree=degree, weights=w), degree=degree)
+    return features.normalize_readout(num, d_v)
+
+
+def run_kernel(cases, n, d_v, peak, repeats):
     rows = []
-    for d in ds:
-        for radius in radii:
-            for lg in log2ns:
-                n = 1 << lg
-                q, k, v = inputs(n, d, radius, seed=lg * 100 + d)
-                idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256]
-                t_sdpa, ref = timed(lambda: F.scaled_dot_product_attention(q, k, v), 1 if n > 1 << 15 else repeats)
-                row = {"d": d, "R": radius, "n": n, "eps": eps, "sdpa_s": t_sdpa}
-                for name, kw in (("auto", {"method": "auto", "eps": eps}),
-                                 ("polynomial", {"method": "polynomial", "eps": eps}),
-                                 ("taylor", {"method": "taylor", "eps": eps}),
-                                 ("blockwise", {"method": "blockwise"})):
-                    if name == "blockwise" and n > skip_exact_above:
-                        continue
-                    try:
-                        t, (out, cert) = timed(lambda: attnbound.attention(q, k, v, return_certificate=True, **kw),
-                                               1 if n > 1 << 15 else repeats)
-                    except ValueError as exc:
-                        row[name] = {"error": str(exc)}
-                        continue
-                    row[name] = {"seconds": t, "speedup_vs_sdpa": t_sdpa / t, "method": cert.method,
-                                 "degree": cert.degree, "rank": cert.rank, "certificate": cert.output_error_bound,
-                                 "measured_max_error": sub_error(out, q, k, v, idx)}
-                rows.append(row)
-                print(fmt_row(row), flush=True)
+    for d, degree in cases:
+        rank = features.feature_rank(d, degree)
+        g = torch.Generator().manual_seed(d * 100 + degree)
+        q, k = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2))
+        q, k = q / q.norm(dim=-1).max(), k / k.norm(dim=-1).max()  # |<q, k>| <= 1, where P is certified
+        v = torch.randn(n, d_v, generator=g, dtype=torch.float64)
+        coeffs = attnbound.chebyshev_coefficients(1.0, degree)
+        for is_causal in (False, True):
+            fused_feature_attention(q[:300], k[:300], v[:300], coeffs, is_causal)  # compile / load kernels
+            reps = 1 if n > 1 << 15 else repeats
+            t_eng, ref = timed(lambda: features.feature_attention(q, k, v, coeffs=coeffs, is_causal=is_causal), reps)
+            t_fus, out = timed(lambda: fused_feature_attention(q, k, v, coeffs, is_causal), reps)
+            fl = floor_seconds(n, rank, d_v, peak)
+            row = {"d": d, "degree": degree, "rank": rank, "d_v": d_v, "n": n, "causal": is_causal,
+                   "engine_s": t_eng, "fused_s": t_fus, "floor_s": fl, "engine_x_floor": t_eng / fl,
+                   "fused_x_floor": t_fus / fl, "fused_speedup": t_eng / t_fus,
+                   "max_abs_diff": float((out - ref).abs().max())}
+            rows.append(row)
+            print(f"d={d:>2} g={degree} r={rank:>5} n=2^{int(math.log2(n))} {'causal' if is_causal else 'full  '} "
+                  f"engine {t_eng:7.3f}s ({t_eng / fl:5.1f}x floor)  fused {t_fus:7.3f}s ({t_fus / fl:4.2f}x floor)  "
+                  f"speedup {t_eng / t_fus:5.1f}x  |diff| {row['max_abs_diff']:.1e}", flush=True)
     return rows
 
 
-def fmt_row(r):
+# ------------------------------------------------------------------------------------------------
+# grid section: attnbound.attention vs SDPA
+
+
+def run_grid(ds, radii, log2ns, eps, repeats, skip_exact_above, methods, causal_modes, peak):
+    rows = []
+    for d in ds:
+        for radius in radii:
+            for is_causal in causal_modes:
+                for lg in log2ns:
+                    n = 1 << lg
+                    q, k, v = inputs(n, d, radius, seed=lg * 100 + d)
+                    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256]
+                    reps = 1 if n > 1 << 15 else repeats
+                    t_sdpa, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal), reps)
+                    row = {"d": d, "R": radius, "n": n, "eps": eps, "causal": is_causal, "sdpa_s": t_sdpa}
+                    for name in methods:
+                        kw = {"method": "blockwise"} if name == "blockwise" else {"method": name, "eps": eps}
+                        if name == "blockwise" and n > skip_exact_above:
+                            continue
+                        try:
+                            t, (out, cert) = timed(lambda: attnbound.attention(
+                                q, k, v, is_causal=is_causal, return_certificate=True, **kw), reps)
+                        except ValueError as exc:
+                            row[name] = {"error": str(exc)}
+                            continue
+                        cell = {"seconds": t, "speedup_vs_sdpa": t_sdpa / t, "method": cert.method,
+                                "degree": cert.degree, "rank": cert.rank, "certificate": cert.output_error_bound,
+                                "measured_max_error": sub_error(out, q, k, v, idx, is_causal)}
+                        if cert.rank:
+                            cell["x_floor"] = t / floor_seconds(n, cert.rank, v.shape[-1], peak)
+                        row[name] = cell
+                    rows.append(row)
+                    print(fmt_row(row, methods), flush=True)
+    return rows
+
+
+def fmt_row(r, methods):
     def cell(name):
         x = r.get(name)
         if not x:
-            return f"{'-':>24}"
+            return f"{'-':>34}"
         if "error" in x:
-            return f"{'uncertifiable':>24}"
-        return f"{x['speedup_vs_sdpa']:6.2f}x g={x['degree'] if x['degree'] is not None else '-':>2} {x['measured_max_error']:.1e}/{x['certificate']:.0e}"
-    return f"d={r['d']:>2} R={r['R']:<3} n=2^{int(math.log2(r['n'])):<2} sdpa={r['sdpa_s']:8.3f}s " + " ".join(
-        cell(m) for m in ("auto", "polynomial", "taylor", "blockwise"))
+            return f"{'uncertifiable':>34}"
+        fl = f"{x['x_floor']:5.1f}xF" if "x_floor" in x else f"{'':7}"
+        return (f"{x['speedup_vs_sdpa']:6.2f}x g={x['degree'] if x['degree'] is not None else '-':>2} {fl} "
+                f"{x['measured_max_error']:.1e}/{x['certificate']:.0e}")
+    return (f"d={r['d']:>2} R={r['R']:<3} {'causal' if r['causal'] else 'full  '} n=2^{int(math.log2(r['n'])):<2} "
+            f"sdpa={r['sdpa_s']:8.3f}s " + " ".join(cell(m) for m in methods))
 
 
-def fit_exponent(rows, method, d, radius):
+def fit_exponent(rows, method, d, radius, causal):
     pts = [(math.log(r["n"]), math.log(r[method]["seconds"])) for r in rows
-           if r["d"] == d and r["R"] == radius and "seconds" in r.get(method, {})]
+           if r["d"] == d and r["R"] == radius and r["causal"] == causal and "seconds" in r.get(method, {})]
     if len(pts) < 2:
         return None
     x, y = np.array(pts).T
@@ -89,23 +181,60 @@ def fit_exponent(rows, method, d, radius):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="d=8, R=1, n up to 2^14 (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: d=8, R=1, n = 2^12..2^14, kernel section at n = 2^13")
+    ap.add_argument("--sections", nargs="+", default=["kernel", "grid"], choices=["kernel", "grid"])
+    ap.add_argument("--ds", nargs="+", type=int, default=[8, 16])
+    ap.add_argument("--radii", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    ap.add_argument("--methods", nargs="+", default=["auto", "polynomial", "taylor", "blockwise"],
+                    choices=["auto", "polynomial", "taylor", "blockwise"])
+    ap.add_argument("--min-log2n", type=int, default=12)
     ap.add_argument("--max-log2n", type=int, default=17)
+    ap.add_argument("--no-causal", action="store_true", help="skip the is_causal rows")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op (and numba) threads (default: theirs)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bench_approx.json"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    ds, radii, log2ns = ([8], [1.0], range(12, 15)) if a.quick else ([8, 16], [0.5, 1.0, 2.0], range(12, a.max_log2n + 1))
-    print("columns: speedup vs SDPA (SDPA time / method time), degree, measured max error / certificate")
-    rows = run(ds, radii, list(log2ns), 1e-3, a.repeats, skip_exact_above=1 << 15)
-    fits = {f"d={d},R={R}": {m: fit_exponent(rows, m, d, R) for m in ("polynomial", "auto", "blockwise")}
-            for d in ds for R in radii}
-    print("fitted time exponents (log t vs log n):", json.dumps(fits, indent=1))
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+        if fused.numba is not None:
+            fused.numba.set_num_threads(min(a.threads, fused.numba.config.NUMBA_NUM_THREADS))
+    if a.quick:
+        a.ds, a.radii, a.min_log2n, a.max_log2n = [8], [1.0], 12, 14
+    log2ns = list(range(a.min_log2n, a.max_log2n + 1))
+    causal_modes = (False,) if a.no_causal else (False, True)
+
+    peak_start = gemm_peak()
+    print(f"float64 GEMM peak (2048², best of 5): {peak_start / 1e9:.1f} GFLOP/s", flush=True)
+    kernel_rows, grid_rows = [], []
+    if "kernel" in a.sections:
+        ok, why = fused.available(torch.zeros(1, dtype=torch.float64))
+        if ok:
+            n_kernel = 1 << (13 if a.quick else a.max_log2n)
+            print(f"kernel: pure-torch engine vs fused kernels, d_v = 8, n = {n_kernel}; "
+                  "floor = 2·2·n·r·(d_v+1) flops at the GEMM peak above")
+            kernel_rows = run_kernel([(8, 6), (16, 4)], n_kernel, 8, peak_start, a.repeats)
+        else:
+            print("kernel section skipped:", why)
+    if "grid" in a.sections:
+        print("grid columns per method: speedup vs SDPA (SDPA time / method time), degree, "
+              "multiple of the rank's flop floor (xF), measured max error / certificate")
+        print("methods:", " | ".join(a.methods))
+        grid_rows = run_grid(a.ds, a.radii, log2ns, 1e-3, a.repeats, 1 << 15, a.methods, causal_modes, peak_start)
+    peak_end = gemm_peak()
+    print(f"float64 GEMM peak at the end: {peak_end / 1e9:.1f} GFLOP/s (the multiples above use the start's "
+          f"{peak_start / 1e9:.1f}; with the end's they would scale by {peak_end / peak_start:.2f})")
+    fits = {f"d={d},R={R},{'causal' if c else 'full'}": {m: fit_exponent(grid_rows, m, d, R, c) for m in a.methods}
+            for d in a.ds for R in a.radii for c in causal_modes} if grid_rows else {}
+    if fits:
+        print("fitted time exponents (log t vs log n):", json.dumps(fits, indent=1))
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "numba_threads": fused.numba.get_num_threads() if fused.numba is not None else None,
+           "cpu": platform.processor() or platform.machine(),
+           "gemm_peak_flops_start": peak_start, "gemm_peak_flops_end": peak_end, "args": vars(a)}
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(a.out).write_text(json.dumps({"env": env, "rows": rows, "fits": fits}, indent=1))
+    pathlib.Path(a.out).write_text(json.dumps({"env": env, "kernel": kernel_rows, "rows": grid_rows, "fits": fits},
+                                              indent=1))
     print("wrote", a.out)
 
 
