@@ -38,7 +38,7 @@ from ..hardness import (
 from .common import Result, new_figure
 from .transition import log_rank, needed_degree
 
-SIZES = {"test": (6, 32), "small": (24, 128), "medium": (40, 256), "large": (60, 512)}
+SIZES = {"test": (6, 32), "small": (16, 128), "medium": (40, 256), "large": (60, 512)}
 DEGREES = list(range(2, 31, 2))
 RANK_CAP = 50_000
 PERFORMER_FEATURES = 256

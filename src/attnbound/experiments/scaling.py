@@ -31,7 +31,7 @@ from .common import Result, combine, count_ops, fit_slope, interleaved_min_times
 
 NS_COUNT = {"test": [256, 512, 1024], "small": [1024, 2048, 4096, 8192], "medium": [2048, 4096, 8192, 16384],
             "large": [4096, 8192, 16384, 32768]}
-NS_TIME = {"test": [128, 256, 512], "small": [2048, 4096, 8192, 16384], "medium": [4096, 8192, 16384, 32768],
+NS_TIME = {"test": [128, 256, 512], "small": [1024, 2048, 4096, 8192], "medium": [4096, 8192, 16384, 32768],
            "large": [8192, 16384, 32768, 65536]}
 ROUNDS = {"test": 1, "small": 3, "medium": 3, "large": 3}
 AS_LOG2NS = list(range(8, 41))
