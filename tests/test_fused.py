@@ -55,6 +55,15 @@ def test_dfs_order_is_the_engine_monomials(d, degree):
         assert np.array_equal(np.delete(alpha[a], i), np.delete(parent, i))
         assert not alpha[a][i + 1:].any()  # i is the largest variable, so the parent's is ≤ i
         last[j] = a
+    items = fused.dfs_items(d, degree)
+    paired = items[items[:, 3] >= 0]
+    assert sorted(items[:, 0].tolist() + paired[:, 3].tolist()) == list(range(1, r))
+    assert (paired[:, 1] == degree).all()
+    for a, _, i, b, i2 in paired:  # the second leaf of a pair is a sibling of the first: same parent
+        pa, pb = alpha[a].copy(), alpha[b].copy()
+        pa[i] -= 1
+        pb[i2] -= 1
+        assert np.array_equal(pa, pb)
 
 
 @pytest.mark.parametrize("n", LENGTHS)

@@ -12,9 +12,10 @@ first on the tree in which a degree-j monomial m with largest variable i has the
 (i' ≥ i): a tile of T rows keeps one T-vector per depth (a (g + 1) × T stack, in L1 cache), each
 new monomial is one multiply of its parent's vector by x_{i'}, and it is used at once — summed into
 the key state against the tile's [V, 1] (keys) or multiplied by the state's row into the tile's
-outputs (queries). Work: n·r·(d_v + 1) multiply-adds per side plus n·r multiplies to build the
-monomials, the same as the reference; memory beyond inputs and outputs: one r × (d_v + 1) partial
-state per parallel work item (keys) and O((g + d + d_v)·T) per tile.
+outputs (queries); two sibling leaves (degree g, same parent) share one pass over the tile.
+Work: n·r·(d_v + 1) multiply-adds per side plus n·r multiplies to build the monomials, the same as
+the reference; memory beyond inputs and outputs: one r × (d_v + 1) partial state per parallel work
+item (keys) and O((g + d + d_v)·T) per tile.
 
 Parallelism: tiles are split over numba threads; each work item sums into a private partial state
 and the partial states are added afterwards. The causal pass splits each sequence into segments:
@@ -117,6 +118,22 @@ def dfs_order(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=64)
+def dfs_items(d: int, degree: int) -> np.ndarray:
+    """:func:`dfs_order` with consecutive sibling leaves paired: rows (index, degree, variable,
+    second index or −1, second variable). A pair shares its parent's vector and one pass over the tile."""
+    idx, dep, var = dfs_order(d, degree)
+    rows, m = [], 0
+    while m < len(idx):
+        if dep[m] == degree and m + 1 < len(idx) and dep[m + 1] == degree:  # siblings: same parent
+            rows.append((idx[m], dep[m], var[m], idx[m + 1], var[m + 1]))
+            m += 2
+        else:
+            rows.append((idx[m], dep[m], var[m], -1, 0))
+            m += 1
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+@lru_cache(maxsize=64)
 def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
     alpha = monomial_exponents(d, degree)
@@ -143,11 +160,15 @@ def polynomial_of_weights(weights: np.ndarray, d: int, degree: int) -> np.ndarra
 
 def _lines_keys(C: int) -> list[str]:
     init = "; ".join(f"x{c} = 0.0" for c in range(C))
+    init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
     upd = [f"                        x{c} += f * vvt[{c}, t]" for c in range(C)]
+    upd2 = [f"                        v = vvt[{c}, t]\n                        x{c} += f * v\n                        y{c} += h * v"
+            for c in range(C)]
     store = [f"                part[p, a, {c}] += x{c}" for c in range(C)]
+    store2 = [f"                    part[p, a2, {c}] += y{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def key_partials(kk, vv, idx, dep, var, g, T, part, nseg, per):",
+        "def key_partials(kk, vv, items, g, T, part, nseg, per):",
         "    B, n, d = kk.shape",
         "    r = part.shape[1]",
         "    ntiles = (n + T - 1) // T",
@@ -172,12 +193,22 @@ def _lines_keys(C: int) -> list[str]:
         "                for t in range(tl):",
         "                    s += vvt[c, t]",
         "                part[p, 0, c] += s",
-        "            for m in range(idx.shape[0]):",
-        "                a = idx[m]",
-        "                j = dep[m]",
-        "                i = var[m]",
+        "            for m in range(items.shape[0]):",
+        "                a = items[m, 0]",
+        "                j = items[m, 1]",
+        "                i = items[m, 2]",
+        "                a2 = items[m, 3]",
         f"                {init}",
-        "                if j < g:",
+        "                if a2 >= 0:",  # two sibling leaves: one parent load, one [V, 1] load for both
+        "                    i2 = items[m, 4]",
+        f"                    {init2}",
+        "                    for t in range(tl):",
+        "                        fp = stack[j - 1, t]",
+        "                        f = fp * kt[i, t]",
+        "                        h = fp * kt[i2, t]",
+        *upd2,
+        *store2,
+        "                elif j < g:",
         "                    for t in range(tl):",
         "                        f = stack[j - 1, t] * kt[i, t]",
         "                        stack[j, t] = f",
@@ -192,10 +223,12 @@ def _lines_keys(C: int) -> list[str]:
 
 def _lines_readout(C: int) -> list[str]:
     load = "; ".join(f"s{c} = state[b, a, {c}]" for c in range(C))
+    load2 = "; ".join(f"u{c} = state[b, a2, {c}]" for c in range(C))
     upd = [f"                    acc[{c}, t] += f * s{c}" for c in range(C)]
+    upd2 = [f"                    acc[{c}, t] += f * s{c} + h * u{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def readout(qq, state, idx, dep, var, g, T, out):",
+        "def readout(qq, state, items, g, T, out):",
         "    B, n, d = qq.shape",
         "    ntiles = (n + T - 1) // T",
         "    for p in prange(B * ntiles):",
@@ -212,12 +245,21 @@ def _lines_readout(C: int) -> list[str]:
         "            s = state[b, 0, c]",
         "            for t in range(tl):",
         "                acc[c, t] = s",
-        "        for m in range(idx.shape[0]):",
-        "            a = idx[m]",
-        "            j = dep[m]",
-        "            i = var[m]",
+        "        for m in range(items.shape[0]):",
+        "            a = items[m, 0]",
+        "            j = items[m, 1]",
+        "            i = items[m, 2]",
+        "            a2 = items[m, 3]",
         f"            {load}",
-        "            if j < g:",
+        "            if a2 >= 0:",  # two sibling leaves: one parent load and one pass over the outputs
+        "                i2 = items[m, 4]",
+        f"                {load2}",
+        "                for t in range(tl):",
+        "                    fp = stack[j - 1, t]",
+        "                    f = fp * qt[i, t]",
+        "                    h = fp * qt[i2, t]",
+        *upd2,
+        "            elif j < g:",
         "                for t in range(tl):",
         "                    f = stack[j - 1, t] * qt[i, t]",
         "                    stack[j, t] = f",
@@ -417,12 +459,12 @@ def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: i
     B, n, d = kk.shape
     C = vv.shape[-1]
     r = feature_rank(d, degree)
-    idx, dep, var = dfs_order(d, degree)
+    items = dfs_items(d, degree)
     out = _alloc((B * nseg, r, C))
     for c0, c1 in _column_groups(C):
         kern = _kernels(c1 - c0)[0]
         part = out if (c0, c1) == (0, C) else _alloc((B * nseg, r, c1 - c0))
-        kern(kk, np.ascontiguousarray(vv[..., c0:c1]), idx, dep, var, degree, tile, part, nseg, per)
+        kern(kk, np.ascontiguousarray(vv[..., c0:c1]), items, degree, tile, part, nseg, per)
         if part is not out:
             out[..., c0:c1] = part
     return out
@@ -478,12 +520,12 @@ def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch
     if n == 0 or B == 0:
         return torch.zeros(*batch, n, C, dtype=torch.float64)
     qq, st = _as3(q, batch), _as3(state, batch)
-    idx, dep, var = dfs_order(d, degree)
+    items = dfs_items(d, degree)
     out = _alloc((B, n, C))
     for c0, c1 in _column_groups(C):
         kern = _kernels(c1 - c0)[1]
         o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
-        kern(qq, np.ascontiguousarray(st[..., c0:c1]), idx, dep, var, degree, QUERY_TILE, o)
+        kern(qq, np.ascontiguousarray(st[..., c0:c1]), items, degree, QUERY_TILE, o)
         if o is not out:
             out[..., c0:c1] = o
     return torch.from_numpy(out).reshape(*batch, n, C)
