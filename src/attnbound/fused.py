@@ -280,9 +280,15 @@ def _lines_causal(C: int) -> list[str]:
     readq = [f"                        acc[{c}, t] += fq * s{c}" for c in range(C)]
     sumk = [f"                        x{c} += fk * vvt[{c}, t]" for c in range(C)]
     store = [f"                S[a, {c}] = s{c} + wa * x{c}" for c in range(C)]
+    load2 = "; ".join(f"u{c} = S[a2, {c}]" for c in range(C))
+    init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
+    readq2 = [f"                        acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
+    sumk2 = [f"                        v = vvt[{c}, t]\n                        x{c} += fk * v\n                        y{c} += hk * v"
+             for c in range(C)]
+    store2 = [f"                    S[a2, {c}] = u{c} + wa2 * y{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def causal(qq, kk, vv, w, coef, idx, dep, var, g, T, sin, nseg, per, out):",
+        "def causal(qq, kk, vv, w, coef, items, g, T, sin, nseg, per, out):",
         "    B, n, d = qq.shape",
         "    r = w.shape[0]",
         "    ntiles = (n + T - 1) // T",
@@ -313,13 +319,30 @@ def _lines_causal(C: int) -> list[str]:
         "                    acc[c, t] = s",
         "                    x += vvt[c, t]",
         "                S[0, c] = s + w[0] * x",
-        "            for m in range(idx.shape[0]):",
-        "                a = idx[m]",
-        "                j = dep[m]",
-        "                i = var[m]",
+        "            for m in range(items.shape[0]):",
+        "                a = items[m, 0]",
+        "                j = items[m, 1]",
+        "                i = items[m, 2]",
+        "                a2 = items[m, 3]",
         f"                {load}",
         f"                {init}",
-        "                if j < g:",  # two loops (queries, keys): each vectorises like the kernels above
+        "                if a2 >= 0:",  # two sibling leaves, as in the kernels above
+        "                    i2 = items[m, 4]",
+        f"                    {load2}",
+        f"                    {init2}",
+        "                    for t in range(tl):",
+        "                        fp = sq[j - 1, t]",
+        "                        fq = fp * qt[i, t]",
+        "                        hq = fp * qt[i2, t]",
+        *readq2,
+        "                    for t in range(tl):",
+        "                        fp = sk[j - 1, t]",
+        "                        fk = fp * kt[i, t]",
+        "                        hk = fp * kt[i2, t]",
+        *sumk2,
+        "                    wa2 = w[a2]",
+        *store2,
+        "                elif j < g:",  # two loops (queries, keys): each vectorises like the kernels above
         "                    for t in range(tl):",
         "                        fq = sq[j - 1, t] * qt[i, t]",
         "                        sq[j, t] = fq",
@@ -580,12 +603,12 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
         parts = _key_partials(np.ascontiguousarray(kk[:, :m]), np.ascontiguousarray(vvn[:, :m]), degree, (nseg - 1) * sub, per // sub, CAUSAL_TILE)
         sin[:, 1:] += np.cumsum(parts.reshape(B, nseg - 1, sub, r, C).sum(2) * w[:, None], axis=1)
     sin = np.ascontiguousarray(sin.reshape(B * nseg, r, C))
-    idx, dep, var = dfs_order(d, degree)
+    items = dfs_items(d, degree)
     out = _alloc((B, n, C))
     for c0, c1 in _column_groups(C):
         kern = _kernels(c1 - c0)[2]
         o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
-        kern(qq, kk, np.ascontiguousarray(vvn[..., c0:c1]), w, coef, idx, dep, var, degree, CAUSAL_TILE,
+        kern(qq, kk, np.ascontiguousarray(vvn[..., c0:c1]), w, coef, items, degree, CAUSAL_TILE,
              np.ascontiguousarray(sin[..., c0:c1]), nseg, per, o)
         if o is not out:
             out[..., c0:c1] = o
