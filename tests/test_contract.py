@@ -359,3 +359,16 @@ def test_contract_holds_everywhere(kind, mask, causal, dtype, method, n, radius,
         assert "eps" in str(exc) and "eps" in kw, exc
         return
     check_contract(out, cert, q, k, v, kind=kind, is_causal=causal, attn_mask=attn_mask, eps=kw.get("eps"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")
+@pytest.mark.parametrize("n, g, causal", [(65536, 4, False), (32768, 6, True)])
+def test_memory_estimate_covers_the_measured_peak(n, g, causal):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "peak_memory.py")
+    res = subprocess.run([sys.executable, script, str(n), "8", str(g), "1" if causal else "0"], capture_output=True,
+                         text=True, check=True)
+    measured, estimate = map(int, res.stdout.split())
+    assert measured <= estimate, (measured, estimate)
