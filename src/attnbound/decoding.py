@@ -33,10 +33,11 @@ cached keys (O(n·r·d_v) once), frees the cache and never goes back.
 
 **Degree.** A fixed ``degree`` (even Taylor order) or the smallest one certified for ``eps``
 (``method="auto"``: the family of smallest rank; exact forever when none is certified or the
-state would never be smaller). The choice is made with n_k = 2^32 in the rounding term and, for the
-values, the declared ``value_bound`` (range 2·value_bound) or, without one, twice the range and
-max|v| seen when the state is built. A later value that makes a query's bound exceed ``eps``
-raises ``ValueError`` at that query (declare ``value_bound`` to rule that out).
+state would never be smaller). The choice is made with n_k = 2^27 in the rounding term and, for the
+values, the declared ``value_bound`` M (range 2M) or, without one, M = twice the largest |v| seen
+so far (re-chosen while the cache is kept; fixed when the state is built). A later value beyond
+that M can make a query's bound exceed ``eps``; such a query raises ``ValueError`` (declare
+``value_bound`` to rule that out).
 
 Causal prefill: :meth:`DecodingState.step` takes t new tokens' queries, keys and values at once;
 query i sees every earlier key and the new keys up to i (the chunked prefix sum of the engine
@@ -57,7 +58,7 @@ from .families import MAX_FEATURE_RADIUS, family
 from .features import (chunk_rows, causal_readout, feature_rank, key_state, monomial_weights, normalize_readout,
                        state_readout, weighted_values)
 
-DESIGN_KEYS = 2**32  # n_k used in the rounding term when a degree is chosen for eps (it must hold as n grows)
+DESIGN_KEYS = 2**27  # n_k used in the rounding term when a degree is chosen for eps (it must hold as n grows)
 VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the range seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
 
@@ -135,7 +136,7 @@ class DecodingState:
         self._k = self._v = None  # cache buffers (capacity ≥ n)
         self._state = None
         self._plan = None  # (method, degree, rank) of the state to build, or None: exact
-        self._planned_for = -1.0  # the value range the current plan covers
+        self._planned_for = -1.0  # the max|v| the current plan covers
         self._replan()
 
     # -- declarations ---------------------------------------------------------------------------
@@ -219,9 +220,11 @@ class DecodingState:
             spread, top = 2.0 * self.value_bound, self.value_bound
             cover = math.inf
         else:
-            spread, top = self._value_stats()
-            spread, top = VALUE_MARGIN * spread, VALUE_MARGIN * top
-            cover = spread
+            top = VALUE_MARGIN * self._value_stats()[1]
+            spread, cover = 2.0 * top, top
+            if top == 0.0:  # no nonzero value yet: nothing to plan for, keep the cache
+                self._plan, self._planned_for = None, 0.0
+                return
         methods = val.FEATURE_METHODS if self.method == "auto" else (self.method,)
         best = None
         for m in methods:
@@ -274,7 +277,7 @@ class DecodingState:
     def _commit_values(self, hi, lo) -> None:
         self._hi, self._lo = hi, lo
         if self._state is None and self.value_bound is None and self.degree is None and \
-                self._value_stats()[0] > self._planned_for:
+                self._value_stats()[1] > self._planned_for:
             self._replan()
 
     def _cache_put(self, k: torch.Tensor, v: torch.Tensor) -> None:
