@@ -51,7 +51,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .features import chunk_rows, feature_rank, monomial_exponents
+from . import features  # a module reference, so features.py may import this module at its top
 
 try:  # numba is a declared dependency; without it the pure-torch engine is used
     import numba
@@ -100,7 +100,7 @@ def dfs_order(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The parent of entry m (degree j, variable i) is the latest earlier entry of degree j − 1 (the
     constant monomial for j = 1); its engine index is where the reference puts the same exponent α.
     """
-    alpha = monomial_exponents(d, degree)
+    alpha = features.monomial_exponents(d, degree)
     index = {tuple(a): n for n, a in enumerate(alpha.tolist())}
     order = []
     work = [((0,) * d, 0, 0)]  # (exponent, largest variable, degree); a stack gives the preorder
@@ -136,7 +136,7 @@ def dfs_items(d: int, degree: int) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
-    alpha = monomial_exponents(d, degree)
+    alpha = features.monomial_exponents(d, degree)
     total = alpha.sum(1)
     multi = np.array([math.factorial(int(t)) // math.prod(math.factorial(int(x)) for x in a)
                       for t, a in zip(total, alpha)], dtype=np.float64)
@@ -407,8 +407,9 @@ def _kernels(C: int):
     src = _source(C)
     tag = hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:16]
     name = f"attnbound_fused_c{C}_{tag}"
-    for root in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / f"attnbound-{os.getuid()}"):
+    for where in (_cache_dir, lambda: pathlib.Path(tempfile.gettempdir()) / f"attnbound-{os.getuid()}"):
         try:
+            root = where()
             root.mkdir(parents=True, exist_ok=True)
             path = root / f"{name}.py"
             if not path.exists() or path.read_text() != src:
@@ -481,7 +482,7 @@ def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: i
     """Unweighted φ(K)ᵀ[V, 1] of each (batch row, segment of ``per`` tiles of ``tile`` keys): (B·nseg, r, C)."""
     B, n, d = kk.shape
     C = vv.shape[-1]
-    r = feature_rank(d, degree)
+    r = features.feature_rank(d, degree)
     items = dfs_items(d, degree)
     out = _alloc((B * nseg, r, C))
     for c0, c1 in _column_groups(C):
@@ -510,7 +511,7 @@ def key_state(k: torch.Tensor, vv: torch.Tensor, *, degree: int, weights: torch.
     d, n, C = k.shape[-1], k.shape[-2], vv.shape[-1]
     if vv.shape[-2] != n:
         raise ValueError(f"vv must have as many rows as k ({n}), got {vv.shape[-2]}")
-    r = feature_rank(d, degree)
+    r = features.feature_rank(d, degree)
     w = _check_weights(weights, r)
     batch = torch.broadcast_shapes(k.shape[:-2], vv.shape[:-2])
     B = math.prod(batch)
@@ -535,7 +536,7 @@ def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch
     _check("q", q), _check("state", state)
     degree = _check_degree(degree)
     d, n, C = q.shape[-1], q.shape[-2], state.shape[-1]
-    r = feature_rank(d, degree)
+    r = features.feature_rank(d, degree)
     if state.shape[-2] != r:
         raise ValueError(f"state must have {r} rows (the rank for d={d}, degree={degree}), got {state.shape[-2]}")
     batch = torch.broadcast_shapes(q.shape[:-2], state.shape[:-2])
@@ -574,16 +575,15 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
     if k.shape[-2] != n or vv.shape[-2] != n:
         raise ValueError(f"causal attention needs as many keys and vv rows as queries ({n}), "
                          f"got k {k.shape[-2]}, vv {vv.shape[-2]}")
-    r = feature_rank(d, degree)
+    r = features.feature_rank(d, degree)
     if state is not None and (state.shape[-2] != r or state.shape[-1] != C):
         raise ValueError(f"state must have shape (..., {r}, {C}), got {tuple(state.shape)}")
     w = _check_weights(weights, r)
     coef = polynomial_of_weights(w, d, degree)
     if coef is None:  # weights the engine never builds: the reference computes them
-        from . import features
         B0 = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], vv.shape[:-2]))
         return features.causal_readout(q, k, vv, degree=degree, weights=torch.as_tensor(w), state=state,
-                                       chunk=chunk_rows(max(1, B0), r))
+                                       chunk=features.chunk_rows(max(1, B0), r))
     shapes = [q.shape[:-2], k.shape[:-2], vv.shape[:-2]] + ([state.shape[:-2]] if state is not None else [])
     batch = torch.broadcast_shapes(*shapes)
     B = math.prod(batch)
