@@ -170,3 +170,56 @@ def test_study_figures_and_numbers_are_consistent():
     exact = res["runs"][0]
     assert exact["backend"] == "exact" and exact["max_abs_diff"] <= 1e-5
     assert set(minilm.figures(res)) == {"minilm_radius", "minilm_degree"}
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # GQA: 2 key/value heads for 4 query heads
+    return _tiny(LlamaForCausalLM, cfg, 0.1)
+
+
+def _prompt(padded: bool):
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    am = torch.ones(2, 6, dtype=torch.long)
+    if padded:
+        am[1, :2] = 0  # left padding, as for batched generation
+    return dict(input_ids=ids, attention_mask=am, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_with_kv_cache_matches_eager_under_exact(padded):
+    model = _tiny_llama()
+    prompt = _prompt(padded)
+    model.set_attn_implementation("eager")
+    ref = model.generate(**prompt, max_new_tokens=10)
+    log = register("attnbound-generate", method="exact", eps=None)
+    model.set_attn_implementation("attnbound-generate")
+    try:
+        out = model.generate(**prompt, max_new_tokens=10)
+    finally:
+        model.set_attn_implementation("eager")
+    assert out.shape == (2, 16) and torch.equal(out, ref)
+    # the prefill, then 9 cached steps of one query against the whole cache, per layer and head
+    assert [r.n_q for r in log.records] == [6] * 8 + [1] * (9 * 8)
+    assert sorted({r.certificate.method for r in log.records}) == ["exact"]
+    steps = log.records[8:]
+    assert [r.n_k for r in steps[::8]] == list(range(7, 16))  # the cache grows by one key per step
+
+
+@pytest.mark.parametrize("method", ["auto", "polynomial"])
+def test_generate_steps_are_certified(method):
+    model = _tiny_llama()
+    log, worst = _checked_backend(f"attnbound-generate-{method}", method, 1e-3)
+    model.set_attn_implementation(f"attnbound-generate-{method}")
+    try:
+        out = model.generate(**_prompt(True), max_new_tokens=8)
+    finally:
+        model.set_attn_implementation("eager")
+    assert out.shape == (2, 14)
+    assert len(worst) == 8 * 2 * 4  # every head of every layer at the prefill and the 7 cached steps
+    assert sum(r.n_q == 1 for r in log.records) == 7 * 8
+    assert all(r.certificate.certified and r.certificate.output_error_bound <= 1e-3 for r in log.records)
+    if method == "polynomial":
+        assert {r.certificate.method for r in log.records} == {"polynomial"}
