@@ -164,16 +164,20 @@ def test_state_memory_is_independent_of_the_context_length(rng):
     assert cache.nbytes >= 3 * 512 * (d + d_v) * 8  # the cache grows with n
 
 
-def test_state_path_agrees_with_attention_at_the_same_degree(rng):
+@pytest.mark.parametrize("keep_cache", [True, False])
+def test_state_path_agrees_with_attention_at_the_same_degree(rng, keep_cache):
     """With a fixed degree and bound, the state is the engine's own approximation: equal to attention()'s."""
     d, d_v = 3, 2
     q, k, v = (x.double() for x in _seq(rng, 80, d, d_v, batch=(1,), bound=0.8))
-    ref = attention(q.double(), k.double(), v.double(), method="polynomial", degree=4, bound=0.8, is_causal=True)
-    st = DecodingState(d, d_v, bound=0.8, degree=4, method="polynomial", batch_shape=(1,), dtype=torch.float64)
+    ref = attention(q, k, v, method="polynomial", degree=4, bound=0.8, is_causal=True)
+    st = DecodingState(d, d_v, bound=0.8, degree=4, method="polynomial", batch_shape=(1,), dtype=torch.float64,
+                       keep_cache=keep_cache)
     out = torch.cat([st.step(q[:, i:i + 9], k[:, i:i + 9], v[:, i:i + 9])[0] for i in range(0, 80, 9)], -2)
     assert st.mode == "state"
-    sw = 9 * math.ceil(_switch_point(st, d, d_v) / 9)  # rows after the chunk that switched ran on the state
+    sw = 9 * math.ceil(_switch_point(st, d, d_v) / 9) if keep_cache else 0  # rows answered by the state
     assert (out[:, sw:] - ref[:, sw:]).abs().max().item() <= 1e-12
+    if keep_cache:
+        assert (out[:, :sw] - ref[:, :sw]).abs().max().item() > 1e-9  # the cached rows were exact, not the state's
 
 
 def test_bad_arguments_raise_naming_them():
@@ -193,6 +197,8 @@ def test_bad_arguments_raise_naming_them():
         DecodingState(2, 2, radius=30.0, degree=2, method="polynomial")
     with pytest.raises(TypeError, match="dtype"):
         DecodingState(2, 2, bound=1.0, eps=1e-3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="keep_cache"):
+        DecodingState(2, 2, bound=1.0, eps=1e-3, keep_cache=False)
     st = DecodingState(2, 2, bound=1.0, eps=1e-3, batch_shape=(2,))
     with pytest.raises(ValueError, match="no keys"):
         st.query(torch.zeros(2, 1, 2))

@@ -78,6 +78,8 @@ class DecodingState:
             (``"polynomial"``, ``"taylor"``, ``"relative"``).
         degree: fixed degree (even order for Taylor) instead of ``eps``.
         value_bound: declared max |v|; the degree chosen for ``eps`` then holds for any values.
+        keep_cache: keep a KV cache while it is smaller than the state (default); False builds
+            the state at the first append (needs ``degree`` or ``value_bound`` with ``eps``).
         batch_shape: leading dims of every key and value; queries' leading dims broadcast to it.
         dtype, device: of keys, values, queries and outputs (the state itself is float64).
 
@@ -89,7 +91,7 @@ class DecodingState:
     def __init__(self, d: int, d_v: int, *, scale: float | None = None, bound: float | None = None,
                  norms: tuple[float, float] | None = None, radius: float | None = None, eps: float | None = None,
                  method: str = "auto", degree: int | None = None, value_bound: float | None = None,
-                 batch_shape=(), dtype: torch.dtype = torch.float32, device=None):
+                 keep_cache: bool = True, batch_shape=(), dtype: torch.dtype = torch.float32, device=None):
         for name, x in (("d", d), ("d_v", d_v)):
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{name} must be a positive int, got {x!r}")
@@ -110,6 +112,7 @@ class DecodingState:
             if not (math.isfinite(value_bound) and value_bound >= 0):
                 raise ValueError(f"value_bound must be a finite number ≥ 0, got {value_bound!r}")
         self.value_bound = value_bound
+        self.keep_cache = bool(keep_cache)
         self._declare_radius(bound, norms, radius)
         if method in val.FEATURE_METHODS:
             fam = family(method)
@@ -127,6 +130,9 @@ class DecodingState:
                                  "(η ≥ 1); raise the degree or use method='exact'")
         elif degree is not None:
             raise ValueError(f"degree is for an approximation family, not method={method!r}")
+        if not keep_cache and (method == "exact" or (degree is None and value_bound is None)):
+            raise ValueError("keep_cache=False needs an approximation family with a degree, or eps with value_bound "
+                             "(the state's degree must be known before the first values arrive)")
         if method == "auto" and self.radius is None:
             raise ValueError("method='auto' needs a declared bound, norms or radius (or use method='exact')")
         self.degree = degree
@@ -239,7 +245,9 @@ class DecodingState:
         self._planned_for = cover
 
     def _state_is_smaller(self, n: int) -> bool:
-        return self._plan is not None and n * (self.d + self.d_v) >= self._plan[2] * (self.d_v + 1)
+        if self._plan is None:
+            return False
+        return not self.keep_cache or n * (self.d + self.d_v) >= self._plan[2] * (self.d_v + 1)
 
     # -- properties -------------------------------------------------------------------------------
     @property
