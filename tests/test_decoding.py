@@ -211,3 +211,14 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="one query per new key"):
         st.step(torch.zeros(2, 2, 2), torch.zeros(2, 1, 2), torch.zeros(2, 1, 2))
     assert st.n == 0
+
+
+@pytest.mark.parametrize("d,degree", [(1, 0), (1, 4), (3, 1), (3, 5), (8, 3)])
+def test_few_row_features_equal_the_engine_features(rng, d, degree):
+    from attnbound.decoding import _feature_plan, few_row_features
+    from attnbound.features import monomial_features
+
+    x = torch.randn(2, 5, d, generator=rng, dtype=torch.float64)
+    got = few_row_features(x, _feature_plan(d, degree, x.device))
+    assert got.shape == (2, feature_rank(d, degree), 5)
+    assert torch.equal(got, monomial_features(x, degree))

@@ -41,7 +41,8 @@ that M can make a query's bound exceed ``eps``; such a query raises ``ValueError
 
 Causal prefill: :meth:`DecodingState.step` takes t new tokens' queries, keys and values at once;
 query i sees every earlier key and the new keys up to i (the chunked prefix sum of the engine
-with the state as its incoming prefix). :meth:`append` followed by :meth:`query` lets every
+with the state as its incoming prefix; up to one engine tile of t rows, the new keys' features are
+built once, by one gather and multiply per degree, and serve both the readout and the update). :meth:`append` followed by :meth:`query` lets every
 query see every appended key.
 """
 
@@ -55,12 +56,42 @@ from . import validation as val
 from .api import attention, certified_degree, degree_certificate, polynomial_setup
 from .certificate import Certificate
 from .families import MAX_FEATURE_RADIUS, family
-from .features import (chunk_rows, causal_readout, feature_rank, key_state, monomial_weights, normalize_readout,
-                       state_readout, weighted_values)
+from .features import (CAUSAL_TILE, chunk_rows, causal_readout, feature_rank, key_state, monomial_weights,
+                       normalize_readout, state_readout, weighted_values)
 
 DESIGN_KEYS = 2**27  # n_k used in the rounding term when a degree is chosen for eps (it must hold as n grows)
 VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the range seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
+
+
+def _feature_plan(d: int, degree: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per degree j ≥ 1: (parent rows, variables) such that φ_m = φ_parent(m)·x_var(m) for the block of degree j.
+
+    The engine's order (:func:`attnbound.features.monomial_features`): the degree-j monomials whose largest
+    variable is i are x_i times the first C(i+j−1, j−1) monomials of degree j−1.
+    """
+    plan, prev_off, off = [], 0, 1
+    for j in range(1, degree + 1):
+        parents, variables = [], []
+        for i in range(d):
+            c = math.comb(i + j - 1, j - 1)
+            parents += range(prev_off, prev_off + c)
+            variables += [i] * c
+        plan.append((torch.tensor(parents, device=device), torch.tensor(variables, device=device)))
+        prev_off, off = off, off + len(parents)
+    return plan
+
+
+def few_row_features(x: torch.Tensor, plan) -> torch.Tensor:
+    """The engine's monomial features of a few rows x (..., t, d) as (..., r, t): one gather and one multiply
+    per degree instead of d small multiplies (a decoding step's features are launch-bound, not flop-bound)."""
+    xt = x.transpose(-1, -2)
+    blocks = [torch.ones_like(xt[..., :1, :])]
+    feats = blocks[0]
+    for parents, variables in plan:
+        blocks.append(feats.index_select(-2, parents) * xt.index_select(-2, variables))
+        feats = torch.cat([feats, blocks[-1]], -2)
+    return feats
 
 
 class DecodingState:
@@ -256,6 +287,11 @@ class DecodingState:
         return "state" if self._state is not None else "cache"
 
     @property
+    def approximation(self) -> tuple[str, int, int] | None:
+        """(family, degree, rank) of the state (built, or planned for the values seen), None: exact only."""
+        return self._plan
+
+    @property
     def rank(self) -> int | None:
         """r of the state (built or planned), None when it will never be built."""
         return self._plan[2] if self._plan is not None else None
@@ -307,6 +343,7 @@ class DecodingState:
         coeffs, aq, ak = polynomial_setup(method, self.radius, g, d=self.d, bound=self.bound, norms=self.norms)
         w = torch.as_tensor(monomial_weights(coeffs, self.d), dtype=torch.float64, device=self.device)
         self._fixed = (method, len(coeffs) - 1, w, aq, ak, chunk_rows(max(1, math.prod(self.batch_shape)), r))
+        self._rows = _feature_plan(self.d, len(coeffs) - 1, self.device)
         self._state = torch.zeros((*self.batch_shape, r, self.d_v + 1), dtype=torch.float64, device=self.device)
         if self.n:
             self._add_keys(self._k[..., : self.n, :], self._v[..., : self.n, :])
@@ -404,9 +441,15 @@ class DecodingState:
                              return_certificate=True)
         _, g, w, aq, ak, chunk = self._fixed
         kd, vv = k.double() * ak, weighted_values(v.double())
-        num = causal_readout(q.double() * aq, kd, vv, degree=g, weights=w, chunk=chunk,
-                             state=self._state if n0 else None)
-        self._state += key_state(kd, vv, degree=g, weights=w, chunk=chunk)
+        if t <= CAUSAL_TILE:  # one tile: the features of the new keys serve both the readout and the update
+            fq = few_row_features(q.double() * aq, self._rows).transpose(-1, -2)
+            fkw = few_row_features(kd, self._rows) * w.unsqueeze(-1)
+            num = torch.tril(fq @ fkw) @ vv + fq @ self._state
+            self._state += fkw @ vv
+        else:
+            num = causal_readout(q.double() * aq, kd, vv, degree=g, weights=w, chunk=chunk,
+                                 state=self._state if n0 else None)
+            self._state += key_state(kd, vv, degree=g, weights=w, chunk=chunk)
         self.n += t
         return self._finish(num), cert
 
