@@ -123,11 +123,13 @@ def test_batch_broadcasting():
           features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=32, state=state))
 
 
-def test_column_groups(monkeypatch):
-    monkeypatch.setattr(fused, "MAX_COLUMNS", C)  # 2·C columns: two groups of C, the compiled width
+@pytest.mark.parametrize("width", [2 * C - 1, 2 * C])
+def test_column_groups(monkeypatch, width):
+    monkeypatch.setattr(fused, "MAX_COLUMNS", C)  # two groups of the compiled width C (2C − 1: one zero-padded)
+    assert fused._column_groups(width) == (C, [0, C])
     n, d, degree = 200, 3, 3
     q, k, _, w = make(n, d, degree, seed=11)
-    vv = torch.randn(n, 2 * C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    vv = torch.randn(n, width, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = features.key_state(k, vv, degree=degree, weights=w, chunk=64)
     close(fused.key_state(k, vv, degree=degree, weights=w), ref)
     close(fused.state_readout(q, ref, degree=degree), features.state_readout(q, ref, degree=degree, chunk=64))

@@ -34,7 +34,8 @@ float64 summation bound γ_m·Σ|terms|; nothing here is exact beyond that.
 The kernels are generated for each number of columns d_v + 1 (the per-column sums live in
 registers), compiled by numba on first use and cached on disk (``ATTNBOUND_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/attnbound`` or ``~/.cache/attnbound``), so later processes load them in well under a
-second. Columns beyond ``MAX_COLUMNS`` are processed in groups.
+second. Columns beyond ``MAX_COLUMNS`` are processed in groups of one width (the last zero-padded),
+so a head of any width compiles one kernel set.
 """
 
 from __future__ import annotations
@@ -468,10 +469,34 @@ def _alloc(shape) -> np.ndarray:
     return np.full(shape, np.nan) if _POISON else np.empty(shape)
 
 
-def _column_groups(C: int) -> list[tuple[int, int]]:
+def _column_groups(C: int) -> tuple[int, list[int]]:
+    """(width, first columns): C columns in groups of one width ≤ MAX_COLUMNS (the last one padded
+    with zero columns), so a wide [V, 1] compiles one kernel width, not two."""
     groups = -(-C // MAX_COLUMNS)
     size = -(-C // groups)
-    return [(c0, min(C, c0 + size)) for c0 in range(0, C, size)]
+    return size, list(range(0, C, size))
+
+
+def _take(x: np.ndarray, c0: int, size: int) -> np.ndarray:
+    """Columns c0 … c0 + size − 1 of x, contiguous, zero past its last column."""
+    part = x[..., c0:c0 + size]
+    if part.shape[-1] < size:
+        part = np.concatenate([part, np.zeros((*part.shape[:-1], size - part.shape[-1]))], -1)
+    return np.ascontiguousarray(part)
+
+
+def _run_groups(inputs: list[np.ndarray], out: np.ndarray, call) -> None:
+    """call(each input's column group, a fresh output of the group's width) for every column group
+    of ``out``, the group's result written into ``out``."""
+    C = out.shape[-1]
+    size, starts = _column_groups(C)
+    if size == C:
+        call(*(np.ascontiguousarray(x) for x in inputs), out)
+        return
+    for c0 in starts:
+        o = _alloc((*out.shape[:-1], size))
+        call(*(_take(x, c0, size) for x in inputs), o)
+        out[..., c0:c0 + size] = o[..., :min(size, C - c0)]
 
 
 def _threads() -> int:
@@ -485,12 +510,8 @@ def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: i
     r = features.feature_rank(d, degree)
     items = dfs_items(d, degree)
     out = _alloc((B * nseg, r, C))
-    for c0, c1 in _column_groups(C):
-        kern = _kernels(c1 - c0)[0]
-        part = out if (c0, c1) == (0, C) else _alloc((B * nseg, r, c1 - c0))
-        kern(kk, np.ascontiguousarray(vv[..., c0:c1]), items, degree, tile, part, nseg, per)
-        if part is not out:
-            out[..., c0:c1] = part
+    kern = _kernels(_column_groups(C)[0])[0]
+    _run_groups([vv], out, lambda x, o: kern(kk, x, items, degree, tile, o, nseg, per))
     return out
 
 
@@ -546,12 +567,8 @@ def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch
     qq, st = _as3(q, batch), _as3(state, batch)
     items = dfs_items(d, degree)
     out = _alloc((B, n, C))
-    for c0, c1 in _column_groups(C):
-        kern = _kernels(c1 - c0)[1]
-        o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
-        kern(qq, np.ascontiguousarray(st[..., c0:c1]), items, degree, QUERY_TILE, o)
-        if o is not out:
-            out[..., c0:c1] = o
+    kern = _kernels(_column_groups(C)[0])[1]
+    _run_groups([st], out, lambda x, o: kern(qq, x, items, degree, QUERY_TILE, o))
     return torch.from_numpy(out).reshape(*batch, n, C)
 
 
@@ -602,14 +619,10 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
         m = (nseg - 1) * per * CAUSAL_TILE
         parts = _key_partials(np.ascontiguousarray(kk[:, :m]), np.ascontiguousarray(vvn[:, :m]), degree, (nseg - 1) * sub, per // sub, CAUSAL_TILE)
         sin[:, 1:] += np.cumsum(parts.reshape(B, nseg - 1, sub, r, C).sum(2) * w[:, None], axis=1)
-    sin = np.ascontiguousarray(sin.reshape(B * nseg, r, C))
+    sin = sin.reshape(B * nseg, r, C)
     items = dfs_items(d, degree)
     out = _alloc((B, n, C))
-    for c0, c1 in _column_groups(C):
-        kern = _kernels(c1 - c0)[2]
-        o = out if (c0, c1) == (0, C) else _alloc((B, n, c1 - c0))
-        kern(qq, kk, np.ascontiguousarray(vvn[..., c0:c1]), w, coef, items, degree, CAUSAL_TILE,
-             np.ascontiguousarray(sin[..., c0:c1]), nseg, per, o)
-        if o is not out:
-            out[..., c0:c1] = o
+    kern = _kernels(_column_groups(C)[0])[2]
+    _run_groups([vvn, sin], out,
+                lambda x, s_in, o: kern(qq, kk, x, w, coef, items, degree, CAUSAL_TILE, s_in, nseg, per, o))
     return torch.from_numpy(out).reshape(*batch, n, C)
