@@ -215,6 +215,27 @@ def _run_exact(call: _Call, method: str):
     if max(logit, norms) * 8.0 > float(torch.finfo(torch.float64).max):
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
                          "use a smaller scale or smaller q, k")
+    from .sdpa import merged_mask_numel, sdpa_applies, sdpa_attention, sdpa_candidate, sdpa_memory_bytes
+
+    if method == "exact" and sdpa_applies(q.device):  # torch's fused kernel, with its any-order certificate
+        sc = sdpa_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=d, n_k=n_k,
+                            value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
+                            eps=call.eps, norms_product=norms)
+        scd, mask = getattr(torch, sc.compute_dtype), call.attn_mask
+        need = sdpa_memory_bytes(call.batch_numel, n_q, n_k, d_v, scd.itemsize,
+                                 mask_numel=0 if mask is None else mask.numel(),
+                                 merged_mask_numel=merged_mask_numel(mask, call.is_causal, n_q, n_k))
+        if need <= call.budget and (call.eps is None or sc.output_error_bound <= call.eps):
+            if mask is not None and mask.is_floating_point():
+                mask = shift_mask(mask, scd)
+            vs, vexp = v.to(scd), 0
+            if st.max_abs_value * n_k * 4.0 > float(torch.finfo(scd).max):  # Σ p·v could overflow: scale v by 2^-e
+                vexp = math.frexp(st.max_abs_value)[1]
+                vs = _times_pow2(vs, -vexp)
+            out = sdpa_attention(q.to(scd), k.to(scd), vs, scale=call.scale, kind=call.kind,
+                                 is_causal=call.is_causal, attn_mask=mask)
+            return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), sc
+        # over the memory budget (a merged causal mask), or eps below even float64's any-order bound: our kernels
     item = 8 if val.compute_dtype(q.dtype) == torch.float64 else 4
     dense = method == "dense" or (method == "exact" and use_dense(call.batch_numel, n_q, n_k)
                                   and exact_memory_bytes(call.batch_numel, n_q, n_k, d_v, None, 8) <= call.budget)
