@@ -433,8 +433,8 @@ class DecodingState:
             self._cache_put(k, v)
             self.n += t
             keys, vals = self._k[..., : self.n, :], self._v[..., : self.n, :]
-            if n0 == 0:
-                return attention(q, keys, vals, scale=self.scale, method="exact", eps=self.eps, is_causal=True,
+            if n0 == 0 or t == 1:  # a first chunk is plainly causal; one new query sees every key
+                return attention(q, keys, vals, scale=self.scale, method="exact", eps=self.eps, is_causal=n0 == 0,
                                  return_certificate=True)
             mask = torch.ones(t, self.n, dtype=torch.bool, device=self.device).tril(n0)
             return attention(q, keys, vals, scale=self.scale, method="exact", eps=self.eps, attn_mask=mask,
