@@ -94,28 +94,42 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
 # the depth-first monomial order
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
+def _dfs(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Depth-first walk: (engine index, degree, variable, |α|!/α!) per non-constant monomial.
+
+    No exponent table: the engine lists degree j by largest variable i, each block being x_i times
+    the first C(i + j − 1, j − 1) monomials of degree j − 1, so the child m·x_i of a degree-(j − 1)
+    monomial at position p of its degree sits at position C(i + j − 1, j) + p of degree j, i.e. at
+    index C(d + j − 1, j − 1) + C(i + j − 1, j) + p. Its multinomial is the parent's times
+    j / (e + 1), e the parent's exponent of x_i.
+    """
+    comb = math.comb
+    order = []
+    work = [(0, 0, 0, 0, 1)]  # (position in its degree, largest variable, degree, its exponent, |α|!/α!)
+    while work:  # a stack: children pushed largest variable first, so the smallest is visited first
+        pos, maxvar, depth, top, multi = work.pop()
+        if depth:
+            order.append((comb(d + depth - 1, depth - 1) + pos, depth, maxvar, multi))
+        if depth < degree:
+            j = depth + 1
+            for i in range(d - 1, maxvar - 1, -1):
+                e = top if (i == maxvar and depth) else 0
+                work.append((comb(i + j - 1, j) + pos, i, j, e + 1, multi * j // (e + 1)))
+    arr = np.array([o[:3] for o in order], dtype=np.int64).reshape(-1, 3)
+    multi = np.array([float(o[3]) for o in order], dtype=np.float64)
+    return (np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1]), np.ascontiguousarray(arr[:, 2]),
+            multi)
+
+
 def dfs_order(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The non-constant monomials in depth-first order: (engine index, degree, variable multiplied in).
 
     The parent of entry m (degree j, variable i) is the latest earlier entry of degree j − 1 (the
-    constant monomial for j = 1); its engine index is where the reference puts the same exponent α.
+    constant monomial for j = 1); the engine index is where ``features.monomial_features`` puts the
+    same monomial.
     """
-    alpha = features.monomial_exponents(d, degree)
-    index = {tuple(a): n for n, a in enumerate(alpha.tolist())}
-    order = []
-    work = [((0,) * d, 0, 0)]  # (exponent, largest variable, degree); a stack gives the preorder
-    while work:
-        expo, maxvar, depth = work.pop()
-        if depth > 0:
-            order.append((index[expo], depth, maxvar))
-        if depth < degree:
-            for i in range(d - 1, maxvar - 1, -1):  # pushed in reverse: the smallest i is visited first
-                e = list(expo)
-                e[i] += 1
-                work.append((tuple(e), i, depth + 1))
-    arr = np.array(order, dtype=np.int64).reshape(-1, 3)
-    return (np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1]), np.ascontiguousarray(arr[:, 2]))
+    return _dfs(d, degree)[:3]
 
 
 @lru_cache(maxsize=64)
@@ -134,14 +148,15 @@ def dfs_items(d: int, degree: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
-    alpha = features.monomial_exponents(d, degree)
-    total = alpha.sum(1)
-    multi = np.array([math.factorial(int(t)) // math.prod(math.factorial(int(x)) for x in a)
-                      for t, a in zip(total, alpha)], dtype=np.float64)
-    first = np.array([int(np.flatnonzero(total == j)[0]) for j in range(degree + 1)], dtype=np.int64)
+    idx, dep, _, multi_dfs = _dfs(d, degree)
+    r = features.feature_rank(d, degree)
+    total = np.zeros(r, dtype=np.int64)
+    multi = np.ones(r, dtype=np.float64)
+    total[idx], multi[idx] = dep, multi_dfs
+    first = np.array([math.comb(d + j - 1, j - 1) if j else 0 for j in range(degree + 1)], dtype=np.int64)
     return total, multi, first
 
 
