@@ -632,7 +632,8 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
     sin = np.zeros((B, nseg, r, C)) if state is None else _as3(state, batch).reshape(B, 1, r, C).repeat(nseg, 1)
     if nseg > 1:  # each segment's incoming state: the weighted key states of the segments before it
         m = (nseg - 1) * per * CAUSAL_TILE
-        parts = _key_partials(np.ascontiguousarray(kk[:, :m]), np.ascontiguousarray(vvn[:, :m]), degree, (nseg - 1) * sub, per // sub, CAUSAL_TILE)
+        parts = _key_partials(np.ascontiguousarray(kk[:, :m]), np.ascontiguousarray(vvn[:, :m]), degree,
+                              (nseg - 1) * sub, per // sub, CAUSAL_TILE)
         sin[:, 1:] += np.cumsum(parts.reshape(B, nseg - 1, sub, r, C).sum(2) * w[:, None], axis=1)
     sin = sin.reshape(B * nseg, r, C)
     items = dfs_items(d, degree)
