@@ -84,3 +84,34 @@ def dense_feature_reference(q, k, v, coeffs, *, key_log_weight=None, is_causal=F
     w = torch.where(visible, p * torch.exp(bm - m), torch.zeros_like(p))
     den = w.sum(-1, keepdim=True)
     return (w @ v.double()) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def mpmath_attention(q, k, v, scale, *, attn_mask=None, is_causal=False, dps=80) -> np.ndarray:
+    """Attention of 2-D q, k, v at ``dps`` decimal digits (for logits formed by cancellation or underflow)."""
+    import mpmath
+
+    Q, K, V = (x.detach().double().numpy() for x in (q, k, v))
+    M = None if attn_mask is None else attn_mask.detach().cpu()
+    M = None if M is None else (M.numpy() if M.dtype == torch.bool else M.double().numpy())
+    out = np.zeros((Q.shape[0], V.shape[1]))
+    with mpmath.workdps(dps):
+        s = mpmath.mpf(scale)
+        for i in range(Q.shape[0]):
+            logits = []
+            for j in range(K.shape[0]):
+                hidden = (is_causal and j > i) or (M is not None and (
+                    (M.dtype == bool and not M[i, j]) or (M.dtype != bool and M[i, j] == -np.inf)))
+                if hidden:
+                    logits.append(None)
+                    continue
+                x = s * mpmath.fsum(mpmath.mpf(float(a)) * mpmath.mpf(float(b)) for a, b in zip(Q[i], K[j]))
+                if M is not None and M.dtype != bool:
+                    x += mpmath.mpf(float(M[i, j]))
+                logits.append(x)
+            if all(x is None for x in logits):
+                continue
+            top = max(x for x in logits if x is not None)
+            w = [mpmath.exp(x - top) if x is not None else 0 for x in logits]
+            for c in range(V.shape[1]):
+                out[i, c] = float(mpmath.fsum(wj * mpmath.mpf(float(V[j, c])) for j, wj in enumerate(w)) / mpmath.fsum(w))
+    return out

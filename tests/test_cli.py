@@ -40,8 +40,8 @@ def test_help_and_listed_choices():
     assert res.exit_code == 0
     for command in ("demo", "plan", "calibrate", "reproduce", "error", "reduce", "study"):
         assert command in res.output
-    assert "auto|polynomial|taylor" in _run("demo", "--help", columns=200).output
-    assert "exact|dense|blockwise|taylor|polynomial|auto" in _run("reduce", "ov", "--help", columns=200).output
+    assert "auto|polynomial|relative|taylor" in _run("demo", "--help", columns=200).output
+    assert "exact|dense|blockwise|taylor|polynomial|relative|auto" in _run("reduce", "ov", "--help", columns=200).output
     assert "bhnd|bnhd" in _run("error", "--help", columns=200).output
 
 

@@ -276,7 +276,7 @@ def test_feature_certificate_known_answer():
                             out_dtype=F64)
     assert c.approximation_bound == 3.0
     u = 2.0**-53
-    eta_fp = (3 + 10 + 2 + 4) * u * 1.0 * 1.0
+    eta_fp = 19 * u / (1 - 19 * u) * 1.0 * 1.0  # γ_N, N = r + n_k + d + 4
     rounding = (2 * eta_fp / (1 - 0.5 - eta_fp) + 4 * u + 2.0**-1000 + u) * 2.0 + 2.0**-1022 * u
     assert c.rounding_bound == pytest.approx(rounding, rel=1e-12)
     assert c.output_error_bound == pytest.approx(3.0 + rounding, rel=1e-15)
@@ -372,3 +372,191 @@ def test_memory_estimate_covers_the_measured_peak(n, g, causal):
                          text=True, check=True)
     measured, estimate = map(int, res.stdout.split())
     assert measured <= estimate, (measured, estimate)
+
+
+# ---------------------------------------------------------------- the relative family and the a-posteriori rounding term
+def test_posterior_rounding_known_answer():
+    u = 2.0**-53
+    kw = dict(method="relative", kind="softmax", degree=2, rank=6, radius=3.0, radius_source="data", eta=0.0,
+              delta=0.0, coeff_abs_sum=20.0, n_k=100, d=2, value_range=1.0, max_abs_value=1.0, out_dtype=F64)
+    g = 112 * u / (1 - 112 * u)  # N = r + n_k + d + 4
+    prior = feature_certificate(**kw)
+    post = feature_certificate(min_denominator=50.0, **kw)
+    e_prior = g * 20.0 * math.exp(3.0)
+    err = g * 20.0 * 100
+    e_post = err / (50.0 - err)
+    assert prior.rounding_bound == pytest.approx((2 * e_prior / (1 - e_prior) + 4 * u + 2.0**-1000 + u) * 1.0
+                                                 + 2.0**-1022 * u, rel=1e-12)
+    assert post.rounding_bound == pytest.approx((2 * e_post / (1 - e_post) + 4 * u + 2.0**-1000 + u) * 1.0
+                                                + 2.0**-1022 * u, rel=1e-12)
+    assert feature_certificate(min_denominator=err / 2, **kw).rounding_bound == prior.rounding_bound
+
+
+@pytest.mark.parametrize("radius, target", [(1.0, 5), (2.0, 7), (4.0, 11), (8.0, 17)])
+def test_relative_family_meets_the_degree_targets(radius, target):
+    from attnbound.api import certified_degree
+
+    kw = dict(d=8, n_k=2**16, value_range=8.0, max_abs_value=4.0)
+    c = certified_degree("relative", radius, 1e-3, **kw) or \
+        certified_degree("relative", radius, 1e-3, rounding="posterior", **kw)
+    cheb = certified_degree("polynomial", radius, 1e-3, **kw) or \
+        certified_degree("polynomial", radius, 1e-3, rounding="posterior", **kw)
+    assert c.degree <= target and c.degree <= cheb.degree and c.eta < 1.0
+
+
+def _logits_all_at(value, n, d, dtype=F64):
+    """q_i = a·e_1, k_j = b·e_1: every logit s·a·b equals ``value`` (the worst case for the rounding term)."""
+    q = torch.zeros(1, n, d, dtype=dtype)
+    k = torch.zeros(1, n, d, dtype=dtype)
+    q[..., 0] = -1.0 if value < 0 else 1.0
+    k[..., 0] = abs(value) * math.sqrt(d)
+    return q, k
+
+
+def test_posterior_rounding_decides_and_auto_falls_back_to_exact():
+    n, d, eps = 512, 2, 1e-6
+    gen = torch.Generator().manual_seed(11)
+    v = torch.sign(torch.randn(1, n, 3, generator=gen, dtype=F64))
+    # benign: logits spread around 0, the measured row sums are large: the a-posteriori bound certifies
+    q = torch.randn(1, n, d, generator=gen, dtype=F64)
+    k = torch.randn(1, n, d, generator=gen, dtype=F64)
+    c = math.sqrt(8 * math.sqrt(d) / float(q.norm(dim=-1).max() * k.norm(dim=-1).max()))
+    out, cert = attnbound.attention(q * c, k * c, v, method="relative", eps=eps, return_certificate=True)
+    check_contract(out, cert, q * c, k * c, v, eps=eps)
+    # adversarial: every logit at −R; the row sums are n·e^{−R}: the measured bound misses eps
+    qa, ka = _logits_all_at(-8.0, n, d)
+    ka[:, ::2, 1] = 1e-3  # the keys differ a little, so the answer is not trivially the mean
+    with pytest.raises(ValueError, match="rounding bound on this input"):
+        attnbound.attention(qa, ka, v, method="relative", eps=eps)
+    from attnbound.planner import DEFAULT_COST_MODEL, CostModel
+
+    slow_exact = CostModel(**{**DEFAULT_COST_MODEL.__dict__, "c_pair": 1.0})  # make the plan take the provisional one
+    p = plan(n, n, d, 3, 8.0, eps, value_range=2.0, max_abs_value=1.0, cost_model=slow_exact, out_dtype=F64)
+    assert p.choice.provisional
+    out, cert = attnbound.attention(qa, ka, v, method="auto", eps=eps, cost_model=slow_exact, return_certificate=True)
+    assert cert.method == "exact"
+    check_contract(out, cert, qa, ka, v, eps=eps)
+
+
+# ---------------------------------------------------------------- a second audit: underflow, huge scales, hidden keys
+def _check_mp(out, cert, q, k, v, scale, **kw):
+    from reference import mpmath_attention
+
+    assert bool(torch.isfinite(out).all())
+    err = float(np.abs(out.detach().double().numpy() - mpmath_attention(q, k, v, scale, **kw)).max())
+    assert err <= cert.output_error_bound, (err, cert)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, s", [(65536, 2.0**127.9), (4096, 2.0**131.9)])  # the scale fits float32, or not
+def test_logits_from_subnormal_products_are_charged(dtype, d, s):
+    t = 2.0**-149
+    a = math.sqrt(0.51 * t)
+    q = torch.full((1, d), a)
+    k = torch.stack([torch.full((d,), a), torch.full((d,), 0.49 * t / a)])
+    v = torch.tensor([[0.0], [1.0]])  # the logits are O(1), but every product q_c·k_c lies in the subnormal range
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for method in ("exact", "dense", "blockwise"):
+        out, cert = attnbound.attention(q, k, v, scale=s, method=method, return_certificate=True)
+        _check_mp(out, cert, q, k, v, s)
+
+
+def test_norms_do_not_underflow():
+    gen = torch.Generator().manual_seed(12)
+    a, b = 3e-162, 1.5e-162  # ‖q‖² underflows in float64
+    q = torch.tensor([[a, b]], dtype=F64)
+    u = q / math.hypot(a, b)
+    k = torch.cat([-u, -0.95 * u])
+    v = torch.tensor([[1.0], [0.0]], dtype=F64)
+    s = 12.0 / math.hypot(a, b)
+    for method in ("polynomial", "relative", "auto"):
+        try:
+            out, cert = attnbound.attention(q, k, v, scale=s, method=method, eps=1e-3, return_certificate=True)
+        except ValueError as exc:  # R = 12 may be beyond what eps allows: then a reason, never a wrong answer
+            assert method != "auto" and "eps" in str(exc)
+            continue
+        _check_mp(out, cert, q, k, v, s)
+    qq = torch.randn(4, 8, generator=gen, dtype=F64) * 1e-170
+    kk = torch.randn(6, 8, generator=gen, dtype=F64) * 1e140
+    vv = torch.randn(6, 2, generator=gen, dtype=F64)
+    out, cert = attnbound.attention(qq, kk, vv, scale=3e30, method="auto", eps=1e-3, return_certificate=True)
+    _check_mp(out, cert, qq, kk, vv, 3e30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_beyond_the_dtype_maximum(dtype):
+    gen = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(3, 4, generator=gen) * 1e-21 for _ in range(2))
+    v = torch.randn(5 if False else 3, 2, generator=gen)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for method in ("exact", "dense", "blockwise"):
+        out, cert = attnbound.attention(q, k, v, scale=1e40, method=method, return_certificate=True)
+        _check_mp(out, cert, q, k, v, 1e40)
+
+
+def test_causal_float_mask_is_shifted_over_the_keys_a_row_can_see():
+    q = torch.tensor([[1.0, 0], [2, 0], [0, 1]], dtype=F64)
+    k = torch.tensor([[1.0, 0], [-1, 0], [0, 1]], dtype=F64)
+    v = torch.tensor([[1.0], [-1], [0]], dtype=F64)
+    m = torch.zeros(3, 3, dtype=F64)
+    m[1] = torch.tensor([-1e30, -1e30, 0])  # row 1's largest entry sits on a key it cannot see
+    for kw in ({}, {"method": "auto", "eps": 1e-3}, {"method": "blockwise", "block_size": 2}):
+        out, cert = attnbound.attention(q, k, v, scale=1.0, is_causal=True, attn_mask=m, return_certificate=True, **kw)
+        _check_mp(out, cert, q, k, v, 1.0, attn_mask=m, is_causal=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"kind": "l2"}, {"method": "auto", "eps": 1e-3}, {"method": "dense"},
+                                {"method": "blockwise"}])
+def test_a_hidden_key_whose_logit_overflows_is_harmless(kw):
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(n, 4, generator=gen) for n in (3, 5, 5))
+    v = v[:, :2]
+    k[2] = 3e38
+    m = torch.zeros(1, 5)
+    m[:, 2] = -math.inf
+    out, cert = attnbound.attention(q, k, v, attn_mask=m, return_certificate=True, **kw)
+    check_contract(out, cert, q, k, v, attn_mask=m, kind=kw.get("kind", "softmax"))
+
+
+@pytest.mark.parametrize("method", ["polynomial", "taylor", "relative"])
+def test_a_padded_huge_key_does_not_reach_the_features(method):
+    gen = torch.Generator().manual_seed(15)
+    q = torch.randn(3, 4, generator=gen, dtype=F64) * 0.3
+    k = torch.randn(5, 4, generator=gen, dtype=F64) * 0.3
+    v = torch.randn(5, 2, generator=gen, dtype=F64)
+    k[2] = 1e300
+    m = torch.ones(1, 5, dtype=torch.bool)
+    m[:, 2] = False
+    out, cert = attnbound.attention(q, k, v, attn_mask=m, method=method, eps=1e-3, return_certificate=True)
+    check_contract(out, cert, q, k, v, attn_mask=m)
+
+
+@pytest.mark.parametrize("radius", [683.0, 690.0, 700.0])
+def test_radius_near_the_float64_edge_gives_exact_or_a_value_error(radius):
+    q = torch.zeros(50, 2, dtype=F64)
+    q[:, 0] = 1.0
+    v = torch.randn(50, 2, dtype=F64, generator=torch.Generator().manual_seed(16))
+    out, cert = attnbound.attention(q, q, v, scale=radius, method="auto", eps=1e-3, return_certificate=True)
+    assert cert.method == "exact"
+    with pytest.raises(ValueError):
+        attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3)
+    plan(2, 2, 2, 1, radius, 1e-3)
+
+
+def test_bad_masks_and_dtypes_raise_clear_errors():
+    q = torch.randn(4, 3)
+    for mask in (torch.zeros(4), torch.tensor(True), torch.tensor(0.0)):  # a 1-D or 0-d mask is one row for all
+        out, cert = attnbound.attention(q, q, q, attn_mask=mask, return_certificate=True)
+        check_contract(out, cert, q, q, q, attn_mask=mask.reshape(1, -1) if mask.dim() else mask.reshape(1, 1))
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(TypeError, match="floating dtype"):
+            attnbound.attention(q.to(torch.float8_e4m3fn), q.to(torch.float8_e4m3fn), q.to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="attn_mask"):
+        attnbound.attention(q[None], q[None], q[None], attn_mask=[[True]], enable_gqa=True)
+
+
+def test_an_expanded_float_mask_is_refused_before_its_copies():
+    q = torch.randn(1, 6000, 2)
+    m = torch.zeros(1, 1).expand(6000, 6000)
+    with pytest.raises(ValueError, match="memory_budget"):
+        attnbound.attention(q, q, q, attn_mask=m, memory_budget=1 << 20)

@@ -10,10 +10,10 @@ import torch
 from . import validation as val
 from .certificate import Certificate, feature_certificate
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
-from .families import MAX_FEATURE_RADIUS, family
+from .families import MAX_FEATURE_RADIUS, family, fixed_degree
 from .features import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
 from .planner import CostModel, default_memory_budget, exact_candidate, exact_eps_reason, exact_memory_bytes, plan
-from .stats import InputStats, input_stats, shift_mask
+from .stats import InputStats, input_stats, key_participation, shift_mask
 
 
 def attention(
@@ -48,9 +48,10 @@ def attention(
         kind: ``"softmax"`` (weights exp(s⟨q,k⟩)) or ``"l2"`` (weights exp(−s‖q−k‖²)).
         method: ``"exact"`` (dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
             ``"taylor"`` (Keles et al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song
-            Chebyshev; ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``;
-            see :func:`attnbound.plan`; when that is exact and the input dtype's worst-case
-            rounding bound would exceed ``eps``, exact runs in float64).
+            Chebyshev; ``degree`` or ``eps``), ``"relative"`` (relative-error minimax polynomials;
+            ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``; see
+            :func:`attnbound.plan`; when that is exact and the input dtype's worst-case rounding
+            bound would exceed ``eps``, exact runs in float64).
         block_size: key block (and query chunk) length of the blockwise method.
         attn_mask: bool (True = take part) or additive float mask broadcastable to
             ``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks
@@ -74,12 +75,20 @@ def attention(
     Returns:
         ``out`` of shape ``(..., n_q, d_v)``, or ``(out, certificate)``.
 
+    The contract: ``out`` is finite, has that shape and q's dtype, and max|out − exact| ≤
+    ``certificate.output_error_bound``, where exact is the attention of the inputs as given (real
+    arithmetic). With ``eps`` (any method, fixed degree/order included) the bound is ≤ eps, or the call
+    raises ValueError saying why and what would meet it. ``certificate.certified`` is False whenever the
+    bound is infinite. Empty outputs (n_q = 0, d_v = 0 or an empty batch) return an empty tensor.
+
     Raises:
         TypeError/ValueError naming the argument, before any large allocation: non-tensors,
         non-floating or mixed dtypes/devices, mismatched shapes, n_k = 0, NaN/Inf, bad scale,
         unknown kind/method, causal with n_q ≠ n_k, entries above ``bound``, an uncertifiable
         request (η ≥ 1, no degree meets ``eps``), or a feature memory need above the budget.
     """
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if enable_gqa:
         return _grouped(q, k, v, attn_mask, is_causal, return_certificate,
                         dict(scale=scale, kind=kind, method=method, block_size=block_size, eps=eps, bound=bound,
@@ -89,34 +98,45 @@ def attention(
     val.check_choice("kind", kind, val.KINDS)
     val.check_choice("method", method, val.METHODS)
     val.check_positive_int("block_size", block_size)
-    val.check_mask(attn_mask, q, k)
     s = val.resolve_scale(scale, q.shape[-1])
     eps = val.check_eps(eps, required=(method == "auto"))
     bound = val.check_bound(bound)
-    if degree is not None and method in ("polynomial", "auto"):
-        family("polynomial").check_degree(degree)
-    if order is not None and method in ("taylor", "auto"):
-        family("taylor").check_degree(order)
+    if method in val.FEATURE_METHODS and fixed_degree(method, degree, order) is not None:
+        family(method).check_degree(fixed_degree(method, degree, order))
     val.check_positive_int("memory_budget", memory_budget)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
+    if attn_mask is not None and attn_mask.dim() < 2:  # (n_k,) or a scalar: one row for every query
+        attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
+    val.check_mask(attn_mask, q, k)
     out_dtype = q.dtype
     if val.check_empty(q, v, batch):
         out = torch.zeros((*batch, q.shape[-2], v.shape[-1]), dtype=out_dtype, device=q.device)
         return (out, Certificate(method=method, kind=kind, eps=eps)) if return_certificate else out
     batch_numel = math.prod(batch)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        # the statistics shift the mask by its row maximum over the keys each row can see: a float64 copy
+        full = math.prod(torch.broadcast_shapes(attn_mask.shape, (q.shape[-2], k.shape[-2])))
+        if 3 * 8 * full > budget:
+            raise ValueError(f"memory_budget: the additive attn_mask needs about {3 * 8 * full / 2**20:.1f} MiB of "
+                             f"working copies (budget {budget / 2**20:.1f} MiB)")
+        if is_causal:  # shift over the keys a causal row can see, never over keys after it
+            n = q.shape[-2]
+            attn_mask = attn_mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
     key_mask = None
-    if attn_mask is not None and (method in ("taylor", "polynomial") or _is_key_padding(attn_mask)):
+    if attn_mask is not None and (method in val.FEATURE_METHODS or _is_key_padding(attn_mask)):
         key_mask = _key_padding(attn_mask)  # raises for a general mask with an approximate method
     st = input_stats(q, k, v, attn_mask=attn_mask, key_mask=key_mask)
     if bound is not None:
         for name, top in (("q", st.q_abs), ("k", st.k_abs)):
             if top > bound:
                 raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
-    budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
+    k, v = _drop_hidden_keys(k, v, key_mask if key_mask is not None else key_participation(attn_mask))
     call = _Call(q=q, k=k, v=v, stats=st, scale=s, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
                  key_mask=key_mask, bound=bound, eps=eps, batch=batch, budget=budget, block_size=block_size,
                  requires_grad=_needs_grad(q, k, v))
 
-    if method == "auto":
+    auto = method == "auto"
+    if auto:
         if attn_mask is not None and key_mask is None:
             method = "exact"  # only exact methods take general masks
         elif not math.isfinite(st.logit_bound(s, kind)):
@@ -126,20 +146,30 @@ def attention(
             p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
                      batch=batch_numel, kind=kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
                      memory_budget=budget, requires_grad=call.requires_grad, cost_model=cost_model,
-                     out_dtype=out_dtype, logit_bound=st.logit_bound(s, kind), mask_span=st.mask_span,
+                     out_dtype=out_dtype, logit_bound=st.logit_bound(s, kind), scale=s, mask_span=st.mask_span,
                      key_log_weight=_key_log_weight_bound(st, s, kind), radius_source=source)
             method = p.choice.method
             degree = order = p.choice.degree
+    if method in val.FEATURE_METHODS:
+        try:
+            cert = choose_certificate(method, *st.radius(s, kind, bound=bound, d=q.shape[-1]), eps=eps,
+                                      degree=fixed_degree(method, degree, order), d=q.shape[-1],
+                                      n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
+                                      kind=kind, out_dtype=out_dtype, strict=strict,
+                                      key_log_weight=_key_log_weight_bound(st, s, kind))
+            out, cert = _run_features(call, method, cert)
+        except _PosteriorMiss as miss:
+            if not auto:
+                raise ValueError(str(miss)) from None
+            method = "exact"  # the plan's provisional candidate missed eps on this input: exact instead
     if method in val.EXACT_METHODS:
         out, cert = _run_exact(call, method)
-    else:
-        cert = choose_certificate(method, *call.stats.radius(s, kind, bound=bound, d=q.shape[-1]), eps=eps,
-                                  degree=degree if method == "polynomial" else order, d=q.shape[-1],
-                                  n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
-                                  kind=kind, out_dtype=out_dtype, strict=strict,
-                                  key_log_weight=_key_log_weight_bound(st, s, kind))
-        out = _run_features(call, method, cert)
     return (out, cert) if return_certificate else out
+
+
+class _PosteriorMiss(Exception):
+    """A run chosen on its approximation term whose measured rounding bound then missed eps."""
+
 
 
 def _grouped(q, k, v, attn_mask, is_causal, return_certificate, options):
@@ -202,6 +232,16 @@ class _Call:
         return math.prod(self.batch)
 
 
+def _drop_hidden_keys(k, v, keys):
+    """Zero the keys and values no row can see: they get weight 0 whatever they hold, and a huge one must not
+    overflow a logit (inf − inf) or a feature on its way to that 0."""
+    if keys is None or bool(keys.all()):
+        return k, v
+    keep = keys.unsqueeze(-1)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    return torch.where(keep, k, zero), torch.where(keep, v, zero)
+
+
 def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
     """|log| of the engine's per-key weights: s·max‖k‖² for ℓ2 attention, None for softmax (masks are 0/1)."""
     return s * st.k_norm**2 if kind == "l2" else None
@@ -211,7 +251,8 @@ def _run_exact(call: _Call, method: str):
     q, k, v, st = call.q, call.k, call.v, call.stats
     n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     logit = st.logit_bound(call.scale, call.kind)
-    norms = st.q_norm * st.k_norm + (st.k_norm**2 if call.kind == "l2" else 0.0)
+    # the unscaled products, and the scale itself, must not overflow the compute dtype either
+    norms = max(st.q_norm * st.k_norm + (st.k_norm**2 if call.kind == "l2" else 0.0), call.scale)
     if max(logit, norms) * 8.0 > float(torch.finfo(torch.float64).max):
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
                          "use a smaller scale or smaller q, k")
@@ -220,7 +261,7 @@ def _run_exact(call: _Call, method: str):
     if method == "exact" and sdpa_applies(q.device):  # torch's fused kernel, with its any-order certificate
         sc = sdpa_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=d, n_k=n_k,
                             value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
-                            eps=call.eps, norms_product=norms)
+                            eps=call.eps, norms_product=norms, scale=call.scale)
         scd, mask = getattr(torch, sc.compute_dtype), call.attn_mask
         need = sdpa_memory_bytes(call.batch_numel, n_q, n_k, d_v, scd.itemsize,
                                  mask_numel=0 if mask is None else mask.numel(),
@@ -242,7 +283,7 @@ def _run_exact(call: _Call, method: str):
     block = None if dense else (call.block_size or DEFAULT_BLOCK)
     cert = exact_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=d, n_k=n_k, block=block,
                            value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
-                           eps=call.eps, norms_product=norms)
+                           eps=call.eps, norms_product=norms, scale=call.scale)
     cd = getattr(torch, cert.compute_dtype)
     if call.eps is not None and not cert.output_error_bound <= call.eps:
         raise ValueError(exact_eps_reason(cert, call.eps, q.dtype))
@@ -266,6 +307,14 @@ def _run_exact(call: _Call, method: str):
     return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), cert
 
 
+def _scaled(x: torch.Tensor, a: float) -> torch.Tensor:
+    """x·a in float64 (a = 1/max‖x‖ or 1/(√d·B)); a norm so small that its inverse leaves float64 is refused."""
+    if not math.isfinite(a):
+        raise _PosteriorMiss("q/k: a norm below 1/max(float64) cannot be normalised for the feature engine; "
+                             "use method='exact'")
+    return x.double() * a
+
+
 def _times_pow2(x: torch.Tensor, e: int) -> torch.Tensor:
     """x·2^e by two exact multiplications (2^e alone may not be a float; torch.ldexp has no gradient)."""
     if e == 0:
@@ -287,15 +336,18 @@ def _run_features(call: _Call, method: str, cert: Certificate):
     need = feature_memory_bytes(call.batch_numel, n_q, n_k, d, d_v, r, chunk, is_causal=call.is_causal,
                                 requires_grad=call.requires_grad)
     if need > call.budget:
+        fixes = (["a larger eps", "smaller input norms (radius)"] if call.eps is not None
+                 else [f"a lower {family(method).degree_name}"])
+        if call.requires_grad:
+            fixes.append("no gradients (torch.no_grad())")
         raise ValueError(
-            f"memory_budget: {method} degree {g} needs feature rank r={r} and about {need / 2**20:.1f} MiB "
-            f"(budget {call.budget / 2**20:.1f} MiB); ask for a larger eps, a smaller radius, no gradients, or "
-            f"method='exact'"
-        )
+            f"memory_budget: {method} {family(method).degree_name} {g} needs feature rank r={r} and about "
+            f"{need / 2**20:.1f} MiB (budget {call.budget / 2**20:.1f} MiB); ask for {', '.join(fixes)}, a larger "
+            f"memory_budget, or method='exact'")
     coeffs, aq, ak = polynomial_setup(method, cert.radius, g, d=d,
                                       bound=call.bound if cert.radius_source == "bound" else None,
                                       norms=(st.q_norm, st.k_norm))
-    qd, kd, vd = q.double() * aq, k.double() * ak, v.double()
+    qd, kd, vd = _scaled(q, aq), _scaled(k, ak), v.double()
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
     vd = _times_pow2(vd, -vexp)  # |v| ≤ 1: exact but for values below 2^-1074·2^e
     log_w = None
@@ -306,8 +358,20 @@ def _run_features(call: _Call, method: str, cert: Certificate):
         log_w = torch.where(km, log_w if log_w is not None else torch.zeros((), dtype=torch.float64, device=q.device),
                             torch.tensor(-math.inf, dtype=torch.float64, device=q.device))
         kd = kd * km.unsqueeze(-1).to(kd.dtype)  # masked keys may lie outside the radius: keep their features finite
-    out = feature_attention(qd, kd, vd, coeffs=coeffs, key_log_weight=log_w, is_causal=call.is_causal, chunk=chunk)
-    return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype)
+    record: dict = {}
+    out = feature_attention(qd, kd, vd, coeffs=coeffs, key_log_weight=log_w, is_causal=call.is_causal, chunk=chunk,
+                            record=record)
+    cert = degree_certificate(method, cert.radius, g, d=d, n_k=n_k, value_range=cert.value_range,
+                              max_abs_value=cert.max_abs_value, kind=call.kind, radius_source=cert.radius_source,
+                              out_dtype=q.dtype, eps=call.eps, key_log_weight=_key_log_weight_bound(st, call.scale, call.kind),
+                              min_denominator=record["min_denominator"])
+    if call.eps is not None and not cert.output_error_bound <= call.eps:
+        raise _PosteriorMiss(
+            f"eps: {method} {family(method).degree_name} {g} meets eps={call.eps:g} in its approximation term "
+            f"({cert.approximation_bound:.3g}) but its float64 rounding bound on this input is {cert.rounding_bound:.3g} "
+            f"(the rank {r} sums terms up to e^R = {math.exp(cert.radius):.3g} times the row sums); pass a larger eps, "
+            f"smaller input norms, or method='exact'")
+    return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), cert
 
 
 def _needs_grad(*xs) -> bool:
@@ -348,8 +412,9 @@ def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: 
 def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
                        max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
                        out_dtype: torch.dtype = torch.float32, eps: float | None = None,
-                       key_log_weight: float | None = None) -> Certificate:
-    """The certificate a ``method`` ("taylor"/"polynomial") run of ``degree`` would carry at radius R."""
+                       key_log_weight: float | None = None, min_denominator: float | None = None) -> Certificate:
+    """The certificate a ``method`` (an approximation family: "taylor", "polynomial", "relative") run of
+    ``degree`` would carry at radius R."""
     fam = family(method)
     eta = fam.eta(radius, degree)
     finite = math.isfinite(eta)
@@ -358,7 +423,7 @@ def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: 
                                delta=fam.absolute_error(radius, degree) if finite else math.inf,
                                coeff_abs_sum=fam.coeff_abs_sum(radius, degree) if finite else math.inf, n_k=n_k,
                                d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
-                               key_log_weight=key_log_weight, eps=eps)
+                               key_log_weight=key_log_weight, min_denominator=min_denominator, eps=eps)
 
 
 def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
@@ -370,7 +435,13 @@ def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int
     Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
     ``rounding=False`` asks the approximation term alone to meet ``eps`` (what the mathematics
     needs before the float64 rounding term, which grows with the rank, is counted).
+    ``rounding="posterior"`` asks the approximation term to meet eps/2, leaving the other half to
+    the a-posteriori rounding bound the run itself will measure (see :func:`feature_certificate`).
     """
+    if rounding == "posterior":
+        return certified_degree(method, radius, eps / 2.0, d=d, n_k=n_k, value_range=value_range,
+                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
+                                out_dtype=out_dtype, rounding=False, key_log_weight=key_log_weight)
     for g in family(method).degrees():
         c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
@@ -399,7 +470,8 @@ def choose_certificate(method: str, radius: float, radius_source: str = "data", 
     if degree is None:
         if eps is None:
             raise ValueError(f"method={method!r} needs eps (target error) or {fam.degree_name} (fixed)")
-        cert = certified_degree(method, radius, eps, **common)
+        cert = certified_degree(method, radius, eps, **common) or \
+            certified_degree(method, radius, eps, rounding="posterior", **common)
         if cert is None:
             last = degree_certificate(method, radius, fam.max_degree, eps=eps, **common)
             raise ValueError(
@@ -416,7 +488,7 @@ def choose_certificate(method: str, radius: float, radius_source: str = "data", 
             f"error η = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the "
             f"{fam.degree_name} or use method='exact'"
         )
-    if eps is not None and not cert.output_error_bound <= eps:
+    if eps is not None and not cert.approximation_bound <= eps:
         raise ValueError(
             f"eps: {method} {fam.degree_name} {degree} at radius R={radius:.4g} carries the bound "
             f"{cert.output_error_bound:.3g} > eps={eps:g}; drop the fixed {fam.degree_name} (eps alone picks "

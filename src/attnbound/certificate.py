@@ -133,19 +133,31 @@ def feature_certificate(
     max_abs_value: float,
     out_dtype: torch.dtype,
     key_log_weight: float | None = None,
+    min_denominator: float | None = None,
     eps: float | None = None,
 ) -> Certificate:
     """Assemble the certificate of a polynomial-feature run (see the module docstring).
 
     ``eta`` is the family's relative error on [−R, R]; ``key_log_weight`` bounds |log| of the
     per-key weights (ℓ2: s·max‖k‖²), or None when there are none (masks give exact 0/1 weights).
+
+    The float64 rounding of numerator and denominator is at most E = γ_N·Σ|a_j|·Σ_j w_j ≤ γ_N·Σ|a_j|·n_k
+    (N = r + n_k + d + 4; key weights w_j ≤ 1, features of vectors in the unit ball). A priori the
+    denominator is ≥ Σ_j w_j·(1−η)e^{−R}, so E is at most η_fp = γ_N·Σ|a_j|·e^R relative to it.
+    ``min_denominator``, the smallest computed row sum D̃ of the run, gives the a-posteriori
+    η_fp = E/(D̃ − E) (the true row sum is ≥ D̃ − E): on rows whose logits are not all near −R this
+    saves up to a factor e^R. The certificate uses the smaller of the two.
     """
     eta_w = key_weight_error(key_log_weight, d) if key_log_weight is not None else 0.0
     eta_all = (1.0 + eta) * (1.0 + eta_w) - 1.0 if math.isfinite(eta) and math.isfinite(eta_w) else math.inf
     approx = output_bound(eta_all, value_range)
     # every partial sum of n_k weights of size ≤ 2e^R must stay representable in float64
     headroom = radius + math.log(n_k + 1.0) + 4.0 < 709.0
-    eta_fp = (rank + n_k + d + 4) * U64 * coeff_abs_sum * math.exp(radius) if headroom else math.inf
+    g_n = _gamma(rank + n_k + d + 4, U64)
+    eta_fp = g_n * coeff_abs_sum * math.exp(radius) if headroom else math.inf
+    if min_denominator is not None and headroom:
+        err = g_n * coeff_abs_sum * n_k
+        eta_fp = min(eta_fp, err / (min_denominator - err) if min_denominator > err else math.inf)
     if eta_all + eta_fp < 1.0:
         rounding = (2.0 * eta_fp / (1.0 - eta_all - eta_fp) + 4.0 * U64 + 2.0**-1000 + unit_roundoff(out_dtype)) \
             * max_abs_value
@@ -196,6 +208,7 @@ def exact_certificate(
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
     mask_span: float = 0.0,
+    scale: float = 0.0,
     eps: float | None = None,
 ) -> Certificate:
     """The rounding-error bound of exact attention computed in ``compute_dtype``.
@@ -211,7 +224,10 @@ def exact_certificate(
     terms in numerator and denominator and dividing add (2γ_m/(1−γ_m) + 2u)·max|v|, with m = n_k for
     one dense sum and m = block + blocks when ``block``-long partial sums are accumulated blockwise;
     weights that fall into the subnormal range add n_k·tiny·2·max|v|; the cast to the output dtype adds
-    u_out·max|v| + u_out·tiny_out. A worst case: measured errors sit orders of magnitude below it.
+    u_out·max|v| + u_out·tiny_out. Products q_c·k_c (and k_c² for ℓ2) that fall into the subnormal range
+    carry an absolute error up to tiny·u each, not a relative one: the logit then moves by up to
+    s·(d + 2)·tiny·u more, charged to every weight (``scale`` = s). A worst case: measured errors sit
+    orders of magnitude below it.
     """
     u = unit_roundoff(compute_dtype)
     g3 = _gamma(d + 3, u)
@@ -223,7 +239,8 @@ def exact_certificate(
             span, far = math.inf, math.inf
         else:
             span, far = cut, 4.0 * math.exp(-FAR_MARGIN) * max_abs_value
-    lam = 2.0 * g3 * (2.0 * logit_bound + span) + 2.0 * u + 3.0 * u * blocks
+    lam = 2.0 * g3 * (2.0 * logit_bound + span) + 2.0 * u + 3.0 * u * blocks \
+        + 4.0 * scale * (d + 2) * underflow_unit(compute_dtype)
     eta = math.expm1(lam) if lam < 700.0 else math.inf
     approx = output_bound(eta, value_range)
     g = _gamma(min(block, n_k) + blocks if block else n_k, u)

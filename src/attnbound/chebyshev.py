@@ -67,7 +67,10 @@ def _coefficients_and_delta(radius: float, degree: int) -> tuple[np.ndarray, flo
         a[0] = 1.0
         return a, 0.0
     c = chebyshev_series(radius, degree)
-    a = npcheb.cheb2poly(c)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = npcheb.cheb2poly(c)
+    if not (np.all(np.isfinite(c)) and np.all(np.isfinite(a))):  # e^R or the conversion left float64
+        return a, math.inf
     # exact rational conversion of the float Chebyshev coefficients, to bound the rounding of a
     table = _cheb_monomial_table(degree)
     exact = [Fraction(0)] * (degree + 1)

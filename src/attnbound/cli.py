@@ -30,12 +30,14 @@ class Method(str, enum.Enum):
     blockwise = "blockwise"
     taylor = "taylor"
     polynomial = "polynomial"
+    relative = "relative"
     auto = "auto"
 
 
 class ApproxMethod(str, enum.Enum):
     auto = "auto"
     polynomial = "polynomial"
+    relative = "relative"
     taylor = "taylor"
 
 
@@ -142,14 +144,21 @@ def demo(n: int = typer.Option(4096, help="sequence length"),
 
 @app.command()
 @_one_line_errors
-def calibrate(repeats: int = typer.Option(5, help="timed runs per kernel (the best is kept)")):
-    """Measure the planner's cost-model constants on this machine."""
+def calibrate(repeats: int = typer.Option(5, help="timed runs per kernel (the best is kept)"),
+              out: str = typer.Option(None, help="file to write (default: $ATTNBOUND_COST_MODEL, else "
+                                                 "~/.cache/attnbound/cost_model.json)"),
+              save: bool = typer.Option(True, help="write the file that plan and auto read")):
+    """Measure the planner's cost-model constants on this machine and save them for plan/auto."""
     import attnbound
+    from attnbound.planner import cost_model_path
 
     _positive(repeats=repeats)
     with _progress("timing exact and feature attention on this machine…"):
         cm = attnbound.calibrate(repeats=repeats)
     console.print(cm)
+    if save:
+        path = cm.save(out if out is not None else cost_model_path())
+        console.print(f"wrote {escape(str(path))} (plan and method='auto' read it)")
 
 
 @app.command("plan")

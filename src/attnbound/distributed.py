@@ -38,16 +38,17 @@ import torch
 import torch.distributed as dist
 
 from . import validation as val
-from .families import family
-from .api import choose_certificate, polynomial_setup
+from .families import family, fixed_degree
+from .api import _finish, _scaled, _times_pow2, choose_certificate, degree_certificate, polynomial_setup
 from .certificate import exact_certificate
+from .planner import exact_candidate, exact_eps_reason
 from .exact import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .planner import default_memory_budget
-from .stats import InputStats, value_extremes
+from .stats import InputStats, row_norms, value_extremes
 from .features import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
                          monomial_weights, normalize_readout, state_readout, weighted_values)
 
-METHODS = ("exact", "polynomial", "taylor")
+METHODS = ("exact",) + val.FEATURE_METHODS
 _LAST = {"bytes_sent": 0, "bytes_received": 0, "messages": 0}
 
 
@@ -119,10 +120,8 @@ def attention(
         val.resolve_scale(scale, q.shape[-1])
         val.check_eps(eps)
         val.check_bound(bound)
-        if degree is not None and method == "polynomial":
-            family("polynomial").check_degree(degree)
-        if order is not None and method == "taylor":
-            family("taylor").check_degree(order)
+        if method in val.FEATURE_METHODS and fixed_degree(method, degree, order) is not None:
+            family(method).check_degree(fixed_degree(method, degree, order))
         if bound is not None:
             for name, x in (("q", q), ("k", k)):
                 top = float(x.detach().abs().max()) if x.numel() else 0.0
@@ -151,7 +150,7 @@ def attention(
         return _ring(q, k, v, s=s, is_causal=is_causal, lengths=lengths, me=me, world=world, group=group,
                      block=block_size or DEFAULT_BLOCK, eps=eps, return_certificate=return_certificate)
     return _features(q, k, v, s=s, method=method, is_causal=is_causal, lengths=lengths, me=me, world=world,
-                     group=group, eps=eps, degree=degree if method == "polynomial" else order, bound=bound,
+                     group=group, eps=eps, degree=fixed_degree(method, degree, order), bound=bound,
                      memory_budget=memory_budget, return_certificate=return_certificate)
 
 
@@ -161,7 +160,7 @@ def _global_stats(q, k, v, group) -> InputStats:
         qd, kd = q.detach().double(), k.detach().double()
         hi, lo = value_extremes(v)
         top = lambda x: float(x.max()) if x.numel() else 0.0  # noqa: E731  (an empty shard holds nothing)
-        scalars = torch.tensor([top(torch.linalg.vector_norm(qd, dim=-1)), top(torch.linalg.vector_norm(kd, dim=-1)),
+        scalars = torch.tensor([top(row_norms(qd)), top(row_norms(kd)),
                                 top(qd.abs()), top(kd.abs())], dtype=torch.float64)
         local = torch.cat([scalars, hi.reshape(-1).cpu(), (-lo).reshape(-1).cpu()]).to(q.device)
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
@@ -176,7 +175,25 @@ def _global_stats(q, k, v, group) -> InputStats:
 
 
 def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, return_certificate):
-    cd = val.compute_dtype(q.dtype)
+    # the global statistics first: they choose the precision (float64 when float32 logits, products or the
+    # scale could overflow, or eps needs it) and whether values must be scaled, as single-process attention
+    st = _global_stats(q, k, v, group)
+    n = sum(lengths)
+    d = q.shape[-1]
+    logit = st.logit_bound(s, "softmax")
+    cert = exact_candidate(kind="softmax", logit_bound=logit, mask_span=0.0, d=d, n_k=n, block=block,
+                           value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype, eps=eps,
+                           norms_product=st.q_norm * st.k_norm, scale=s)
+    cert = exact_certificate(kind="softmax", logit_bound=logit, d=d, n_k=n, blocks=sum(-(-x // block) for x in lengths),
+                             block=block, value_range=st.value_range, max_abs_value=st.max_abs_value,
+                             compute_dtype=getattr(torch, cert.compute_dtype), out_dtype=q.dtype, scale=s, eps=eps)
+    if max(logit, st.q_norm * st.k_norm) * 8.0 > float(torch.finfo(torch.float64).max):
+        raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64")
+    if eps is not None and not cert.output_error_bound <= eps:
+        raise ValueError(exact_eps_reason(cert, eps, q.dtype))
+    cd = getattr(torch, cert.compute_dtype)
+    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value * n * 4.0 > float(torch.finfo(cd).max) else 0
+    v = _times_pow2(v.to(cd), -vexp)
     qc = q.to(cd)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     d, d_v, n_r = q.shape[-1], v.shape[-1], q.shape[-2]
@@ -212,15 +229,8 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
             for work in pending:
                 work.wait()
             kv = incoming
-    out = finish_online_softmax(l, acc).to(q.dtype)
-    if not return_certificate:
-        return out
-    st = _global_stats(q, k, v, group)
-    n = sum(lengths)
-    cert = exact_certificate(kind="softmax", logit_bound=st.logit_bound(s, "softmax"), d=d, n_k=n,
-                             blocks=sum(-(-x // block) for x in lengths), block=block, value_range=st.value_range,
-                             max_abs_value=st.max_abs_value, compute_dtype=cd, out_dtype=q.dtype, eps=eps)
-    return out, cert
+    out = _finish(_times_pow2(finish_online_softmax(l, acc), vexp), st.max_abs_value, q.dtype)
+    return (out, cert) if return_certificate else out
 
 
 def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, degree, bound, memory_budget,
@@ -246,9 +256,10 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
         raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r}; " + "; ".join(
             f"rank {i} needs about {nd / 2**20:.1f} MiB (budget {b / 2**20:.1f} MiB)" for i, nd, b in over))
     coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(st.q_norm, st.k_norm))
-    qd = (q.double() * aq).expand(*batch, *q.shape[-2:])
-    kd = (k.double() * ak).expand(*batch, *k.shape[-2:])
-    vv = weighted_values(v.double().expand(*batch, *v.shape[-2:]))
+    qd = _scaled(q, aq).expand(*batch, *q.shape[-2:])
+    kd = _scaled(k, ak).expand(*batch, *k.shape[-2:])
+    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
+    vv = weighted_values(_times_pow2(v.double(), -vexp).expand(*batch, *v.shape[-2:]))  # |v| ≤ 1, exactly
     deg = len(coeffs) - 1
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=torch.float64, device=q.device)
     state = key_state(kd, vv, degree=deg, weights=w, chunk=chunk).contiguous()
@@ -263,5 +274,17 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
         _count(nbytes, nbytes * world, world=world)
         prefix = sum(states[:me]) if me > 0 else None
         num = causal_readout(qd, kd, vv, degree=deg, weights=w, chunk=chunk, state=prefix)
-    out = normalize_readout(num, d_v).to(q.dtype)
+    # the a-posteriori rounding bound divides by the smallest row sum of the whole sequence: one all_reduce(MIN)
+    den = num[..., d_v]
+    low = torch.tensor([float(den.min()) if den.numel() else math.inf], dtype=torch.float64, device=q.device)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    _count(8, 8, world=world)
+    cert = degree_certificate(method, radius, g, d=d, n_k=n, value_range=st.value_range,
+                              max_abs_value=st.max_abs_value, radius_source=source, out_dtype=q.dtype, eps=eps,
+                              min_denominator=float(low))
+    if eps is not None and not cert.output_error_bound <= eps:
+        raise ValueError(f"eps: {method} {family(method).degree_name} {g}: the float64 rounding bound measured on this "
+                         f"input is {cert.rounding_bound:.3g}, so the bound {cert.output_error_bound:.3g} misses "
+                         f"eps={eps:g}; pass a larger eps or use method='exact'")
+    out = _finish(_times_pow2(normalize_readout(num, d_v), vexp), st.max_abs_value, q.dtype)
     return (out, cert) if return_certificate else out

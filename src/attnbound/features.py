@@ -39,7 +39,7 @@ def feature_rank(d: int, degree: int) -> int:
     return math.comb(d + degree, degree)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=8)
 def monomial_exponents(d: int, degree: int) -> np.ndarray:
     """Exponent vectors α (r, d) of the engine's monomials, in the order the features use."""
     blocks = [np.zeros((1, d), dtype=np.int64)]
@@ -54,12 +54,31 @@ def monomial_exponents(d: int, degree: int) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-@lru_cache(maxsize=256)
-def _multinomials(d: int, degree: int) -> np.ndarray:
-    alpha = monomial_exponents(d, degree)
-    total = alpha.sum(1)
-    log_m = np.array([math.lgamma(t + 1) for t in total]) - np.vectorize(math.lgamma)(alpha + 1).sum(1)
-    return np.rint(np.exp(log_m)), total
+@lru_cache(maxsize=16)
+def _multinomials(d: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """(|α|!/α!, |α|) for every monomial, in O(r) memory (never the r × d exponent table).
+
+    Built as the features are: a degree-j monomial with largest variable i is x_i times a degree-(j−1)
+    monomial α' whose largest variable is ≤ i, so |α|!/α! = |α'|!/α'! · j / (α'_i + 1), where α'_i is
+    α''s exponent of x_i (its top exponent when its largest variable is i, else 0).
+    """
+    multi = [np.ones(1)]
+    top_var = [np.full(1, -1, dtype=np.int64)]  # largest variable of each monomial (−1 for the constant)
+    top_exp = [np.zeros(1, dtype=np.int64)]  # its exponent
+    for j in range(1, degree + 1):
+        pm, pv, pe = multi[-1], top_var[-1], top_exp[-1]
+        m_parts, v_parts, e_parts = [], [], []
+        for i in range(d):
+            c = math.comb(i + j - 1, j - 1)
+            e = np.where(pv[:c] == i, pe[:c], 0) + 1
+            m_parts.append(np.rint(pm[:c] * j / e))
+            v_parts.append(np.full(c, i, dtype=np.int64))
+            e_parts.append(e)
+        multi.append(np.concatenate(m_parts))
+        top_var.append(np.concatenate(v_parts))
+        top_exp.append(np.concatenate(e_parts))
+    total = np.concatenate([np.full(len(m), j, dtype=np.int64) for j, m in enumerate(multi)])
+    return np.concatenate(multi), total
 
 
 def monomial_weights(coeffs: np.ndarray, d: int) -> np.ndarray:
@@ -134,6 +153,7 @@ def feature_attention(
     key_log_weight: torch.Tensor | None = None,
     is_causal: bool = False,
     chunk: int | None = None,
+    record: dict | None = None,
 ) -> torch.Tensor:
     """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·exp(b_j), never forming an n_q×n_k matrix.
 
@@ -143,7 +163,8 @@ def feature_attention(
     can see — the maximum over all keys without ``is_causal``, the running prefix maximum with it
     (the state is rescaled when the maximum grows, as in online softmax) — so no row's weights
     underflow because of keys it cannot see. Rows whose weights all vanish (every key masked)
-    return zeros.
+    return zeros. ``record``, if given, receives ``min_denominator``: the smallest computed row sum
+    D̃_i over the rows that see at least one key (what an a-posteriori rounding bound divides by).
     """
     degree = len(coeffs) - 1
     d, d_v = q.shape[-1], v.shape[-1]
@@ -158,7 +179,20 @@ def feature_attention(
         if key_log_weight is not None:
             vv = vv * torch.exp(key_log_weight - _safe_max(key_log_weight, -1)).unsqueeze(-1)
         num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree, chunk=chunk)
+    if record is not None:
+        record["min_denominator"] = _min_denominator(num[..., d_v], key_log_weight, is_causal)
     return normalize_readout(num, d_v)
+
+
+def _min_denominator(den: torch.Tensor, key_log_weight: torch.Tensor | None, is_causal: bool) -> float:
+    """min D̃_i over rows that see a key (rows that see none have D̃_i = 0 exactly and return zeros)."""
+    with torch.no_grad():
+        den = den.detach()
+        if key_log_weight is not None:
+            seen = torch.isfinite(key_log_weight)
+            seen = torch.cummax(seen.to(torch.uint8), -1).values.bool() if is_causal else seen.any(-1, keepdim=True)
+            den = torch.where(seen.expand(den.shape), den, torch.full_like(den, math.inf))
+        return float(den.min()) if den.numel() else math.inf
 
 
 def _safe_max(x: torch.Tensor, dim: int) -> torch.Tensor:

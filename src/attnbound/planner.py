@@ -5,32 +5,42 @@ g = 0, 1, 2, … — :func:`plan` computes the certified output error (SPEC §3,
 :func:`attnbound.certificate.feature_certificate`), the rank r = C(d+g, g), the memory the
 engine would allocate, and a predicted time from a cost model:
 
-    exact       t = b·n_q·n_k·(c_pair + c_mac·(d + d_v))   (halved when causal)
+    exact       t = b·n_q·n_k·(c_pair + c_mac·(d + d_v))   (halved when causal)  + 20·c_op
     features    t = b·(n_q + n_k)·r·(c_feat + c_mac_feat·(d_v + 1))  [+ causal: b·n_q·(64·(r + d_v + 1) + 2r(d_v + 1))·c_mac_feat]
                   + c_op·(#chunks)·(g·d + 6)
 
-The constants are *measured*, not guessed: :func:`calibrate` times exact blockwise attention
-and the feature engine on this machine and solves for them. :data:`DEFAULT_COST_MODEL` holds
-the figures ``attnbound calibrate`` printed on the 2-core reference machine; pass
-``cost_model=calibrate()`` to plan for yours. The choice is the cheapest candidate that is
+The constants are *measured*, not guessed: :func:`calibrate` times the calls ``method="auto"``
+would make — ``attention(method="exact")`` (torch's fused SDPA kernel on the CPU,
+:mod:`attnbound.sdpa`) at two head dims and ``attention(method="polynomial")`` at two value
+widths — and solves for them. ``attnbound calibrate`` writes them to a JSON file
+(:func:`cost_model_path`: ``$ATTNBOUND_COST_MODEL``, else ``~/.cache/attnbound/cost_model.json``)
+that :func:`default_cost_model` reads whenever :func:`plan` gets no ``cost_model``; without a
+file (or with a corrupt one: a warning) :data:`DEFAULT_COST_MODEL` holds the figures measured on
+the 2-core reference machine. The choice is the cheapest candidate that is
 certified (error ≤ eps) and fits the memory budget. Every candidate carries its real certificate:
 exact's is its worst-case rounding bound (in float64 when the input precision's would exceed eps),
 so exact qualifies only when that bound meets eps; when nothing does, :func:`plan` raises.
-Approximations are skipped beyond R ≈ 700, where e^R leaves float64.
+Approximations are skipped beyond R ≈ 700, where e^R leaves float64. A feature candidate whose
+a-priori float64 rounding bound misses eps but whose approximation term is ≤ eps/2 is
+*provisional*: the run measures its row sums and the a-posteriori rounding bound
+(:func:`attnbound.certificate.feature_certificate`) decides; ``method="auto"`` falls back to exact
+when that misses eps, so the returned certificate always meets it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pathlib
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from . import validation as val
 from .certificate import Certificate, exact_certificate, feature_certificate, unit_roundoff
-from .chebyshev import chebyshev_coefficients
 from .exact import DEFAULT_BLOCK, use_dense
 from .families import FAMILIES, MAX_TAYLOR_ORDER, family  # noqa: F401  (MAX_TAYLOR_ORDER re-exported)
 from .features import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
@@ -47,9 +57,43 @@ class CostModel:
     c_op: float  # per torch op dispatched (Python overhead)
 
     def exact_seconds(self, batch, n_q, n_k, d, d_v, is_causal=False) -> float:
+        """One fused SDPA call: per pair and per multiply-add, plus a few dispatched ops."""
         t = batch * n_q * n_k * (self.c_pair + self.c_mac * (d + d_v))
-        blocks = math.ceil(n_q / 1024) * math.ceil(n_k / 1024)
-        return (0.5 if is_causal else 1.0) * t + self.c_op * 12 * blocks
+        return (0.5 if is_causal else 1.0) * t + self.c_op * 20
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write the constants as JSON (with the torch version and thread count they were measured with)."""
+        path = pathlib.Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": COST_MODEL_FORMAT, "version": 1, "constants": self.as_dict(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)  # readers never see half a file
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CostModel":
+        """Read a file written by :meth:`save`; ValueError naming the file and what is wrong with it."""
+        path = pathlib.Path(path).expanduser()
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cost model file {path}: cannot be read as JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != COST_MODEL_FORMAT or doc.get("version") != 1:
+            raise ValueError(f"cost model file {path}: not a version-1 {COST_MODEL_FORMAT} file")
+        consts = doc.get("constants")
+        names = [f.name for f in fields(cls)]
+        if not isinstance(consts, dict) or sorted(consts) != sorted(names):
+            raise ValueError(f"cost model file {path}: 'constants' must hold exactly {', '.join(names)}")
+        for name in names:
+            x = consts[name]
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
+                raise ValueError(f"cost model file {path}: {name} must be a positive finite number, got {x!r}")
+        return cls(**{name: float(consts[name]) for name in names})
 
     def feature_seconds(self, batch, n_q, n_k, d, d_v, degree, is_causal=False) -> float:
         r = feature_rank(d, degree)
@@ -64,8 +108,47 @@ class CostModel:
         return t + self.c_op * (chunks * (degree * d + 6) + ops)
 
 
-# Measured with `attnbound calibrate` (torch 2.13 CPU, 2 threads) on the project's reference machine.
-DEFAULT_COST_MODEL = CostModel(c_pair=2.3e-09, c_mac=1.15e-11, c_feat=2.1e-09, c_mac_feat=3.0e-11, c_op=1.5e-06)
+# Measured with `attnbound calibrate` (torch 2.13 CPU, 2 threads, exact through SDPA) on the project's
+# reference machine, a shared 2-core machine: one run, figures within a factor of about 2.
+DEFAULT_COST_MODEL = CostModel(c_pair=4.7e-10, c_mac=9.3e-12, c_feat=8.6e-10, c_mac_feat=1.7e-11, c_op=9.0e-07)
+
+COST_MODEL_FORMAT = "attnbound-cost-model"
+COST_MODEL_ENV = "ATTNBOUND_COST_MODEL"
+
+
+def cost_model_path() -> pathlib.Path:
+    """Where ``attnbound calibrate`` writes and :func:`default_cost_model` reads the measured constants:
+    ``$ATTNBOUND_COST_MODEL`` if set, else ``$XDG_CACHE_HOME/attnbound/cost_model.json`` (``~/.cache``)."""
+    env = os.environ.get(COST_MODEL_ENV)
+    if env:
+        return pathlib.Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "attnbound" / "cost_model.json"
+
+
+_LOADED: dict = {}
+
+
+def default_cost_model() -> CostModel:
+    """The measured cost model at :func:`cost_model_path` if there is one, else :data:`DEFAULT_COST_MODEL`.
+
+    A file that cannot be used (not JSON, another format, a missing or non-positive constant) gives a
+    RuntimeWarning naming it and the built-in model. Files are re-read when they change.
+    """
+    path = cost_model_path()
+    try:
+        stat = path.stat()
+    except OSError:
+        return DEFAULT_COST_MODEL
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = CostModel.load(path)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; planning with the built-in cost model (`attnbound calibrate` rewrites it)",
+                          RuntimeWarning, stacklevel=2)
+            return DEFAULT_COST_MODEL
+    return _LOADED[key]
 
 
 @dataclass(frozen=True)
@@ -79,6 +162,7 @@ class Candidate:
     certified: bool
     fits_memory: bool
     certificate: Certificate | None = None
+    provisional: bool = False  # approximation ≤ eps/2; the run's own a-posteriori rounding bound must do the rest
 
 
 @dataclass(frozen=True)
@@ -117,20 +201,21 @@ def exact_memory_bytes(batch_numel: int, n_q: int, n_k: int, d_v: int, block: in
 
 def exact_candidate(*, kind: str, logit_bound: float, mask_span: float, d: int, n_k: int, block: int | None,
                     value_range: float, max_abs_value: float, out_dtype: torch.dtype, eps: float | None,
-                    norms_product: float = 0.0) -> Certificate:
+                    norms_product: float = 0.0, scale: float = 0.0) -> Certificate:
     """The exact method's certificate in the input dtype's compute precision, or in float64 when that one's
-    logits could overflow or (with ``eps``) its rounding bound would exceed eps."""
+    logits, the unscaled products or the scale itself could overflow, or (with ``eps``) its rounding bound
+    would exceed eps."""
     cd = val.compute_dtype(out_dtype)
 
     def cert(dtype):
         blocks = -(-n_k // block) if block else 1
         return exact_certificate(kind=kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k,
                                  blocks=blocks, block=block, value_range=value_range, max_abs_value=max_abs_value,
-                                 compute_dtype=dtype, out_dtype=out_dtype, eps=eps)
+                                 compute_dtype=dtype, out_dtype=out_dtype, scale=scale, eps=eps)
 
     if cd != torch.float64:
         c = cert(cd)
-        overflow = max(logit_bound, norms_product) * 8.0 > float(torch.finfo(cd).max)
+        overflow = max(logit_bound, norms_product, scale) * 8.0 > float(torch.finfo(cd).max)
         if not overflow and (eps is None or c.output_error_bound <= eps):
             return c
     return cert(torch.float64)
@@ -174,6 +259,7 @@ def plan(
     cost_model: CostModel | None = None,
     out_dtype: torch.dtype = torch.float32,
     logit_bound: float | None = None,
+    scale: float | None = None,
     mask_span: float = 0.0,
     key_log_weight: float | None = None,
     radius_source: str = "data",
@@ -200,12 +286,13 @@ def plan(
         if kind == "l2":
             raise ValueError("logit_bound: ℓ2 attention needs the exact logit bound s·(max‖q‖ + max‖k‖)²")
         logit_bound = radius
-    cm = cost_model or DEFAULT_COST_MODEL
+    cm = cost_model or default_cost_model()
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     radius = float(radius)
     dense = use_dense(batch, n_q, n_k)
     block = None if dense else DEFAULT_BLOCK
     ex = exact_candidate(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k, block=block,
+                         scale=float(scale) if scale is not None else 1.0 / math.sqrt(d),
                          value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
     item = 8 if ex.compute_dtype == "float64" else 4
     slow = 2.0 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
@@ -231,12 +318,13 @@ def plan(
                                        n_k=n_k, d=d, value_range=value_range, max_abs_value=max_abs_value,
                                        out_dtype=out_dtype, key_log_weight=key_log_weight, eps=eps)
             err = cert.output_error_bound
+            provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
             cand = Candidate(fam.name, g, r, err, cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal),
-                             mem, err <= eps, mem <= budget, cert)
+                             mem, err <= eps, mem <= budget, cert, provisional)
             candidates.append(cand)
-            if cand.certified or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
+            if cand.certified or provisional or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
                 break
-    usable = [c for c in candidates if c.certified and c.fits_memory]
+    usable = [c for c in candidates if (c.certified or c.provisional) and c.fits_memory]
     if not usable:
         dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)
         if dtype_why:
@@ -247,49 +335,51 @@ def plan(
         raise ValueError(f"eps={eps:g}: no candidate is certified within the memory budget: {why}, and no "
                          f"approximation up to the degree caps meets eps at radius R={radius:.4g}; pass a larger "
                          f"eps or memory_budget")
-    choice = min(usable, key=lambda c: c.seconds)
+    choice = min(usable, key=lambda c: (c.seconds, c.provisional))
     return Plan(choice=choice, candidates=candidates, eps=float(eps), radius=float(radius))
 
 
 def calibrate(repeats: int = 5) -> CostModel:
-    """Measure the cost-model constants on this machine (about a second)."""
+    """Measure the cost-model constants on this machine (a few seconds): the public calls ``auto`` chooses
+    between, so validation, statistics and certificates are in the figures. :meth:`CostModel.save`
+    (or ``attnbound calibrate``) stores them where :func:`plan` finds them.
 
-    def best(fn):
-        times = []
+    Each pair of runs that a constant is solved from is timed alternately (a, b, a, b, …; best of
+    ``repeats`` each), so a change of load on a shared machine hits both sides of the difference.
+    """
+
+    def best_pair(fa, fb):
+        fa(), fb()  # warm-up (a compiled kernel may build here)
+        ta = tb = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+            fa()
+            t1 = time.perf_counter()
+            fb()
+            t2 = time.perf_counter()
+            ta, tb = min(ta, t1 - t0), min(tb, t2 - t1)
+        return ta, tb
 
-    from .exact import blockwise_attention
-    from .features import feature_attention
+    from .api import attention
 
     gen = torch.Generator().manual_seed(0)
-    n = 2048
-    # exact: two head dims separate the per-pair cost from the per-multiply-add cost
-    rows = []
-    for d in (16, 128):
-        q, k, v = (torch.randn(n, d, generator=gen) for _ in range(3))
-        t = best(lambda: blockwise_attention(q, k, v, scale=0.1))
-        rows.append((d + d, t / (n * n)))
-    (x1, y1), (x2, y2) = rows
+    n, (d1, d2) = 2048, (16, 128)
+    # exact (torch SDPA): two head dims separate the per-pair cost from the per-multiply-add cost
+    qkv = [[torch.randn(1, 1, n, d, generator=gen) for _ in range(3)] for d in (d1, d2)]
+    t1, t2 = best_pair(lambda: attention(*qkv[0]), lambda: attention(*qkv[1]))
+    (x1, y1), (x2, y2) = (2 * d1, t1 / (n * n)), (2 * d2, t2 / (n * n))
     c_mac = max((y2 - y1) / (x2 - x1), 1e-13)
     c_pair = max(y1 - c_mac * x1, 1e-13)
     # dispatch overhead per torch op
     small = torch.randn(8, 8, dtype=torch.float64)
-    c_op = best(lambda: [small * small for _ in range(200)]) / 200
-    # whole engine runs at two value widths: the slope is the GEMM cost, the intercept the features
+    c_op = min(best_pair(lambda: [small * small for _ in range(200)], lambda: None)[0] / 200, 1e-4)
+    # polynomial attention at two value widths: the slope is the GEMM cost, the intercept the features
     n_f, g = 4096, 6
     r = feature_rank(8, g)
     x = torch.randn(n_f, 8, dtype=torch.float64, generator=gen) / 3
-    coeffs = chebyshev_coefficients(1.0, g)
-    pts = []
-    for d_v in (1, 64):
-        v = torch.randn(n_f, d_v, dtype=torch.float64, generator=gen)
-        t = best(lambda: feature_attention(x, x, v, coeffs=coeffs))
-        pts.append((d_v + 1, t / (2 * n_f * r)))
-    (x1, y1), (x2, y2) = pts
+    vs = [torch.randn(n_f, d_v, dtype=torch.float64, generator=gen) for d_v in (1, 64)]
+    t1, t2 = best_pair(*(lambda v=v: attention(x, x, v, method="polynomial", degree=g, strict=False) for v in vs))
+    (x1, y1), (x2, y2) = (2, t1 / (2 * n_f * r)), (65, t2 / (2 * n_f * r))
     c_mac_feat = max((y2 - y1) / (x2 - x1), 1e-13)
     c_feat = max(y1 - c_mac_feat * x1, 1e-13)
     return CostModel(c_pair=c_pair, c_mac=c_mac, c_feat=c_feat, c_mac_feat=c_mac_feat, c_op=c_op)

@@ -51,6 +51,17 @@ class InputStats:
         return s_eff * self.q_norm * self.k_norm, "data"
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖₂ of each row in float64, scaled like BLAS nrm2 so that no square underflows or overflows, and
+    rounded up by (1 + γ_{d+2}) so the result is ≥ the real-number norm of the float64 row."""
+    xd = x.detach().double()
+    top = xd.abs().amax(-1, keepdim=True)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    d = x.shape[-1]
+    up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
+    return torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
+
+
 def key_participation(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(..., n_k) bool: key j takes part with at least one query row (None: every key does)."""
     if attn_mask is None:
@@ -80,7 +91,7 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
     with torch.no_grad():
         keys = key_mask if key_mask is not None else key_participation(attn_mask)
         qd, kd = q.detach().double(), k.detach().double()
-        kn = torch.linalg.vector_norm(kd, dim=-1)
+        kn = row_norms(kd)
         ka = kd.abs().amax(-1)
         if keys is not None:
             keys = keys.expand(*torch.broadcast_shapes(keys.shape, kn.shape))
@@ -97,7 +108,7 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             finite = shifted[torch.isfinite(shifted)]
             span = float(finite.abs().max()) if finite.numel() else 0.0
         return InputStats(
-            q_norm=_max_or_zero(torch.linalg.vector_norm(qd, dim=-1)),
+            q_norm=_max_or_zero(row_norms(qd)),
             k_norm=_max_or_zero(kn),
             q_abs=_max_or_zero(qd.abs()),
             k_abs=_max_or_zero(ka),

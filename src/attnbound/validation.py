@@ -12,15 +12,16 @@ import torch
 
 KINDS = ("softmax", "l2")
 EXACT_METHODS = ("exact", "dense", "blockwise")
-APPROX_METHODS = ("taylor", "polynomial", "auto")
+FEATURE_METHODS = ("taylor", "polynomial", "relative")  # the approximation families (attnbound.families)
+APPROX_METHODS = FEATURE_METHODS + ("auto",)
 METHODS = EXACT_METHODS + APPROX_METHODS
 
 
 def check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (..., n, d) with at least 2 dims, got {tuple(x.shape)}")
 
