@@ -130,7 +130,7 @@ def test_exact_dispatches_to_sdpa_and_carries_its_certificate(rng):
     s = 1 / math.sqrt(8)
     want = sdpa_candidate(kind="softmax", logit_bound=st.logit_bound(s, "softmax"), mask_span=0.0, d=8, n_k=200,
                           value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=torch.float32,
-                          eps=None)
+                          eps=None, scale=s)
     assert cert == want
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v).clamp(-st.max_abs_value, st.max_abs_value))
     # blockwise keeps the project's kernel and its own (blocked) certificate
@@ -171,6 +171,12 @@ def test_sdpa_certificate_known_answer():
         + underflow_unit(torch.float16)
     assert c.eta == pytest.approx(eta, rel=1e-12)
     assert c.output_error_bound == pytest.approx(want, rel=1e-12)
+    # subnormal products: 4·s'·(d + 2)·tiny·u in the exponent, s' = 2s for ℓ2
+    for kind, s_eff in (("softmax", 2.0**120), ("l2", 2.0**121)):
+        c = sdpa_certificate(kind=kind, logit_bound=0.0, d=3, n_k=1, value_range=1.0, max_abs_value=1.0,
+                             compute_dtype=torch.float32, out_dtype=torch.float32, scale=2.0**120)
+        lam = 4 * s_eff * 5 * tiny * u + math.log1p(40 * u)
+        assert c.eta == pytest.approx(math.expm1(lam), rel=1e-12)
 
 
 def test_sdpa_certificate_shape():

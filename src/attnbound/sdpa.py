@@ -48,11 +48,16 @@ With u the unit roundoff of the compute dtype, γ_m = mu/(1 − mu), L bounding 
 s(‖q‖ + ‖k‖)², which bounds 2s|⟨q,k⟩| + s‖k‖²) and T the mask span (capped at T* as in
 :func:`attnbound.certificate.exact_certificate`, far keys charged 4e^{−40}·max|v|):
 
-    logit error       |x̂ − x| ≤ γ_{d+10}·(L + T)
+    logit error       |x̂ − x| ≤ γ_{d+10}·(L + T) + 4·s'·(d + 2)·tiny·u
     argument error    the subtraction of m_t, and the rescale arguments m_{t−1} − m_t, whose
                       sizes telescope to m_T − m_t ≤ 2L + T:  ≤ 3u·(2L + T)
-    λ = γ_{d+10}·(L + T) + 3u·(2L + T)
+    λ = γ_{d+10}·(L + T) + 4·s'·(d + 2)·tiny·u + 3u·(2L + T)
     η = e^λ·(1 + 2·exp_ulps·u)^{key_blocks} − 1    (one exp per weight, one per rescale)
+
+The tiny·u term is for products q_c·k_c (and k_c² of the ℓ2 column) in the subnormal range, whose
+rounding is absolute, not relative; s' is the scale SDPA applies (ℓ2: 2s). The fused CPU kernel
+applies it to the computed dot product; an unfused path that multiplies q and k by √s' first is
+covered as long as no such pre-scaled entry is subnormal.
 
 Weights common to numerator and denominator with relative error ≤ η move the weighted average by
 ≤ η/(1 − η)·range (the lemma of :mod:`attnbound.certificate`). The sums, the rescale products, the
@@ -107,10 +112,12 @@ def sdpa_certificate(
     mask_span: float = 0.0,
     key_blocks: int | None = None,
     exp_ulps: float = SDPA_EXP_ULPS,
+    scale: float = 0.0,
     eps: float | None = None,
 ) -> Certificate:
     """The rounding bound of exact attention by SDPA in ``compute_dtype``, for any summation order and
-    any key blocking of at most ``key_blocks`` blocks (default n_k: any). See the module docstring."""
+    any key blocking of at most ``key_blocks`` blocks (default n_k: any); ``scale`` is the softmax scale s
+    (it charges subnormal products). See the module docstring."""
     if not isinstance(n_k, int) or n_k < 1:
         raise ValueError(f"n_k must be a positive int, got {n_k!r}")
     blocks = n_k if key_blocks is None else key_blocks
@@ -129,7 +136,8 @@ def sdpa_certificate(
             span, far = math.inf, math.inf
         else:
             span, far = cut, 4.0 * math.exp(-FAR_MARGIN) * max_abs_value
-    lam = g_logit * (L + span) + 3.0 * u * (2.0 * L + span)
+    s_eff = 2.0 * abs(scale) if kind == "l2" else abs(scale)
+    lam = g_logit * (L + span) + 4.0 * s_eff * (d + 2) * tiny * u + 3.0 * u * (2.0 * L + span)
     e_exp = 2.0 * exp_ulps * u
     log_growth = lam + blocks * math.log1p(e_exp)
     eta = math.expm1(log_growth) if log_growth < 700.0 else math.inf
@@ -148,11 +156,11 @@ def sdpa_certificate(
 
 def sdpa_candidate(*, kind: str, logit_bound: float, mask_span: float, d: int, n_k: int, value_range: float,
                    max_abs_value: float, out_dtype: torch.dtype, eps: float | None,
-                   norms_product: float = 0.0) -> Certificate:
+                   norms_product: float = 0.0, scale: float = 0.0) -> Certificate:
     """The SDPA certificate in float32 (for float16/bfloat16/float32 inputs), or in float64 when float32's
     logits could overflow or (with ``eps``) its bound would exceed eps. Float64 inputs stay float64."""
     common = dict(kind=kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k, value_range=value_range,
-                  max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+                  max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps, scale=scale)
     if out_dtype != torch.float64:
         c = sdpa_certificate(compute_dtype=torch.float32, **common)
         overflow = max(logit_bound, norms_product) * 8.0 > float(torch.finfo(torch.float32).max)
