@@ -223,3 +223,67 @@ def test_generate_steps_are_certified(method):
     assert all(r.certificate.certified and r.certificate.output_error_bound <= 1e-3 for r in log.records)
     if method == "polynomial":
         assert {r.certificate.method for r in log.records} == {"polynomial"}
+
+
+def _small_llama(shrink):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)  # head_dim 4: small states
+    return _tiny(LlamaForCausalLM, cfg, shrink)
+
+
+@pytest.mark.parametrize("method,shrink,options,new,modes", [
+    ("exact", 5.0, {}, 12, {"cache"}),
+    # q, k weights ×5: queries matter (a head mix-up moves the logits by ~1e-2); entries ≤ 1.31, R = 5.12
+    ("auto", 5.0, dict(bound=1.6, value_bound=2.0, keep_cache=False), 12, {"state"}),
+    ("auto", 0.1, dict(bound=0.5, value_bound=2.0), 44, {"state"}),  # KV cache, then the state (rank 70) from n = 44
+])
+def test_generate_with_a_decoding_state_cache(method, shrink, options, new, modes):
+    from attnbound.integrations.hf_decoding import register_decoding
+
+    model = _small_llama(shrink)
+    prompt = dict(input_ids=torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(2)),
+                  do_sample=False, pad_token_id=0, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
+    model.set_attn_implementation("eager")
+    ref = model.generate(**prompt)
+    backend = register_decoding("attnbound-decoding", method=method, eps=1e-3)
+    model.set_attn_implementation("attnbound-decoding")
+    try:
+        cache = backend.cache(**options)
+        out = model.generate(**prompt, past_key_values=cache)
+    finally:
+        model.set_attn_implementation("eager")
+    assert torch.equal(out.sequences, ref.sequences)
+    # not certified end to end (each step's attention is; errors then pass through the layers): a sanity margin
+    drift = max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits))
+    assert drift <= (1e-5 if method == "exact" else 1e-4)
+    assert {layer.state.mode for layer in cache.layers} == modes and len(cache.layers) == 2
+    assert all(layer.state.n == 6 + new - 1 for layer in cache.layers)
+    recs = backend.log.records
+    assert len(recs) == new * 2 * 4 and [r.n_q for r in recs[::8]] == [6] + [1] * (new - 1)
+    assert all(r.certificate.certified and r.certificate.output_error_bound <= 1e-3 for r in recs)
+    if method == "auto":
+        assert recs[-1].certificate.method in ("polynomial", "taylor", "relative")
+        # each layer holds r·(d_v + 1) float64 numbers per (sequence, key/value head), whatever the length
+        assert cache.nbytes == 2 * (2 * 2) * (cache.layers[0].state.rank * 5 + 2 * 4) * 8
+
+
+def test_decoding_cache_refuses_keys_beyond_the_declared_bound_and_padding():
+    from attnbound.integrations.hf_decoding import register_decoding
+
+    model = _small_llama(0.1)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    backend = register_decoding("attnbound-decoding", method="auto", eps=1e-3)
+    model.set_attn_implementation("attnbound-decoding")
+    try:
+        with pytest.raises(ValueError, match="above the declared bound"):
+            model.generate(ids, past_key_values=backend.cache(bound=0.01, value_bound=2.0), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+        am = torch.ones(2, 6, dtype=torch.long)
+        am[1, :2] = 0
+        with pytest.raises(ValueError, match="unpadded"):
+            model.generate(ids, attention_mask=am, past_key_values=backend.cache(bound=0.5, value_bound=2.0),
+                           max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        model.set_attn_implementation("eager")

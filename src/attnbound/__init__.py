@@ -10,6 +10,7 @@ See :func:`attention`, :func:`plan`, :class:`Certificate`, and the subpackages
 
 from .api import attention, polynomial_attention, taylor_attention
 from .certificate import Certificate
+from .decoding import DecodingState
 from .measure import measure_error
 from .planner import CostModel, Plan, calibrate, plan
 from .features import feature_rank, monomial_features
@@ -23,6 +24,7 @@ __all__ = [
     "taylor_attention",
     "polynomial_attention",
     "Certificate",
+    "DecodingState",
     "measure_error",
     "plan",
     "Plan",

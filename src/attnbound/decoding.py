@@ -33,11 +33,13 @@ cached keys (O(n·r·d_v) once), frees the cache and never goes back.
 
 **Degree.** A fixed ``degree`` (even Taylor order) or the smallest one certified for ``eps``
 (``method="auto"``: the family of smallest rank; exact forever when none is certified or the
-state would never be smaller). The choice is made with n_k = 2^27 in the rounding term and, for the
-values, the declared ``value_bound`` M (range 2M) or, without one, M = twice the largest |v| seen
-so far (re-chosen while the cache is kept; fixed when the state is built). A later value beyond
-that M can make a query's bound exceed ``eps``; such a query raises ``ValueError`` (declare
-``value_bound`` to rule that out).
+state would never be smaller). The degree is the smallest whose approximation term η/(1−η)·range
+is ≤ eps/2, leaving the other half to the float64 rounding term, which grows with n (about
+n·2^−53·Σ|a_j|·e^R·2·max|v|: far below eps/2 at any practical length unless R is large). The range
+is that of the declared ``value_bound`` M (range 2M) or, without one, of M = twice the largest |v|
+seen so far (re-chosen while the cache is kept; fixed when the state is built). Every answer's
+certificate is recomputed for the keys actually seen, and a query whose bound would exceed ``eps``
+(values beyond M, or a length where rounding takes the other half) raises ``ValueError``.
 
 Causal prefill: :meth:`DecodingState.step` takes t new tokens' queries, keys and values at once;
 query i sees every earlier key and the new keys up to i (the chunked prefix sum of the engine
@@ -59,7 +61,6 @@ from .families import MAX_FEATURE_RADIUS, family
 from .features import (CAUSAL_TILE, chunk_rows, causal_readout, feature_rank, key_state, monomial_weights,
                        normalize_readout, state_readout, weighted_values)
 
-DESIGN_KEYS = 2**27  # n_k used in the rounding term when a degree is chosen for eps (it must hold as n grows)
 VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the range seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
 
@@ -265,8 +266,9 @@ class DecodingState:
         methods = val.FEATURE_METHODS if self.method == "auto" else (self.method,)
         best = None
         for m in methods:
-            c = certified_degree(m, self.radius, self.eps, d=self.d, n_k=DESIGN_KEYS, value_range=spread,
-                                 max_abs_value=top, radius_source=self.radius_source, out_dtype=self.dtype)
+            c = certified_degree(m, self.radius, self.eps / 2.0, d=self.d, n_k=1, value_range=spread,
+                                 max_abs_value=top, radius_source=self.radius_source, out_dtype=self.dtype,
+                                 rounding=False)
             if c is not None and (best is None or (c.rank, c.output_error_bound) < (best.rank, best.output_error_bound)):
                 best = c
         if best is None and self.method != "auto":
