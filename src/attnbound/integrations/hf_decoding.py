@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validation as val
 from ..decoding import DecodingState
 from .huggingface import CertificateLog, HeadRecord, make_attention_function
 
@@ -134,8 +135,8 @@ class DecodingBackend:
     def cache(self, **state_options) -> DecodingCache:
         """A fresh :class:`DecodingCache`; ``state_options``: bound/norms/radius, value_bound, degree,
         keep_cache (method and eps are the backend's)."""
-        return DecodingCache(self, method=self.method if self.method != "exact" else "exact", eps=self.eps,
-                             **state_options)
+        method = "exact" if self.method in val.EXACT_METHODS else self.method
+        return DecodingCache(self, method=method, eps=self.eps, **state_options)
 
     def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                  is_causal=None, **kwargs):
@@ -180,6 +181,7 @@ def register_decoding(name: str = "attnbound-decoding", *, method: str = "auto",
 
     if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
         raise ValueError(f"name must be a new implementation name, got {name!r}")
+    val.check_choice("method", method, val.METHODS)
     backend = DecodingBackend(name, method, eps, options)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
