@@ -220,3 +220,17 @@ def test_sdpa_exponential_is_as_accurate_as_assumed(dtype):
     rel = float((np.abs(ratio - exact) / exact).max())
     u = unit_roundoff(dtype)
     assert rel <= 2 * SDPA_EXP_ULPS * u + 4 * u, rel / u
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64])
+def test_causal_float_mask_is_shifted_over_the_keys_each_row_sees(mask_dtype, rng):
+    """Entries above the diagonal are hidden by causality; were the shift taken over them (1e30 here),
+    every visible logit would be swamped by −1e30 in float32 and each row would average its values."""
+    n = 40
+    q, k, v = (torch.randn(2, n, 4, generator=rng) for _ in range(3))
+    m = torch.randn(n, n, generator=rng, dtype=mask_dtype)
+    hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
+    m_big = m.masked_fill(hidden, 1e30)
+    out, cert = attnbound.attention(q, k, v, is_causal=True, attn_mask=m_big, return_certificate=True)
+    ref = long_double_attention(q, k, v, scale=0.5, is_causal=True, attn_mask=m.masked_fill(hidden, 0.0))
+    assert max_error(out, ref) <= cert.output_error_bound < 1e-2
