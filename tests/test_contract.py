@@ -276,7 +276,7 @@ def test_feature_certificate_known_answer():
                             out_dtype=F64)
     assert c.approximation_bound == 3.0
     u = 2.0**-53
-    eta_fp = 19 * u / (1 - 19 * u) * 1.0 * 1.0  # γ_N, N = r + n_k + d + 4
+    eta_fp = 21 * u / (1 - 21 * u) * 1.0 * 1.0  # γ_N, N = r + n_k + d + 2g + 4
     rounding = (2 * eta_fp / (1 - 0.5 - eta_fp) + 4 * u + 2.0**-1000 + u) * 2.0 + 2.0**-1022 * u
     assert c.rounding_bound == pytest.approx(rounding, rel=1e-12)
     assert c.output_error_bound == pytest.approx(3.0 + rounding, rel=1e-15)
@@ -379,7 +379,7 @@ def test_posterior_rounding_known_answer():
     u = 2.0**-53
     kw = dict(method="relative", kind="softmax", degree=2, rank=6, radius=3.0, radius_source="data", eta=0.0,
               delta=0.0, coeff_abs_sum=20.0, n_k=100, d=2, value_range=1.0, max_abs_value=1.0, out_dtype=F64)
-    g = 112 * u / (1 - 112 * u)  # N = r + n_k + d + 4
+    g = 116 * u / (1 - 116 * u)  # N = r + n_k + d + 2g + 4
     prior = feature_certificate(**kw)
     post = feature_certificate(min_denominator=50.0, **kw)
     e_prior = g * 20.0 * math.exp(3.0)

@@ -15,7 +15,8 @@ so per output column c, |õ_ic − o_ic| ≤ η/(1−η) · (max_j v_jc − min_
 relative error η_w ≤ exp(2γ_{d+2}·s·max‖k‖² + 6u₆₄) − 1; the two combine as (1+η)(1+η_w) − 1.
 
 Floating point: the feature engine runs in float64. Evaluating P(u) over rank r features and
-summing n_k keys perturbs numerator and denominator by at most η_fp = (r + n_k + d + 4)·u₆₄·Σ_j|a_j|·e^{R}
+summing n_k keys in any order perturbs numerator and denominator by at most
+η_fp = γ_{r + n_k + d + 2g + 4}·Σ_j|a_j|·e^{R}
 relative to the denominator (the features of unit vectors obey Σ_{|α|=j} (j!/α!)|q^α k^α| ≤ 1),
 which moves the output by at most 2η_fp/(1−η−η_fp)·max|v|; the division and the final cast to the
 output dtype add (4u₆₄ + u_out)·max|v|, plus u_out·tiny_out for an output in the subnormal range.
@@ -142,7 +143,7 @@ def feature_certificate(
     per-key weights (ℓ2: s·max‖k‖²), or None when there are none (masks give exact 0/1 weights).
 
     The float64 rounding of numerator and denominator is at most E = γ_N·Σ|a_j|·Σ_j w_j ≤ γ_N·Σ|a_j|·n_k
-    (N = r + n_k + d + 4; key weights w_j ≤ 1, features of vectors in the unit ball). A priori the
+    (N = r + n_k + d + 2g + 4; key weights w_j ≤ 1, features of vectors in the unit ball). A priori the
     denominator is ≥ Σ_j w_j·(1−η)e^{−R}, so E is at most η_fp = γ_N·Σ|a_j|·e^R relative to it.
     ``min_denominator``, the smallest computed row sum D̃ of the run, gives the a-posteriori
     η_fp = E/(D̃ − E) (the true row sum is ≥ D̃ − E): on rows whose logits are not all near −R this
@@ -153,7 +154,7 @@ def feature_certificate(
     approx = output_bound(eta_all, value_range)
     # every partial sum of n_k weights of size ≤ 2e^R must stay representable in float64
     headroom = radius + math.log(n_k + 1.0) + 4.0 < 709.0
-    g_n = _gamma(rank + n_k + d + 4, U64)
+    g_n = _gamma(rank + n_k + d + 2 * degree + 4, U64)  # + 2g: Horner's rule in the fused causal triangle
     eta_fp = g_n * coeff_abs_sum * math.exp(radius) if headroom else math.inf
     if min_denominator is not None and headroom:
         err = g_n * coeff_abs_sum * n_k

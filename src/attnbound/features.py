@@ -31,6 +31,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from . import fused  # the fused float64 CPU kernels; this module stays the reference and the autograd path
+
 FEATURE_CHUNK_BYTES = 24 << 20  # target size of one (batch, r, chunk) float64 feature block (measured best ~1024 rows at r=3003)
 
 
@@ -173,12 +175,20 @@ def feature_attention(
     chunk = chunk or chunk_rows(math.prod(batch), rank)
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
     vv = weighted_values(v)
+    use_fused = fused.available(q, k, vv)[0]  # float64 CPU without autograd: the fused kernels
     if is_causal:
-        num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk, key_log_weight=key_log_weight)
+        if use_fused and key_log_weight is None:
+            num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
+        else:
+            num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk, key_log_weight=key_log_weight)
     else:
         if key_log_weight is not None:
             vv = vv * torch.exp(key_log_weight - _safe_max(key_log_weight, -1)).unsqueeze(-1)
-        num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree, chunk=chunk)
+        if use_fused:
+            num = fused.state_readout(q, fused.key_state(k, vv, degree=degree, weights=w), degree=degree)
+        else:
+            num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
+                                chunk=chunk)
     if record is not None:
         record["min_denominator"] = _min_denominator(num[..., d_v], key_log_weight, is_causal)
     return normalize_readout(num, d_v)
