@@ -7,7 +7,11 @@ Dot-product (``kind="softmax"``) attention has b = 0. Keles et al.'s ℓ2 attent
 query factor cancels in D⁻¹A, so it is dot-product attention with scale 2s and a per-key shift
 b_j = −s‖k_j‖² (the key-shift identity; no n_q×n_k×d difference tensor is ever formed).
 
-Two implementations, same function to rounding:
+Three implementations, same function to rounding. ``method="exact"`` on the CPU calls torch's
+fused kernel through :func:`attnbound.sdpa.sdpa_attention` (with its own any-order rounding
+certificate, :func:`attnbound.sdpa.sdpa_certificate`); the project's two kernels below serve
+``method="dense"``/``"blockwise"``, other devices, and the cases SDPA cannot take within the memory
+budget or eps, and are the reference it is tested against:
 
 * :func:`dense_attention` materialises the n_q×n_k score block: Θ(n_q n_k (d + d_v)) time,
   Θ(n_q n_k) memory. For small n.
