@@ -61,7 +61,7 @@ from .families import MAX_FEATURE_RADIUS, family
 from .features import (CAUSAL_TILE, chunk_rows, causal_readout, feature_rank, key_state, monomial_weights,
                        normalize_readout, state_readout, weighted_values)
 
-VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the range seen so far
+VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the largest |v| seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
 
 
@@ -87,11 +87,9 @@ def few_row_features(x: torch.Tensor, plan) -> torch.Tensor:
     """The engine's monomial features of a few rows x (..., t, d) as (..., r, t): one gather and one multiply
     per degree instead of d small multiplies (a decoding step's features are launch-bound, not flop-bound)."""
     xt = x.transpose(-1, -2)
-    blocks = [torch.ones_like(xt[..., :1, :])]
-    feats = blocks[0]
+    feats = torch.ones_like(xt[..., :1, :])
     for parents, variables in plan:
-        blocks.append(feats.index_select(-2, parents) * xt.index_select(-2, variables))
-        feats = torch.cat([feats, blocks[-1]], -2)
+        feats = torch.cat([feats, feats.index_select(-2, parents) * xt.index_select(-2, variables)], -2)
     return feats
 
 
