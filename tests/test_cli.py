@@ -150,8 +150,6 @@ def test_cli_module_imports_nothing_heavy_at_top_level():
     assert not names & {"torch", "attnbound", "numpy", "scipy", "matplotlib"}, names
 
 
-@pytest.mark.xfail(strict=True, reason="attnbound/__init__.py imports torch eagerly, so `attnbound --help` "
-                                       "loads torch (about a second) before the CLI module runs")
 def test_help_does_not_import_torch():
     code = "import sys; from attnbound.cli import app; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

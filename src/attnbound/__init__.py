@@ -6,35 +6,46 @@
 
 See :func:`attention`, :func:`plan`, :class:`Certificate`, and the subpackages
 ``attnbound.hardness`` (the SETH reductions as runnable code) and ``attnbound.nn``.
+
+The names below are imported on first use, so ``import attnbound`` (and ``attnbound --help``)
+does not load torch until something needs it.
 """
 
-from .api import attention, polynomial_attention, taylor_attention
-from .certificate import Certificate
-from .decoding import DecodingState
-from .measure import measure_error
-from .planner import CostModel, Plan, calibrate, plan
-from .features import feature_rank, monomial_features
-from .chebyshev import chebyshev_coefficients, chebyshev_degree, chebyshev_error
-from .taylor import taylor_coefficients, taylor_remainder
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "attention",
-    "taylor_attention",
-    "polynomial_attention",
-    "Certificate",
-    "DecodingState",
-    "measure_error",
-    "plan",
-    "Plan",
-    "CostModel",
-    "calibrate",
-    "feature_rank",
-    "monomial_features",
-    "chebyshev_coefficients",
-    "chebyshev_degree",
-    "chebyshev_error",
-    "taylor_coefficients",
-    "taylor_remainder",
-]
+_EXPORTS = {
+    "attention": ".api",
+    "taylor_attention": ".api",
+    "polynomial_attention": ".api",
+    "Certificate": ".certificate",
+    "measure_error": ".measure",
+    "plan": ".planner",
+    "Plan": ".planner",
+    "CostModel": ".planner",
+    "calibrate": ".planner",
+    "feature_rank": ".features",
+    "monomial_features": ".features",
+    "chebyshev_coefficients": ".chebyshev",
+    "chebyshev_degree": ".chebyshev",
+    "chebyshev_error": ".chebyshev",
+    "relative_coefficients": ".relative",
+    "relative_eta": ".relative",
+    "taylor_coefficients": ".taylor",
+    "taylor_remainder": ".taylor",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attnbound' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
