@@ -1,4 +1,4 @@
-"""The a-priori error certificate of an attention call (SPEC §3).
+"""The a-priori error certificate of an attention call (docs/theory.md §3).
 
 **The contract.** For every call that returns, ``out`` is finite, has the documented shape and
 dtype, and max_{i,c} |out_ic − exact_ic| ≤ ``output_error_bound``, where exact is the attention

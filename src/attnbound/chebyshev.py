@@ -1,5 +1,7 @@
-"""Near-best polynomial approximation of exp (Alman & Song, NeurIPS 2023, Lemma 3.x via
-Aggarwal–Alman): the "polynomial method" behind n^{1+o(1)}-time attention for bounded entries.
+"""Near-best polynomial approximation of exp (Alman & Song, *Fast Attention Requires Bounded Entries*,
+NeurIPS 2023, via Aggarwal & Alman, *Optimal-degree polynomial approximations for exponentials and
+Gaussian kernel density estimation*, CCC 2022): the "polynomial method" behind n^{1+o(1)}-time
+attention for bounded entries.
 
 On [−R, R], in the normalised variable u = x/R, exp(R·u) has the Chebyshev expansion
 

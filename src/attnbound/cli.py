@@ -190,7 +190,7 @@ def reproduce(scale: str = typer.Option("small", help="test | small | medium | l
               out: str = typer.Option(None, help="output folder (default reports/<timestamp>)"),
               only: list[str] = typer.Option(None, help="run only these experiments (repeatable)"),
               seed: int = typer.Option(0)):
-    """Reproduce every claim of the seed papers; writes index.html, PNGs, results.json and CSVs."""
+    """Reproduce the checkable claims (the reductions' correctness, the algorithms' costs, the rank threshold); writes index.html, PNGs, results.json and CSVs."""
     from attnbound.experiments.report import reproduce as run_report
 
     try:

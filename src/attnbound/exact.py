@@ -1,4 +1,4 @@
-"""Exact attention: the reference every approximation is measured against (SPEC §1).
+"""Exact attention: the reference every approximation is measured against (docs/theory.md §1).
 
     Att(Q, K, V) = D⁻¹ A V,   A_ij = exp(s·⟨q_i, k_j⟩ + b_ij),   D = diag(A·1)
 

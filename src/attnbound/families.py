@@ -5,7 +5,7 @@ its **relative** error on [−R, R],
 
     η(R, g) ≥ max_{|x|≤R} |P(x)/eˣ − 1|,
 
-which is all the certificate needs (SPEC §3: each weight is off by a factor in [1 − η, 1 + η], so
+which is all the certificate needs (docs/theory.md §3: each weight is off by a factor in [1 − η, 1 + η], so
 the output moves by at most η/(1−η) times the value range; η < 1 keeps every weight positive).
 It also states the largest degree it offers and which degrees are allowed (Taylor: even orders,
 whose polynomial is positive on all of ℝ).

@@ -1,4 +1,4 @@
-"""The polynomial-feature engine shared by the Taylor and polynomial methods (SPEC §2).
+"""The polynomial-feature engine shared by the Taylor and polynomial methods (docs/theory.md §2).
 
 If P(u) = Σ_{j≤g} a_j u^j and u = ⟨q', k'⟩ with q' = α_q·q, k' = α_k·k (α_q α_k = s/R), then
 

@@ -1,7 +1,7 @@
 """The planner: the fastest method whose certificate meets a requested error.
 
 For every candidate — exact attention, Taylor orders p = 0, 2, 4, … and Chebyshev degrees
-g = 0, 1, 2, … — :func:`plan` computes the certified output error (SPEC §3, via
+g = 0, 1, 2, … — :func:`plan` computes the certified output error (docs/theory.md §3, via
 :func:`attnbound.certificate.feature_certificate`), the rank r = C(d+g, g), the memory the
 engine would allocate, and a predicted time from a cost model:
 

@@ -15,8 +15,9 @@ by one call of :func:`torch.nn.functional.scaled_dot_product_attention` (SDPA):
   b' = b − max_j b_ij (:func:`attnbound.stats.shift_mask`); ``is_causal`` natively, or merged into
   the mask when both are given (SDPA refuses the pair);
 * q, k and v are zero-padded to one head dim (exact: zero columns add nothing to a dot product,
-  padded value columns are dropped), and leading dims broadcast and are folded into SDPA's four-dimensional (batch, head) layout, which
-  selects its fused CPU kernel (three-dimensional inputs go to a slower unfused path);
+  padded value columns are dropped), and leading dims broadcast and are folded into SDPA's
+  four-dimensional (batch, head) layout, which selects its fused CPU kernel (three-dimensional
+  inputs, or unequal head dims, go to a slower unfused path);
 * rows whose keys are all masked out return zeros (our contract; recent torch already does).
 
 Inputs arrive in the compute dtype (float32 or float64; callers widen float16/bfloat16 to float32),
@@ -48,13 +49,14 @@ With u the unit roundoff of the compute dtype, γ_m = mu/(1 − mu), L bounding 
 s(‖q‖ + ‖k‖)², which bounds 2s|⟨q,k⟩| + s‖k‖²) and T the mask span (capped at T* as in
 :func:`attnbound.certificate.exact_certificate`, far keys charged 4e^{−40}·max|v|):
 
-    logit error       |x̂ − x| ≤ γ_{d+10}·(L + T) + 4·s'·(d + 2)·tiny·u
+    logit error       |x̂ − x| ≤ γ_{d'+10}·(L + T) + 4·s'·(d + 2)·tiny·u,   d' = d (ℓ2: 2d)
     argument error    the subtraction of m_t, and the rescale arguments m_{t−1} − m_t, whose
                       sizes telescope to m_T − m_t ≤ 2L + T:  ≤ 3u·(2L + T)
-    λ = γ_{d+10}·(L + T) + 4·s'·(d + 2)·tiny·u + 3u·(2L + T)
+    λ = γ_{d'+10}·(L + T) + 4·s'·(d + 2)·tiny·u + 3u·(2L + T)
     η = e^λ·(1 + 2·exp_ulps·u)^{key_blocks} − 1    (one exp per weight, one per rescale)
 
-The tiny·u term is for products q_c·k_c (and k_c² of the ℓ2 column) in the subnormal range, whose
+For ℓ2 the bias column's own sum of squares ‖k‖² adds d roundings to the dot product, hence
+d' = 2d. The tiny·u term is for products q_c·k_c (and k_c² of the ℓ2 column) in the subnormal range, whose
 rounding is absolute, not relative; s' is the scale SDPA applies (ℓ2: 2s). The fused CPU kernel
 applies it to the computed dot product; an unfused path that multiplies q and k by √s' first is
 covered as long as no such pre-scaled entry is subnormal.
@@ -70,7 +72,9 @@ in the subnormal range add ≤ 12·n_k·(key_blocks + 2)·tiny·max|v| (the row'
 bound hold for every kernel, and what makes it weak in float32 at long rows: at n_k = 2^16 the
 exponentials alone give η ≈ n_k·40u ≈ 0.16. In float64 the same term is ≈ 3·10^{−10}, so callers
 run SDPA in float64 when eps asks for more than float32's bound gives (:func:`sdpa_candidate`).
-Real numbers, worst case: measured errors sit orders of magnitude below the bound.
+A theorem of floating-point arithmetic under the model above; the exponential's accuracy is an
+assumption about torch's kernel (stated in its source and measured by the tests), not proved here.
+A worst case: measured errors sit orders of magnitude below the bound.
 
 Cost: one SDPA call, Θ(b·n_q·n_k·(d + d_v)) time; memory O(b·n_q·d_v) beyond the inputs plus,
 when a mask is given, a float copy of it (SDPA converts bool masks) and, with ``is_causal`` and a
@@ -128,7 +132,7 @@ def sdpa_certificate(
     u = unit_roundoff(compute_dtype)
     tiny = float(torch.finfo(compute_dtype).tiny)
     L = float(logit_bound)
-    g_logit = _gamma(d + 10, u)
+    g_logit = _gamma((2 * d if kind == "l2" else d) + 10, u)
     span, far = float(mask_span), 0.0
     cut = 2.0 * (2.0 * L + 1.0 + math.log(n_k) + FAR_MARGIN)
     if span > cut:

@@ -1,4 +1,4 @@
-"""The statistics of one attention call, taken once and shared by every certificate (SPEC §3).
+"""The statistics of one attention call, taken once and shared by every certificate (docs/theory.md §3).
 
 A certificate needs a handful of scalars about the inputs, and every one of them must be taken
 over what the call actually computes:

@@ -1,4 +1,4 @@
-"""The SETH reductions to self-attention, as runnable instance builders (SPEC §4).
+"""The SETH reductions to self-attention, as runnable instance builders (docs/theory.md §4).
 
 Every builder returns a :class:`Reduction`: queries, keys, values and scale of one attention
 call whose output decides the combinatorial instance, with the decision threshold and margin.
@@ -8,11 +8,11 @@ value 1, every real key value 0, so
     out_i = e^{τ} / (e^{τ} + Σ_j e^{x_ij}) ≤ 1/2       if row i has a hit (some x_ij ≥ τ),
     out_i ≥ 1 / (1 + n·e^{−gap}) ≥ 4/5                if every x_ij ≤ τ − gap,
 
-with gap = ln(4n) (SPEC §4 asks for ln(2n), which gives 2/3; we take ln(4n) for a wider margin).
+with gap = ln(4n) (docs/theory.md §4 asks for ln(2n), which gives 2/3; we take ln(4n) for a wider margin).
 The decision threshold is the midpoint 0.65 and the margin 0.15: any attention method whose
 max-abs output error is below the margin decides correctly, which is what the certificate checks.
 
-* OV → softmax attention (Keles et al., Thm 3.x): q_i = −σ a_i, k_j = σ b_j, extra key 0,
+* OV → softmax attention (Keles, Wijewardena, Hegde, ALT 2023): q_i = −σ a_i, k_j = σ b_j, extra key 0,
   s = 1/m, C = sσ² = ln(4n): x_ij = −C⟨a_i, b_j⟩ is 0 for an orthogonal pair and ≤ −C otherwise.
   Entries B = σ = √(C m) = Θ(log n) when m = Θ(log n).
 * OV → ℓ2 attention: weights exp(−s‖q − k‖²) with q_i = σ[a_i, 0^m], k_j = −σ[b_j, pad_j] where
@@ -20,7 +20,7 @@ max-abs output error is below the margin decides correctly, which is what the ce
   term cancels per row and the padding makes the |b_j| term a constant; the extra key
   −σ[0^m, 1^m] has ‖q_i − k‖² = σ²(|a_i| + m). With 2sσ² = C, s = 1/(2m), the log-weights are
   those of the softmax reduction. Dimension 2m.
-* Gap-Hamming → softmax attention (Alman–Song, Thm 1.x): ±1 encodings x̃ = 2x − 1,
+* Gap-Hamming → softmax attention (Alman–Song, NeurIPS 2023): ±1 encodings x̃ = 2x − 1,
   ⟨x̃, ỹ⟩ = d − 2·Ham(x, y); q_i = σ[ã_i, 1^{d−2t}], k_j = σ[b̃_j, 0^{d−2t}], extra key
   σ[0^d, 1^{d−2t}], s = 1/d: x_ij = σ²(1 − 2H_ij/d), the extra key's τ = σ²(1 − 2t/d) equals a
   pair at distance t, and far pairs (H ≥ (1+γ)t) sit ≥ 2σ²γt/d below it. σ² = d·ln(4n)/(2γt)

@@ -22,6 +22,16 @@ are all equal are passed on as key-padding masks, which the approximate methods 
 causal-plus-padding mask becomes ``is_causal`` plus key padding. Any other mask runs exact
 under ``method="auto"`` and raises for a fixed approximate method.
 
+Generation: ``model.generate()`` works through the backend with transformers' own KV cache. At
+each cached step transformers calls the function with one new query per sequence against every
+cached key (``n_q = 1``; the mask is ``None`` or a key-padding mask, e.g. for left-padded batches),
+so every step is one certified :func:`attnbound.attention` call per head and appends its records
+to the log like any other call. The certificate then bounds that step's attention output against
+exact attention over the same cache; it says nothing about how errors of earlier steps moved the
+cache itself. For a constant-size certified state instead of the KV cache, see
+:mod:`attnbound.integrations.hf_decoding` (a transformers ``Cache`` of
+:class:`attnbound.decoding.DecodingState` s, used through ``generate(past_key_values=...)``).
+
 Cost: that of :func:`attnbound.attention` per head, plus O(batch·heads·n·d) for the
 per-head statistics each record carries (B, R, value range).
 """
