@@ -20,6 +20,7 @@ _EXPORTS = {
     "taylor_attention": ".api",
     "polynomial_attention": ".api",
     "Certificate": ".certificate",
+    "DecodingState": ".decoding",
     "measure_error": ".measure",
     "plan": ".planner",
     "Plan": ".planner",
