@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnbound.experiments import direct_sum, gradient, minilm, reductions, scaling, taylor_order, transition
+from attnbound.experiments import (direct_sum, families, gradient, minilm, radii, reductions, scaling, taylor_order,
+                                   transition)
 from attnbound.experiments.common import count_ops, fit_slope, interleaved_min_times, overhead_fit, slope_verdict
 
 
@@ -306,3 +307,95 @@ def test_minilm_verdict():
     runs = _runs()
     runs[1]["worst_bound"] = 0.1  # auto over its eps
     assert minilm.verdict(_heads(), runs, eps)[0] == "FAIL"
+
+
+# ------------------------------------------------------------------ families
+
+
+def _family_rows(degrees):
+    """Table rows from {(eps, R): (relative, polynomial, taylor)} degrees (None = above the cap)."""
+    rows = []
+    for (eps, radius), gs in degrees.items():
+        for name, g in zip(("relative", "polynomial", "taylor"), gs):
+            rows.append({"eps": eps, "R": radius, "family": name, "degree": g, "rank": None if g is None else
+                         math.comb(8 + g, g), "how": "a priori"})
+    return rows
+
+
+def test_families_order_verdict():
+    good = {(1e-3, 1.0): (5, 6, 8), (1e-3, 8.0): (16, 22, None), (1e-3, 16.0): (None, None, None),
+            (1e-5, 1.0): (7, 7, 10)}
+    assert families.verdict_order(_family_rows(good))[0] == "PASS"
+    bad = dict(good)
+    bad[(1e-3, 1.0)] = (7, 6, 8)  # relative above Chebyshev
+    assert families.verdict_order(_family_rows(bad))[0] == "FAIL"
+    bad = dict(good)
+    bad[(1e-5, 1.0)] = (7, 12, 10)  # Chebyshev above Taylor
+    assert families.verdict_order(_family_rows(bad))[0] == "FAIL"
+    bad = dict(good)
+    bad[(1e-3, 8.0)] = (None, 22, None)  # relative missing where Chebyshev certifies: counts as infinite
+    assert families.verdict_order(_family_rows(bad))[0] == "FAIL"
+    assert families.verdict_order(_family_rows({(1e-3, 16.0): (None, None, None)}))[0] == "FAIL"
+
+
+def test_families_target_verdict():
+    ok = {(1e-3, 1.0): (5, 6, 8), (1e-3, 2.0): (7, 8, 12), (1e-3, 4.0): (10, 13, 18), (1e-3, 8.0): (17, 22, None)}
+    assert families.verdict_targets(_family_rows(ok))[0] == "PASS"
+    for key, gs in (((1e-3, 1.0), (6, 6, 8)), ((1e-3, 8.0), (None, 22, None)), ((1e-3, 4.0), (12, 13, 18))):
+        bad = dict(ok)
+        bad[key] = gs
+        assert families.verdict_targets(_family_rows(bad))[0] == "FAIL", key
+    del ok[(1e-3, 2.0)]  # a target radius missing from the table
+    assert families.verdict_targets(_family_rows(ok))[0] == "FAIL"
+
+
+def test_families_measured_verdict():
+    good = [{"R": 1.0, "n": 64, "eps": 1e-3, "degree": 5, "expected_degree": 5, "certificate": 3e-4,
+             "measured": 2e-5}]
+    assert families.verdict_measured(good, [])[0] == "PASS"
+    for change in ({"measured": 4e-4}, {"certificate": 2e-3, "measured": 1e-4}, {"degree": 6}):
+        assert families.verdict_measured([{**good[0], **change}], [])[0] == "FAIL", change
+    assert families.verdict_measured([], [])[0] == "INCONCLUSIVE"
+
+
+def test_families_adversarial_inputs_reach_both_ends_of_the_radius():
+    q, k, v = families.adversarial_inputs(2.0, 32, 8, 4.0, seed=0)
+    logits = (q @ k.T) / math.sqrt(8)
+    assert 2.0 * (1 - 1e-6) <= float(logits.max()) <= 2.0 and -2.0 <= float(logits.min()) <= -2.0 * (1 - 1e-6)
+    assert set(v.unique().tolist()) == {-4.0, 4.0}
+
+
+# ------------------------------------------------------------------ radii (centring, heavy tokens)
+
+
+def test_radii_bound_the_centred_logits_and_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 20, 4, generator=g) * 0.3 + torch.tensor([3.0, -2.0, 0.0, 1.0])
+    k = torch.randn(2, 20, 4, generator=g) * 0.3 + torch.tensor([1.0, 2.0, -1.0, 0.0])
+    k[1, 5] += 10.0  # an outlier key, masked out below
+    q[0, 3] += 6.0  # an outlier query
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 5] = False
+    s = 0.5
+    r = radii.radii(q, k, s, key_mask=mask, heavy=(1, 3))
+    qs, ks = q.reshape(-1, 4).double(), k.reshape(-1, 4)[mask.reshape(-1)].double()
+    assert r["R"] == pytest.approx(s * float(qs.norm(dim=1).max() * ks.norm(dim=1).max()))
+    qc, kc = qs - qs.mean(0), ks - ks.mean(0)
+    assert r["R_centred"] == pytest.approx(s * float(qc.norm(dim=1).max() * kc.norm(dim=1).max()))
+    assert r["R_centred"] < r["R"] / 3  # the common offset was most of the radius
+    # the centred logits differ from the true ones by a row term plus a key term: the softmax is unchanged
+    x = s * qs @ ks.T
+    xc = s * qc @ kc.T
+    key_term = s * ks @ qs.mean(0)
+    assert torch.allclose(torch.softmax(x, -1), torch.softmax(xc + key_term, -1), atol=1e-12)
+    assert float(xc.abs().max()) <= r["R_centred"] * (1 + 1e-12)
+    for h in (1, 3):  # brute force: drop the h largest centred norms on each side
+        qi = qc.norm(dim=1).argsort(descending=True)[h:]
+        ki = kc.norm(dim=1).argsort(descending=True)[h:]
+        assert r[f"R_heavy{h}"] == pytest.approx(s * float(qc[qi].norm(dim=1).max() * kc[ki].norm(dim=1).max()))
+    assert r["R_heavy1"] < r["R_centred"] and r["R_heavy3"] <= r["R_heavy1"]
+    assert radii.radii(q, k, s, heavy=(200,))["R_heavy200"] == 0.0
+    with pytest.raises(ValueError, match="scale"):
+        radii.radii(q, k, -1.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        radii.radii(q, k, s, key_mask=torch.zeros(2, 20, dtype=torch.bool))

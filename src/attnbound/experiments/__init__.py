@@ -4,11 +4,12 @@ Each module has ``run(scale, seed, advance) -> Result`` and ``steps(scale)``; it
 are pure functions of the measured data, tested on synthetic data that must pass and must fail.
 """
 
-from . import direct_sum, gradient, minilm, peers, reductions, scaling, taylor_order, transition
+from . import direct_sum, families, gradient, minilm, peers, reductions, scaling, taylor_order, transition
 
 EXPERIMENTS = {
     "scaling": scaling,
     "transition": transition,
+    "families": families,
     "taylor_order": taylor_order,
     "direct_sum": direct_sum,
     "gradient": gradient,
