@@ -399,3 +399,12 @@ def test_radii_bound_the_centred_logits_and_match_brute_force():
         radii.radii(q, k, -1.0)
     with pytest.raises(ValueError, match="non-empty"):
         radii.radii(q, k, s, key_mask=torch.zeros(2, 20, dtype=torch.bool))
+
+
+def test_transition_relative_exponent_where_the_table_reaches():
+    g, expo, why = transition.relative_rank_exponent(16, 1.0)  # R = 1, eps = 2^-16
+    assert why == "" and g <= transition.rank_exponent(16, 1.0)[0]
+    assert transition.relative_eta(1.0, g) <= 2.0**-16 / (2 + 2.0**-16) < transition.relative_eta(1.0, g - 1)
+    assert expo == pytest.approx(transition.log_rank(16, g) / (16 * math.log(2)))
+    assert transition.relative_rank_exponent(16, 5.0)[0] is None  # R = 25: above the table
+    assert "no degree" in transition.relative_rank_exponent(1024, 1.0)[2]  # eps = 2^-1024: unreachable
