@@ -171,6 +171,11 @@ def test_sdpa_certificate_known_answer():
         + underflow_unit(torch.float16)
     assert c.eta == pytest.approx(eta, rel=1e-12)
     assert c.output_error_bound == pytest.approx(want, rel=1e-12)
+    # ℓ2: the bias column's sum of squares doubles the dot-product roundings, γ_{2d+10}
+    c = sdpa_certificate(kind="l2", logit_bound=2.0, d=4, n_k=10, value_range=4.0, max_abs_value=3.0,
+                         compute_dtype=torch.float32, out_dtype=torch.float16, mask_span=3.0)
+    lam = (18 * u / (1 - 18 * u)) * (2 + 3) + 3 * u * (2 * 2 + 3) + 10 * math.log1p(40 * u)
+    assert c.eta == pytest.approx(math.expm1(lam), rel=1e-12)
     # subnormal products: 4·s'·(d + 2)·tiny·u in the exponent, s' = 2s for ℓ2
     for kind, s_eff in (("softmax", 2.0**120), ("l2", 2.0**121)):
         c = sdpa_certificate(kind=kind, logit_bound=0.0, d=3, n_k=1, value_range=1.0, max_abs_value=1.0,
