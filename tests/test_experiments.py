@@ -53,3 +53,16 @@ def test_minilm_figures_on_synthetic_heads():
     assert set(figs) == {"minilm_radius", "minilm_degree"}
     im = figs["minilm_radius"].axes[0].images[0]
     assert im.norm.vmax < 5000.0
+
+
+def test_minilm_centring_figure_on_synthetic_heads():
+    heads = []
+    for i, r in enumerate((12.0, 20.0, 9.0)):
+        h = {"layer": 0, "head": i, "R": r, "R_centred": r * 0.7, "R_heavy2": r * 0.4, "R_heavy8": r * 0.2}
+        for key in minilm.RADII_KEYS:
+            g = None if h[key] > 16 else 10
+            h[f"relative_degree@{key}"] = g
+            h[f"relative_log10_rank@{key}"] = None if g is None else 9.0
+        heads.append(h)
+    fig = minilm.radii_figure(heads, 40)
+    assert "1, 0, 0, 0" in fig.axes[1].get_xlabel()  # the head above the table is counted, not drawn

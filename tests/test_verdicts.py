@@ -368,43 +368,91 @@ def test_families_adversarial_inputs_reach_both_ends_of_the_radius():
 # ------------------------------------------------------------------ radii (centring, heavy tokens)
 
 
-def test_radii_bound_the_centred_logits_and_match_brute_force():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 20, 4, generator=g) * 0.3 + torch.tensor([3.0, -2.0, 0.0, 1.0])
-    k = torch.randn(2, 20, 4, generator=g) * 0.3 + torch.tensor([1.0, 2.0, -1.0, 0.0])
+def _offset_qk(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 20, 4, generator=g, dtype=torch.float64) * 0.3 + torch.tensor([3.0, -2.0, 0.0, 1.0])
+    k = torch.randn(2, 20, 4, generator=g, dtype=torch.float64) * 0.3 + torch.tensor([1.0, 2.0, -1.0, 0.0])
+    k[1] += torch.tensor([0.0, 0.0, 4.0, 0.0])  # the second entry has its own key offset
     k[1, 5] += 10.0  # an outlier key, masked out below
     q[0, 3] += 6.0  # an outlier query
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1, 5] = False
+    return q, k, mask
+
+
+def test_radii_bound_the_centred_logits_and_match_brute_force():
+    q, k, mask = _offset_qk()
     s = 0.5
     r = radii.radii(q, k, s, key_mask=mask, heavy=(1, 3))
-    qs, ks = q.reshape(-1, 4).double(), k.reshape(-1, 4)[mask.reshape(-1)].double()
-    assert r["R"] == pytest.approx(s * float(qs.norm(dim=1).max() * ks.norm(dim=1).max()))
-    qc, kc = qs - qs.mean(0), ks - ks.mean(0)
-    assert r["R_centred"] == pytest.approx(s * float(qc.norm(dim=1).max() * kc.norm(dim=1).max()))
-    assert r["R_centred"] < r["R"] / 3  # the common offset was most of the radius
-    # the centred logits differ from the true ones by a row term plus a key term: the softmax is unchanged
-    x = s * qs @ ks.T
-    xc = s * qc @ kc.T
-    key_term = s * ks @ qs.mean(0)
-    assert torch.allclose(torch.softmax(x, -1), torch.softmax(xc + key_term, -1), atol=1e-12)
-    assert float(xc.abs().max()) <= r["R_centred"] * (1 + 1e-12)
-    for h in (1, 3):  # brute force: drop the h largest centred norms on each side
-        qi = qc.norm(dim=1).argsort(descending=True)[h:]
-        ki = kc.norm(dim=1).argsort(descending=True)[h:]
-        assert r[f"R_heavy{h}"] == pytest.approx(s * float(qc[qi].norm(dim=1).max() * kc[ki].norm(dim=1).max()))
+    qc = [q[e] - q[e].mean(0) for e in range(2)]
+    kk = [k[e][mask[e]] for e in range(2)]
+    kc = [x - x.mean(0) for x in kk]
+    top = lambda xs, h=0: max(float(x.norm(dim=1).sort(descending=True).values[h]) for x in xs)  # noqa: E731
+    assert r["R"] == pytest.approx(s * float(q.norm(dim=-1).max()) * max(float(x.norm(dim=1).max()) for x in kk))
+    assert r["R_centred"] == pytest.approx(s * top(qc) * top(kc))
+    assert r["R_centred"] < r["R"] / 3  # the common offsets were most of the radius
+    for e in range(2):
+        # the centred logits differ from the true ones by a row term plus a key term: the softmax is unchanged
+        x = s * q[e] @ kk[e].T
+        xc = s * qc[e] @ kc[e].T
+        assert torch.allclose(torch.softmax(x, -1), torch.softmax(xc + s * kk[e] @ q[e].mean(0), -1), atol=1e-12)
+        assert float(xc.abs().max()) <= r["R_centred"] * (1 + 1e-12)
+    for h in (1, 3):  # drop the h largest centred norms on each side, per entry
+        assert r[f"R_heavy{h}"] == pytest.approx(s * top(qc, h) * top(kc, h))
     assert r["R_heavy1"] < r["R_centred"] and r["R_heavy3"] <= r["R_heavy1"]
-    assert radii.radii(q, k, s, heavy=(200,))["R_heavy200"] == 0.0
+    assert radii.radii(q, k, s, heavy=(20,))["R_heavy20"] == 0.0
     with pytest.raises(ValueError, match="scale"):
         radii.radii(q, k, -1.0)
     with pytest.raises(ValueError, match="non-empty"):
         radii.radii(q, k, s, key_mask=torch.zeros(2, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="leading"):
+        radii.radii(q, k[:1], s)
 
 
-def test_transition_relative_exponent_where_the_table_reaches():
-    g, expo, why = transition.relative_rank_exponent(16, 1.0)  # R = 1, eps = 2^-16
-    assert why == "" and g <= transition.rank_exponent(16, 1.0)[0]
-    assert transition.relative_eta(1.0, g) <= 2.0**-16 / (2 + 2.0**-16) < transition.relative_eta(1.0, g - 1)
-    assert expo == pytest.approx(transition.log_rank(16, g) / (16 * math.log(2)))
-    assert transition.relative_rank_exponent(16, 5.0)[0] is None  # R = 25: above the table
-    assert "no degree" in transition.relative_rank_exponent(1024, 1.0)[2]  # eps = 2^-1024: unreachable
+def test_radii_agree_with_the_radius_attention_certifies():
+    import inspect
+
+    import attnbound
+
+    if "heavy" not in inspect.signature(attnbound.attention).parameters:
+        pytest.skip("attention() has no centre/heavy options")
+    q, k, mask = _offset_qk(1)
+    v = torch.randn(2, 20, 3, dtype=torch.float64)
+    s = 0.5
+    r = radii.radii(q, k, s, key_mask=mask, heavy=(2,))
+    for kw, key in ((dict(centre=False, heavy=0), "R"), (dict(centre=True, heavy=0), "R_centred"),
+                    (dict(centre=True, heavy=2), "R_heavy2")):
+        _, cert = attnbound.attention(q, k, v, scale=s, attn_mask=mask[:, None, :], method="polynomial", degree=4,
+                                      strict=False, return_certificate=True, **kw)
+        assert cert.radius == pytest.approx(r[key], rel=1e-9), (kw, cert.radius, r[key])
+
+
+def _centred_heads():
+    hs = []
+    for i in range(4):
+        h = {"layer": 0, "head": i, "n": 20, "d": 32, "R": 10.0 + i, "R_recomputed": 10.0 + i,
+             "R_centred": 7.0 + i, "R_heavy2": 4.0 + i, "R_heavy8": 1.5 + i}
+        hs.append(h)
+    return hs
+
+
+def test_minilm_radii_verdict():
+    assert minilm.verdict_radii(_centred_heads())[0] == "PASS"
+    heads = _centred_heads()
+    heads[1]["R_recomputed"] = 10.5  # the probe's statistics disagree with the certificates'
+    assert minilm.verdict_radii(heads)[0] == "FAIL"
+    heads = _centred_heads()
+    heads[2]["R_heavy8"] = 9.0  # more heavy tokens exact cannot enlarge the radius
+    assert minilm.verdict_radii(heads)[0] == "FAIL"
+    assert minilm.verdict_radii([{"R": 1.0}])[0] == "FAIL"  # nothing recorded
+
+
+def test_minilm_relative_need_is_the_certified_degree():
+    from attnbound.api import certified_degree
+
+    stats = dict(d=32, n=40, value_range=6.0, max_abs_value=3.0)
+    g, lr, how = minilm.relative_need(2.0, **stats)
+    c = certified_degree("relative", 2.0, 1e-3, d=32, n_k=40, value_range=6.0, max_abs_value=3.0)
+    assert how == "a priori" and g == c.degree and lr == pytest.approx(math.log10(math.comb(32 + g, g)))
+    assert minilm.relative_need(8.0, **stats)[2] == "a posteriori"  # the a-priori rounding term misses at R = 8
+    assert minilm.relative_need(20.0, **stats) == (None, None, "none")  # above the table

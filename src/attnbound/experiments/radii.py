@@ -27,30 +27,39 @@ def radii(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor
           heavy: tuple[int, ...] = (2, 8)) -> dict:
     """{"R": R, "R_centred": R_c, "R_heavy{h}": R_h for h in ``heavy``} for one call.
 
-    ``q``: (..., n_q, d) and ``k``: (..., n_k, d), flattened over the leading dims (one call's queries
-    and keys); ``key_mask`` (bool, broadcastable to k's leading shape + (n_k,)) marks the keys that take
-    part — masked keys count towards neither c_k nor the radii. ``heavy``: the h of each R_h (h < the
-    number of queries and of taking-part keys, else R_h = 0: everything exact).
+    ``q``: (..., n_q, d) and ``k``: (..., n_k, d) with the same leading dims (one attention call); the centres
+    and the heavy tokens are taken per batch entry (each entry is its own softmax), the maxima over the whole
+    call. ``key_mask`` (bool, broadcastable to k's leading shape + (n_k,)) marks the keys that take part —
+    masked keys count towards neither c_k nor the radii. ``heavy``: the h of each R_h (per entry; an entry
+    with no more than h queries or keys is then computed exactly and contributes nothing).
     """
-    if not isinstance(scale, (int, float)) or not scale > 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    if q.dim() < 2 or k.dim() < 2 or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must be (..., n, d) with the same d, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dim() < 2 or k.dim() < 2 or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"q and k must be (..., n, d) with the same leading dims and d, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    if any(h < 0 for h in heavy):
+        raise ValueError(f"heavy counts must be >= 0, got {heavy}")
     d = q.shape[-1]
-    qs = q.detach().double().reshape(-1, d)
-    if key_mask is not None:
-        keep = torch.broadcast_to(key_mask.bool(), k.shape[:-1]).reshape(-1)
-        ks = k.detach().double().reshape(-1, d)[keep]
-    else:
-        ks = k.detach().double().reshape(-1, d)
-    if qs.shape[0] == 0 or ks.shape[0] == 0:
+    qs = q.detach().double().reshape(-1, q.shape[-2], d)
+    ks = k.detach().double().reshape(-1, k.shape[-2], d)
+    keep = (torch.ones(ks.shape[:2], dtype=torch.bool) if key_mask is None
+            else torch.broadcast_to(key_mask.bool(), k.shape[:-1]).reshape(ks.shape[:2]))
+    if qs.shape[1] == 0 or not bool(keep.any()):
         raise ValueError("q and the taking-part keys must be non-empty")
-    out = {"R": scale * float(qs.norm(dim=-1).max()) * float(ks.norm(dim=-1).max())}
-    qn = (qs - qs.mean(0)).norm(dim=-1).sort(descending=True).values
-    kn = (ks - ks.mean(0)).norm(dim=-1).sort(descending=True).values
-    out["R_centred"] = scale * float(qn[0]) * float(kn[0])
-    for h in heavy:
-        if h < 0:
-            raise ValueError(f"heavy counts must be >= 0, got {h}")
-        out[f"R_heavy{h}"] = scale * float(qn[h]) * float(kn[h]) if h < len(qn) and h < len(kn) else 0.0
-    return out
+    out = {"R": 0.0, "R_centred": 0.0, **{f"R_heavy{h}": 0.0 for h in heavy}}
+    q_max = {key: 0.0 for key in out}
+    k_max = dict(q_max)
+    for qe, ke, m in zip(qs, ks, keep):
+        if not bool(m.any()):  # no key takes part: the row is zero, no pair is computed
+            continue
+        ke = ke[m]
+        q_max["R"] = max(q_max["R"], float(qe.norm(dim=-1).max()))
+        k_max["R"] = max(k_max["R"], float(ke.norm(dim=-1).max()))
+        qn = (qe - qe.mean(0)).norm(dim=-1).sort(descending=True).values
+        kn = (ke - ke.mean(0)).norm(dim=-1).sort(descending=True).values
+        for key, h in [("R_centred", 0)] + [(f"R_heavy{h}", h) for h in heavy]:
+            if h < len(qn) and h < len(kn):
+                q_max[key] = max(q_max[key], float(qn[h]))
+                k_max[key] = max(k_max[key], float(kn[h]))
+    return {key: scale * q_max[key] * k_max[key] for key in out}
