@@ -239,3 +239,37 @@ def test_causal_float_mask_is_shifted_over_the_keys_each_row_sees(mask_dtype, rn
     out, cert = attnbound.attention(q, k, v, is_causal=True, attn_mask=m_big, return_certificate=True)
     ref = long_double_attention(q, k, v, scale=0.5, is_causal=True, attn_mask=m.masked_fill(hidden, 0.0))
     assert max_error(out, ref) <= cert.output_error_bound < 1e-2
+
+
+def test_over_the_memory_budget_sdpa_leaves_it_to_the_blockwise_kernel(rng):
+    """is_causal with a mask makes SDPA build the merged n×n mask; under a budget too small for it (and
+    for its per-thread tiles) exact runs the project's blockwise kernel, with that kernel's certificate."""
+    n = 300
+    q, k, v = (torch.randn(n, 8, generator=rng) for _ in range(3))
+    m = torch.rand(n, n, generator=rng) > 0.2
+    budget = 2 * 2**20
+    out, cert = attnbound.attention(q, k, v, is_causal=True, attn_mask=m, memory_budget=budget,
+                                    return_certificate=True)
+    _, blockwise = attnbound.attention(q, k, v, is_causal=True, attn_mask=m, method="blockwise",
+                                       memory_budget=budget, return_certificate=True)
+    _, fused = attnbound.attention(q, k, v, is_causal=True, attn_mask=m, return_certificate=True)
+    assert cert == blockwise != fused
+    ref = long_double_attention(q, k, v, scale=1 / math.sqrt(8), is_causal=True, attn_mask=m)
+    assert max_error(out, ref) <= cert.output_error_bound
+
+
+@pytest.mark.parametrize("kind", ["softmax", "l2"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_gradients_match_the_dense_kernel(kind, causal, rng):
+    n = 45
+    base = [torch.randn(2, n, c, generator=rng, dtype=torch.float64) for c in (5, 5, 3)]
+    m = torch.rand(n, n, generator=rng) > 0.3
+    m[:, 0] = True
+    grads = []
+    for fn in (sdpa_attention, dense_attention):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        out = fn(*xs, scale=0.6, kind=kind, is_causal=causal, attn_mask=m)
+        (out * torch.linspace(-1, 1, 3, dtype=torch.float64)).sum().backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert float((a - b).abs().max()) <= 1e-11
