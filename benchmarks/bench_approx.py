@@ -1,9 +1,10 @@
 """Certified fast attention vs exact, in one run: time ratios to torch SDPA, measured error vs
 certificate, and every feature method's multiple of its float64 flop floor.
 
-    python benchmarks/bench_approx.py [--quick] [--sections peak kernel grid] [--ds 8 16] [--radii 0.5 1 2]
-                                      [--min-log2n 12] [--max-log2n 17] [--methods auto polynomial taylor blockwise]
-                                      [--no-causal] [--threads N] [--clock wall|cpu]
+    python benchmarks/bench_approx.py [--quick] [--sections kernel grid offset] [--ds 8 16] [--radii 0.5 1 2 4 8]
+                                      [--min-log2n 12] [--max-log2n 17]
+                                      [--methods auto relative polynomial taylor blockwise]
+                                      [--max-floor-s 10] [--no-causal] [--threads N] [--clock wall|cpu]
 
 peak:   the float64 GEMM rate of this process (best of 5 products of 2048×2048 matrices), measured
         at the start (the rows printed as they run use it) and again at the end; the kernel rows
@@ -14,13 +15,22 @@ kernel: the feature engine itself at fixed (d, degree, d_v = 8): the pure-torch 
         (attnbound.features.feature_attention) against the fused kernels (attnbound.fused, through
         a small wrapper), non-causal and causal, with their multiples of the flop floor and their
         largest difference.
-grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2}, eps = 1e-3, n = 2^12 … 2^17, one head, without and
-        with ``is_causal``. SDPA gets 4-D (1, 1, n, d) tensors (its fair CPU path), with
-        ``is_causal`` in the causal rows. Errors are measured against a float64 reference on a
-        random subsample of 256 query rows. Times are medians of ``--repeats`` calls (one call
-        above n = 2^15).
+grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2, 4, 8}, eps = 1e-3, n = 2^12 … 2^17, one head, without and
+        with ``is_causal``; methods ``auto`` (the planner's choice: exact, or a family — it may pick
+        ``relative``), and the families ``relative`` and ``polynomial`` (Chebyshev) forced. SDPA gets 4-D
+        (1, 1, n, d) tensors (its fair CPU path), with ``is_causal`` in the causal rows. Errors are
+        measured against a float64 reference on a random subsample of 256 query rows, beside the
+        certificate. Times are medians of ``--repeats`` calls (one call above n = 2^15). A forced
+        family whose certified rank would need more than ``--max-floor-s`` seconds at the GEMM peak
+        is not run (the cell says so and gives the degree and rank).
+offset: inputs where centring and heavy tokens pay: q, k = small Gaussians (centred radius 1) plus one
+        shared large vector each (plain radius 32), and the same with 4 outlier queries and 4 outlier
+        keys (centred radius ≈ 16, radius ≈ 1 once 8 heavy tokens are exact). Rows give the three
+        radii (plain, centred, 8 heavy) and run SDPA, ``auto``, and ``relative`` plain, with
+        ``centre=True`` and with ``centre=True, heavy=8`` — when :func:`attnbound.attention` has those
+        options; otherwise those cells say "not implemented".
 
-Prints tables and writes benchmarks/results/bench_approx.json. Wall times on a shared machine are
+Prints tables and writes benchmarks/results/bench_approx.json and the printed table beside it (.txt). Wall times on a shared machine are
 noisy; ``--clock cpu`` times the peak and the kernel section in CPU seconds of this process (with
 ``--threads 1``: one core's time, little affected by other processes). The JSON records the thread
 count, the clock and both GEMM peaks.
@@ -41,7 +51,24 @@ import torch.nn.functional as F
 
 import attnbound
 from attnbound import features, fused
+from attnbound.api import certified_degree
 from attnbound.experiments.common import timed
+from attnbound.experiments.radii import radii as call_radii
+
+LINES: list[str] = []  # everything printed, written to the .txt beside the JSON
+
+
+def say(*parts):
+    line = " ".join(str(x) for x in parts)
+    LINES.append(line)
+    print(line, flush=True)
+
+
+def has_centring() -> bool:
+    import inspect
+
+    params = inspect.signature(attnbound.attention).parameters
+    return "centre" in params and "heavy" in params
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all threads)
@@ -130,9 +157,9 @@ def run_kernel(cases, n, d_v, peak, repeats):
                    "fused_x_floor": t_fus / fl, "fused_speedup": t_eng / t_fus,
                    "max_abs_diff": float((out - ref).abs().max())}
             rows.append(row)
-            print(f"d={d:>2} g={degree} r={rank:>5} n=2^{int(math.log2(n))} {'causal' if is_causal else 'full  '} "
+            say(f"d={d:>2} g={degree} r={rank:>5} n=2^{int(math.log2(n))} {'causal' if is_causal else 'full  '} "
                   f"engine {t_eng:7.3f}s ({t_eng / fl:5.1f}x floor)  fused {t_fus:7.3f}s ({t_fus / fl:4.2f}x floor)  "
-                  f"speedup {t_eng / t_fus:5.1f}x  |diff| {row['max_abs_diff']:.1e}", flush=True)
+                  f"speedup {t_eng / t_fus:5.1f}x  |diff| {row['max_abs_diff']:.1e}")
     return rows
 
 
@@ -140,7 +167,40 @@ def run_kernel(cases, n, d_v, peak, repeats):
 # grid section: attnbound.attention vs SDPA
 
 
-def run_grid(ds, radii, log2ns, eps, repeats, skip_exact_above, methods, causal_modes, peak):
+def planned_cost(method, radius, eps, n, d, v, peak):
+    """(degree, rank, floor seconds) the family ``method`` would certify at ``radius`` for these values (a
+    priori, else a posteriori), or None when no degree meets eps."""
+    vr = float((v.amax(-2) - v.amin(-2)).max())
+    stats = dict(d=d, n_k=n, value_range=vr, max_abs_value=float(v.abs().max()))
+    cert = certified_degree(method, radius, eps, **stats) or \
+        certified_degree(method, radius, eps, rounding="posterior", **stats)
+    if cert is None:
+        return None
+    return cert.degree, cert.rank, floor_seconds(n, cert.rank, v.shape[-1], peak)
+
+
+def run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, **kw):
+    """Time one attention call (or say why it did not run) and measure its error beside its certificate."""
+    name = kw.get("method")
+    if name in ("relative", "polynomial", "taylor") and radius is not None:
+        need = planned_cost(name, radius, kw["eps"], q.shape[-2], q.shape[-1], v, peak)
+        if need is not None and need[2] > max_floor_s:
+            return {"skipped": f"degree {need[0]}, rank {need[1]}: flop floor {need[2]:.0f} s > {max_floor_s:g} s",
+                    "degree": need[0], "rank": need[1]}
+    try:
+        t, (out, cert) = timed(lambda: attnbound.attention(q, k, v, is_causal=is_causal, return_certificate=True,
+                                                           **kw), reps)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    cell = {"seconds": t, "speedup_vs_sdpa": t_sdpa / t, "method": cert.method, "degree": cert.degree,
+            "rank": cert.rank, "radius": cert.radius, "radius_source": cert.radius_source,
+            "certificate": cert.output_error_bound, "measured_max_error": sub_error(out, q, k, v, idx, is_causal)}
+    if cert.rank:
+        cell["x_floor"] = t / floor_seconds(q.shape[-2], cert.rank, v.shape[-1], peak)
+    return cell
+
+
+def run_grid(ds, radii, log2ns, eps, repeats, skip_exact_above, methods, causal_modes, peak, max_floor_s):
     rows = []
     for d in ds:
         for radius in radii:
@@ -156,35 +216,96 @@ def run_grid(ds, radii, log2ns, eps, repeats, skip_exact_above, methods, causal_
                         kw = {"method": "blockwise"} if name == "blockwise" else {"method": name, "eps": eps}
                         if name == "blockwise" and n > skip_exact_above:
                             continue
-                        try:
-                            t, (out, cert) = timed(lambda: attnbound.attention(
-                                q, k, v, is_causal=is_causal, return_certificate=True, **kw), reps)
-                        except ValueError as exc:
-                            row[name] = {"error": str(exc)}
-                            continue
-                        cell = {"seconds": t, "speedup_vs_sdpa": t_sdpa / t, "method": cert.method,
-                                "degree": cert.degree, "rank": cert.rank, "certificate": cert.output_error_bound,
-                                "measured_max_error": sub_error(out, q, k, v, idx, is_causal)}
-                        if cert.rank:
-                            cell["x_floor"] = t / floor_seconds(n, cert.rank, v.shape[-1], peak)
-                        row[name] = cell
+                        row[name] = run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, **kw)
                     rows.append(row)
-                    print(fmt_row(row, methods), flush=True)
+                    say(fmt_row(row, methods))
     return rows
 
 
+def offset_inputs(n, d, seed, *, light_radius=1.0, plain_radius=32.0, outliers=0, outlier_scale=4.0):
+    """q, k = Gaussians scaled to centred radius ``light_radius`` plus one shared vector each (s·‖μ‖² =
+    ``plain_radius``, s = 1/√d), with ``outliers`` queries and keys moved ``outlier_scale`` times the light
+    norm away from the centre; values standard Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    s = 1 / math.sqrt(d)
+    q, k, v = (torch.randn(1, 1, n, d, generator=g) for _ in range(3))
+    q, k = q - q.mean(-2, keepdim=True), k - k.mean(-2, keepdim=True)
+    c = math.sqrt(light_radius / (s * float(q.norm(dim=-1).max()) * float(k.norm(dim=-1).max())))
+    q, k = q * c, k * c
+    if outliers:
+        for x in (q, k):
+            light = float(x.norm(dim=-1).max())
+            pick = torch.randperm(n, generator=g)[:outliers]
+            u = torch.nn.functional.normalize(torch.randn(outliers, d, generator=g), dim=-1)
+            x[0, 0, pick] = u * (outlier_scale * light)
+    m = math.sqrt(plain_radius / s)
+    for x in (q, k):
+        x += torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * m
+    return q, k, v
+
+
+OFFSET_CASES = {"offset": dict(outliers=0), "offset+4 outliers": dict(outliers=4)}
+OFFSET_CELLS = {"auto": dict(method="auto"), "relative": dict(method="relative", centre=False, heavy=0),
+                "relative centred": dict(method="relative", centre=True, heavy=0),
+                "relative centred heavy=8": dict(method="relative", centre=True, heavy=8)}
+
+
+def run_offset(ds, log2ns, eps, repeats, causal_modes, peak, max_floor_s):
+    rows = []
+    centring = has_centring()
+    for d in ds:
+        for case, opts in OFFSET_CASES.items():
+            for is_causal in causal_modes:
+                for lg in log2ns:
+                    n = 1 << lg
+                    q, k, v = offset_inputs(n, d, seed=lg * 10 + d, **opts)
+                    rad = call_radii(q, k, 1 / math.sqrt(d), heavy=(8,))
+                    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:256]
+                    reps = 1 if n > 1 << 15 else repeats
+                    t_sdpa, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal), reps)
+                    row = {"case": case, "d": d, "n": n, "eps": eps, "causal": is_causal, "sdpa_s": t_sdpa,
+                           "R_plain": rad["R"], "R_centred": rad["R_centred"], "R_heavy8": rad["R_heavy8"]}
+                    for label, kw in OFFSET_CELLS.items():
+                        if not centring and ("centre" in kw and label != "relative"):
+                            row[label] = {"not_implemented": "attention() has no centre/heavy options"}
+                            continue
+                        if not centring:
+                            kw = {key: val for key, val in kw.items() if key not in ("centre", "heavy")}
+                        # the radius the forced family will certify at, for the cost guard
+                        radius = None if kw["method"] == "auto" else (
+                            rad["R_heavy8"] if kw.get("heavy") else rad["R_centred"] if kw.get("centre") else rad["R"])
+                        row[label] = run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius,
+                                              eps=eps, **kw)
+                    rows.append(row)
+                    say(fmt_offset_row(row))
+    return rows
+
+
+def _fmt_cell(x, width=36):
+    if not x:
+        return f"{'-':>{width}}"
+    if "not_implemented" in x:
+        return f"{'not implemented':>{width}}"
+    if "skipped" in x:
+        return f"{'not run: g=' + str(x['degree']) + ' r=' + format(x['rank'], '.2g'):>{width}}"
+    if "error" in x:
+        why = "rounding" if "rounding bound" in x["error"] else "memory" if "memory" in x["error"] else "no degree"
+        return f"{'uncertifiable (' + why + ')':>{width}}"
+    fl = f"{x['x_floor']:5.1f}xF" if "x_floor" in x else f"{'':7}"
+    how = x["method"][:3] if x["method"] not in ("exact", "dense", "blockwise", "sdpa") else "exa"
+    return (f"{x['speedup_vs_sdpa']:6.2f}x {how} g={x['degree'] if x['degree'] is not None else '-':>2} {fl} "
+            f"{x['measured_max_error']:.1e}/{x['certificate']:.0e}")
+
+
+def fmt_offset_row(r):
+    return (f"{r['case']:<17} d={r['d']:>2} {'causal' if r['causal'] else 'full  '} n=2^{int(math.log2(r['n'])):<2} "
+            f"R={r['R_plain']:.1f}/{r['R_centred']:.1f}/{r['R_heavy8']:.2f} sdpa={r['sdpa_s']:7.3f}s "
+            + " ".join(_fmt_cell(r.get(m)) for m in OFFSET_CELLS))
+
+
 def fmt_row(r, methods):
-    def cell(name):
-        x = r.get(name)
-        if not x:
-            return f"{'-':>34}"
-        if "error" in x:
-            return f"{'uncertifiable':>34}"
-        fl = f"{x['x_floor']:5.1f}xF" if "x_floor" in x else f"{'':7}"
-        return (f"{x['speedup_vs_sdpa']:6.2f}x g={x['degree'] if x['degree'] is not None else '-':>2} {fl} "
-                f"{x['measured_max_error']:.1e}/{x['certificate']:.0e}")
     return (f"d={r['d']:>2} R={r['R']:<3} {'causal' if r['causal'] else 'full  '} n=2^{int(math.log2(r['n'])):<2} "
-            f"sdpa={r['sdpa_s']:8.3f}s " + " ".join(cell(m) for m in methods))
+            f"sdpa={r['sdpa_s']:8.3f}s " + " ".join(_fmt_cell(r.get(m)) for m in methods))
 
 
 def fit_exponent(rows, method, d, radius, causal):
@@ -200,11 +321,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: d=8, R=1, n = 2^12..2^14, kernel section at n = 2^13")
-    ap.add_argument("--sections", nargs="+", default=["kernel", "grid"], choices=["kernel", "grid"])
+    ap.add_argument("--sections", nargs="+", default=["kernel", "grid", "offset"], choices=["kernel", "grid", "offset"])
     ap.add_argument("--ds", nargs="+", type=int, default=[8, 16])
-    ap.add_argument("--radii", nargs="+", type=float, default=[0.5, 1.0, 2.0])
-    ap.add_argument("--methods", nargs="+", default=["auto", "polynomial", "taylor", "blockwise"],
-                    choices=["auto", "polynomial", "taylor", "blockwise"])
+    ap.add_argument("--radii", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--methods", nargs="+", default=["auto", "relative", "polynomial"],
+                    choices=["auto", "relative", "polynomial", "taylor", "blockwise"])
+    ap.add_argument("--offset-log2ns", nargs="+", type=int, default=[12, 14, 16, 17],
+                    help="sizes of the offset section")
+    ap.add_argument("--max-floor-s", type=float, default=10.0,
+                    help="do not run a forced family whose rank's flop floor exceeds this many seconds")
     ap.add_argument("--min-log2n", type=int, default=12)
     ap.add_argument("--max-log2n", type=int, default=17)
     ap.add_argument("--no-causal", action="store_true", help="skip the is_causal rows")
@@ -222,32 +347,41 @@ def main():
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.quick:
-        a.ds, a.radii, a.min_log2n, a.max_log2n = [8], [1.0], 12, 14
+        a.ds, a.radii, a.min_log2n, a.max_log2n, a.offset_log2ns = [8], [1.0, 4.0], 12, 14, [12, 13]
     log2ns = list(range(a.min_log2n, a.max_log2n + 1))
     causal_modes = (False,) if a.no_causal else (False, True)
 
     peak_start = gemm_peak()
-    print(f"float64 GEMM peak (2048², best of 5, {a.clock} clock): {peak_start / 1e9:.1f} GFLOP/s", flush=True)
-    kernel_rows, grid_rows = [], []
+    say(f"float64 GEMM peak (2048², best of 5, {a.clock} clock): {peak_start / 1e9:.1f} GFLOP/s")
+    kernel_rows, grid_rows, offset_rows = [], [], []
     if "kernel" in a.sections:
         ok, why = fused.available(torch.zeros(1, dtype=torch.float64))
         if ok:
             n_kernel = 1 << (13 if a.quick else a.max_log2n)
-            print(f"kernel: pure-torch engine vs fused kernels, d_v = 8, n = {n_kernel}; "
+            say(f"kernel: pure-torch engine vs fused kernels, d_v = 8, n = {n_kernel}; "
                   "floor = 2·2·n·r·(d_v+1) flops at the GEMM peak above")
             kernel_rows = run_kernel([(8, 6), (16, 4)], n_kernel, 8, peak_start, a.repeats)
         else:
-            print("kernel section skipped:", why)
+            say("kernel section skipped:", why)
     if "grid" in a.sections:
-        print("grid columns per method: speedup vs SDPA (SDPA time / method time), degree, "
+        say("grid columns per method: speedup vs SDPA (SDPA time / method time), degree, "
               "multiple of the rank's flop floor (xF), measured max error / certificate")
-        print("methods:", " | ".join(a.methods))
+        say("methods:", " | ".join(a.methods))
         peak_wall = peak_start if a.clock == "wall" else gemm_peak(clock=time.perf_counter)
         if a.clock != "wall":
-            print(f"float64 GEMM peak, wall clock (the grid's floors): {peak_wall / 1e9:.1f} GFLOP/s")
-        grid_rows = run_grid(a.ds, a.radii, log2ns, 1e-3, a.repeats, 1 << 15, a.methods, causal_modes, peak_wall)
+            say(f"float64 GEMM peak, wall clock (the grid's floors): {peak_wall / 1e9:.1f} GFLOP/s")
+        grid_rows = run_grid(a.ds, a.radii, log2ns, 1e-3, a.repeats, 1 << 15, a.methods, causal_modes, peak_wall,
+                             a.max_floor_s)
+    if "offset" in a.sections:
+        peak_wall = peak_start if a.clock == "wall" else gemm_peak(clock=time.perf_counter)
+        say("offset: q, k = small Gaussians + one shared large vector each (+ 4 outlier queries and keys); "
+            "R = plain/centred/8 heavy; columns: " + " | ".join(OFFSET_CELLS)
+            + ("" if has_centring() else " (centre/heavy not implemented in attention())"))
+        say("each cell: speedup vs SDPA, method run (exa = exact, rel = relative, …), degree, x floor, "
+            "measured max error / certificate")
+        offset_rows = run_offset(a.ds, a.offset_log2ns, 1e-3, a.repeats, causal_modes, peak_wall, a.max_floor_s)
     peak_end = gemm_peak()
-    print(f"float64 GEMM peak at the end ({a.clock} clock): {peak_end / 1e9:.1f} GFLOP/s (the multiples above use the start's "
+    say(f"float64 GEMM peak at the end ({a.clock} clock): {peak_end / 1e9:.1f} GFLOP/s (the multiples above use the start's "
           f"{peak_start / 1e9:.1f}; with the end's they would scale by {peak_end / peak_start:.2f})")
     peak_hi = max(peak_start, peak_end)
     for row in kernel_rows:  # conservative: a peak measured under load makes every floor look closer
@@ -255,21 +389,24 @@ def main():
         row["fused_x_floor_at_higher_peak"] = row["fused_s"] / fl
         row["engine_x_floor_at_higher_peak"] = row["engine_s"] / fl
     if kernel_rows:
-        print(f"kernel rows at the higher peak {peak_hi / 1e9:.1f} GFLOP/s: " + "; ".join(
+        say(f"kernel rows at the higher peak {peak_hi / 1e9:.1f} GFLOP/s: " + "; ".join(
             f"d={r['d']} g={r['degree']} {'causal' if r['causal'] else 'full'}: fused {r['fused_x_floor_at_higher_peak']:.2f}x, "
             f"engine {r['engine_x_floor_at_higher_peak']:.1f}x floor" for r in kernel_rows))
     fits = {f"d={d},R={R},{'causal' if c else 'full'}": {m: fit_exponent(grid_rows, m, d, R, c) for m in a.methods}
             for d in a.ds for R in a.radii for c in causal_modes} if grid_rows else {}
     if fits:
-        print("fitted time exponents (log t vs log n):", json.dumps(fits, indent=1))
+        say("fitted time exponents (log t vs log n):", json.dumps(fits, indent=1))
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
            "numba_threads": fused.numba.get_num_threads() if fused.numba is not None else None,
            "cpu": platform.processor() or platform.machine(),
            "gemm_peak_flops_start": peak_start, "gemm_peak_flops_end": peak_end, "args": vars(a)}
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(a.out).write_text(json.dumps({"env": env, "kernel": kernel_rows, "rows": grid_rows, "fits": fits},
-                                              indent=1))
-    print("wrote", a.out)
+    pathlib.Path(a.out).write_text(json.dumps({"env": env, "kernel": kernel_rows, "rows": grid_rows,
+                                               "offset_rows": offset_rows, "fits": fits}, indent=1))
+    say("wrote", a.out)
+    pathlib.Path(a.out).with_suffix(".txt").write_text(
+        f"# python benchmarks/bench_approx.py {' '.join(__import__('sys').argv[1:])} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()})\n" + "\n".join(LINES) + "\n")
 
 
 if __name__ == "__main__":
