@@ -54,3 +54,12 @@ def poison_fresh_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned(empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cost_model(tmp_path_factory):
+    """No test reads or writes the user's measured cost model."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNBOUND_COST_MODEL", str(tmp_path_factory.mktemp("cost_model") / "cost_model.json"))
+    yield
+    mp.undo()

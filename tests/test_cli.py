@@ -93,7 +93,7 @@ def test_plan_headers_keep_their_units():
 
 
 def test_calibrate_runs():
-    res = _run("calibrate", "--repeats", "1")
+    res = _run("calibrate", "--repeats", "1", "--no-save")
     assert res.exit_code == 0 and "CostModel" in res.output
 
 

@@ -328,13 +328,19 @@ SWEEP = int(os.environ.get("ATTNBOUND_SWEEP", "0"))  # e.g. ATTNBOUND_SWEEP=2000
           suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["softmax", "l2"]), mask=st.sampled_from(MASKS), causal=st.booleans(),
        dtype=st.sampled_from(DTYPES), method=st.sampled_from(METHODS), n=st.integers(1, 70),
-       radius=st.floats(0.05, 3.0), seed=st.integers(0, 2**16))
-def test_contract_holds_everywhere(kind, mask, causal, dtype, method, n, radius, seed):
+       radius=st.floats(0.05, 3.0), seed=st.integers(0, 2**16), centre=st.sampled_from([None, True, False]),
+       heavy=st.sampled_from([None, 0, 1, 3]), offset=st.sampled_from([0.0, 2.0]))
+def test_contract_holds_everywhere(kind, mask, causal, dtype, method, n, radius, seed, centre, heavy, offset):
     gen = torch.Generator().manual_seed(seed)
     d = 4
     q, k = (torch.randn(2, n, d, generator=gen, dtype=F64) for _ in range(2))
     c = math.sqrt(radius * math.sqrt(d) / float(q.norm(dim=-1).max() * k.norm(dim=-1).max()))
     q, k = q * c, k * c
+    if offset:  # a common offset (centring pays) and one outlier token (a heavy token pays)
+        shift = torch.randn(d, generator=gen, dtype=F64) * offset / math.sqrt(d)
+        q, k = q + shift, k + shift
+        q[:, 0] *= 3.0
+        k[:, -1] *= 3.0
     v = torch.randn(2, n, 3, generator=gen, dtype=F64)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     attn_mask = None
@@ -348,6 +354,8 @@ def test_contract_holds_everywhere(kind, mask, causal, dtype, method, n, radius,
     general = mask == "additive" or (mask == "bool" and n > 1)  # a (1, 1) bool mask is key padding
     eps = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
     kw = {"eps": eps} if approx or method == "auto" else {}
+    if approx or method == "auto":
+        kw.update(centre=centre, heavy=heavy)
     if approx and general:
         with pytest.raises(ValueError, match="attn_mask"):
             attnbound.attention(q, k, v, kind=kind, is_causal=causal, attn_mask=attn_mask, method=method, **kw)
@@ -427,13 +435,18 @@ def test_posterior_rounding_decides_and_auto_falls_back_to_exact():
     qa, ka = _logits_all_at(-8.0, n, d)
     ka[:, ::2, 1] = 1e-3  # the keys differ a little, so the answer is not trivially the mean
     with pytest.raises(ValueError, match="rounding bound on this input"):
-        attnbound.attention(qa, ka, v, method="relative", eps=eps)
+        attnbound.attention(qa, ka, v, method="relative", eps=eps, centre=False)
+    # (centring removes the common direction: the radius collapses and the polynomial certifies)
+    out, cert = attnbound.attention(qa, ka, v, method="relative", eps=eps, return_certificate=True)
+    assert "centred" in cert.radius_source and cert.radius < 0.1
+    check_contract(out, cert, qa, ka, v, eps=eps)
     from attnbound.planner import DEFAULT_COST_MODEL, CostModel
 
     slow_exact = CostModel(**{**DEFAULT_COST_MODEL.__dict__, "c_pair": 1.0})  # make the plan take the provisional one
     p = plan(n, n, d, 3, 8.0, eps, value_range=2.0, max_abs_value=1.0, cost_model=slow_exact, out_dtype=F64)
     assert p.choice.provisional
-    out, cert = attnbound.attention(qa, ka, v, method="auto", eps=eps, cost_model=slow_exact, return_certificate=True)
+    out, cert = attnbound.attention(qa, ka, v, method="auto", eps=eps, cost_model=slow_exact, centre=False, heavy=0,
+                                    return_certificate=True)
     assert cert.method == "exact"
     check_contract(out, cert, qa, ka, v, eps=eps)
 
@@ -536,10 +549,15 @@ def test_radius_near_the_float64_edge_gives_exact_or_a_value_error(radius):
     q = torch.zeros(50, 2, dtype=F64)
     q[:, 0] = 1.0
     v = torch.randn(50, 2, dtype=F64, generator=torch.Generator().manual_seed(16))
-    out, cert = attnbound.attention(q, q, v, scale=radius, method="auto", eps=1e-3, return_certificate=True)
+    out, cert = attnbound.attention(q, q, v, scale=radius, method="auto", eps=1e-3, centre=False, heavy=0,
+                                    return_certificate=True)
     assert cert.method == "exact"
     with pytest.raises(ValueError):
-        attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3)
+        attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3, centre=False)
+    # every query and key is the same vector: centred, the radius is 0 and any method certifies
+    out, cert = attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3, return_certificate=True)
+    assert cert.radius == 0.0
+    check_contract(out, cert, q, q, v, scale=radius, eps=1e-3)
     plan(2, 2, 2, 1, radius, 1e-3)
 
 
@@ -560,3 +578,73 @@ def test_an_expanded_float_mask_is_refused_before_its_copies():
     m = torch.zeros(1, 1).expand(6000, 6000)
     with pytest.raises(ValueError, match="memory_budget"):
         attnbound.attention(q, q, q, attn_mask=m, memory_budget=1 << 20)
+
+
+# ---------------------------------------------------------------- centring and heavy tokens
+def _offset_inputs(n, d, seed, offset=3.0, outliers=2):
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randn(d, generator=gen, dtype=F64)
+    shift = shift / shift.norm() * offset
+    q = torch.randn(2, n, d, generator=gen, dtype=F64) * 0.2 + shift
+    k = torch.randn(2, n, d, generator=gen, dtype=F64) * 0.2 + shift
+    k[:, :outliers] *= 4.0  # a few large-norm keys and queries
+    q[:, -outliers:] *= 4.0
+    v = torch.randn(2, n, 3, generator=gen, dtype=F64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["softmax", "l2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_centring_and_heavy_tokens_shrink_the_radius_and_keep_the_contract(causal, kind, padded):
+    n = 150  # crosses a causal tile
+    q, k, v = _offset_inputs(n, 4, seed=20 + causal + 2 * padded)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 1, n, dtype=torch.bool)
+        mask[0, :, 100:] = False
+        mask[1, :, :3] = False  # pads one of the outliers
+    kw = dict(kind=kind, scale=0.5, is_causal=causal, attn_mask=mask, method="relative", eps=1e-4,
+              return_certificate=True)
+    from attnbound.centring import split
+
+    keys = None if mask is None else mask.squeeze(-2)
+    radii = {}
+    for centre, heavy in ((False, 0), (True, 0), (True, 2)):
+        sp = split(q, k, keys, centre=centre, heavy=heavy)
+        radii[(centre, heavy)] = sp.q_norm * sp.k_norm
+        try:
+            out, cert = attnbound.attention(q, k, v, centre=centre, heavy=heavy, **kw)
+        except ValueError as exc:  # a radius too large for eps: a reason, never a wrong answer
+            assert "eps" in str(exc) and heavy == 0
+            continue
+        check_contract(out, cert, q, k, v, scale=0.5, kind=kind, is_causal=causal, attn_mask=mask, eps=1e-4)
+        s_eff = 1.0 if kind == "l2" else 0.5
+        assert cert.radius == pytest.approx(s_eff * radii[(centre, heavy)])
+    assert radii[(True, 2)] < radii[(True, 0)] < radii[(False, 0)]
+
+
+def test_auto_plans_centring_and_heavy_tokens_and_shows_why():
+    q, k, v = _offset_inputs(4096, 8, seed=30, offset=6.0, outliers=2)
+    out, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, return_certificate=True)
+    assert cert.method != "exact" and "centred" in cert.radius_source
+    from attnbound.planner import Variant
+
+    p = plan(4096, 4096, 8, 3, 30.0, 1e-3, batch=2, variants=[Variant("plain", 30.0), Variant("centred", 1.0, True)])
+    assert p.choice.variant == "centred" and {c.variant for c in p.candidates} >= {"plain", "centred"}
+
+
+def test_heavy_tokens_known_exact_rows():
+    # one key far from the others: with heavy=1 it is computed exactly and the rest covers a tiny radius
+    gen = torch.Generator().manual_seed(31)
+    q = torch.randn(1, 40, 3, generator=gen, dtype=F64) * 0.1
+    k = torch.randn(1, 40, 3, generator=gen, dtype=F64) * 0.1
+    k[0, 7] = torch.tensor([5.0, 0.0, 0.0], dtype=F64)
+    q[0, 11] = torch.tensor([0.0, 5.0, 0.0], dtype=F64)
+    v = torch.randn(1, 40, 2, generator=gen, dtype=F64)
+    out, cert = attnbound.attention(q, k, v, method="polynomial", degree=3, centre=False, heavy=1,
+                                    return_certificate=True)
+    assert cert.radius < 0.3
+    check_contract(out, cert, q, k, v)
+    ref = long_double_attention(q, k, v, scale=3**-0.5)
+    assert abs(float(out[0, 11, 0]) - float(ref[0, 11, 0])) < 1e-12  # the heavy query's row is exact

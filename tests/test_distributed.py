@@ -49,13 +49,20 @@ def _worker(rank, world, port, lengths):
                 single_kw["method"] = "blockwise"
             else:
                 single_kw["method"] = method
+            if method != "exact":
+                single_kw["centre"] = False  # the sharded path does not centre (one global state, no shift)
             ref, ref_cert = attnbound.attention(q, k, v, is_causal=causal, return_certificate=True, **single_kw)
             out, cert = distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method=method,
                                               is_causal=causal, return_certificate=True, **opts)
             err = float((out - ref[..., lo:hi, :]).abs().max())
             assert err <= 1e-12, (method, opts, causal, err)
             if method != "exact":
-                assert cert == ref_cert, (cert, ref_cert)  # the same certificate as one process
+                # the same certificate as one process (the a-posteriori rounding term reads the computed row sums,
+                # whose last bits depend on the summation order)
+                same = {f: getattr(cert, f) for f in cert.__dataclass_fields__} | dict(
+                    rounding_bound=pytest.approx(ref_cert.rounding_bound, rel=1e-9),
+                    output_error_bound=pytest.approx(ref_cert.output_error_bound, rel=1e-9))
+                assert {f: getattr(ref_cert, f) for f in cert.__dataclass_fields__} == same, (cert, ref_cert)
             certs = [None] * world
             dist.all_gather_object(certs, cert)
             assert all(c == cert for c in certs)  # and identical on every rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -11,8 +12,12 @@ from . import validation as val
 from .certificate import Certificate, feature_certificate
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .families import MAX_FEATURE_RADIUS, family, fixed_degree
-from .features import chunk_rows, feature_attention, feature_memory_bytes, feature_rank
-from .planner import CostModel, default_memory_budget, exact_candidate, exact_eps_reason, exact_memory_bytes, plan
+from .features import (_min_denominator, chunk_rows, feature_attention, feature_memory_bytes, feature_rank,
+                       normalize_readout, weighted_values)
+from .planner import (CostModel, Variant, default_memory_budget, exact_candidate, exact_eps_reason,
+                      exact_memory_bytes, plan)
+from .centring import Split, heavy_rows, split
+from .certificate import _gamma
 from .stats import InputStats, input_stats, key_participation, shift_mask
 
 
@@ -35,6 +40,8 @@ def attention(
     cost_model: CostModel | None = None,
     strict: bool = True,
     enable_gqa: bool = False,
+    centre: bool | None = None,
+    heavy: int | None = None,
     return_certificate: bool = False,
 ):
     r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
@@ -46,7 +53,8 @@ def attention(
         scale: s; ``None`` means 1/√d (torch's default). Alman–Song's setting is ``1/d``.
         is_causal: row i sees keys j ≤ i (needs n_q == n_k).
         kind: ``"softmax"`` (weights exp(s⟨q,k⟩)) or ``"l2"`` (weights exp(−s‖q−k‖²)).
-        method: ``"exact"`` (dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
+        method: ``"exact"`` (torch SDPA on the CPU with an any-order rounding certificate,
+            :mod:`attnbound.sdpa`; otherwise dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
             ``"taylor"`` (Keles et al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song
             Chebyshev; ``degree`` or ``eps``), ``"relative"`` (relative-error minimax polynomials;
             ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``; see
@@ -70,6 +78,12 @@ def attention(
         enable_gqa: grouped-query attention as in SDPA: q ``(..., H_q, n_q, d)`` against k, v
             ``(..., H_kv, n_k, ·)`` with H_kv dividing H_q; query head h uses key/value head
             h // (H_q / H_kv). K and V are never copied per head.
+        centre: approximate methods: centre queries and keys (their means; the cross terms become an
+            exact per-key weight, :mod:`attnbound.centring`), which shrinks the radius of data with a
+            common offset. ``None``: centre when it shrinks the radius (``auto``: when the plan says so).
+        heavy: approximate methods: compute the ``heavy`` keys and queries of largest (centred) norm
+            exactly, so the polynomial covers the smaller radius of the rest. ``None``: 0 for a fixed
+            method, chosen by the plan (0, 2 or 8) under ``auto``.
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:
@@ -93,7 +107,7 @@ def attention(
         return _grouped(q, k, v, attn_mask, is_causal, return_certificate,
                         dict(scale=scale, kind=kind, method=method, block_size=block_size, eps=eps, bound=bound,
                              degree=degree, order=order, memory_budget=memory_budget, cost_model=cost_model,
-                             strict=strict))
+                             strict=strict, centre=centre, heavy=heavy))
     batch = val.check_qkv(q, k, v, is_causal=is_causal)
     val.check_choice("kind", kind, val.KINDS)
     val.check_choice("method", method, val.METHODS)
@@ -104,6 +118,10 @@ def attention(
     if method in val.FEATURE_METHODS and fixed_degree(method, degree, order) is not None:
         family(method).check_degree(fixed_degree(method, degree, order))
     val.check_positive_int("memory_budget", memory_budget)
+    if centre is not None and not isinstance(centre, bool):
+        raise TypeError(f"centre must be True, False or None, got {centre!r}")
+    if heavy is not None and (isinstance(heavy, bool) or not isinstance(heavy, int) or heavy < 0):
+        raise ValueError(f"heavy must be a non-negative int or None, got {heavy!r}")
     budget = memory_budget if memory_budget is not None else default_memory_budget(q.device)
     if attn_mask is not None and attn_mask.dim() < 2:  # (n_k,) or a scalar: one row for every query
         attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -142,22 +160,24 @@ def attention(
         elif not math.isfinite(st.logit_bound(s, kind)):
             method = "exact"  # logits beyond float64: exact says so
         else:
-            radius, source = st.radius(s, kind, bound=bound, d=q.shape[-1])
-            p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], radius, eps, is_causal,
+            variants = _variants(call, centre, heavy, auto=True)
+            p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], variants[0][0].radius, eps, is_causal,
                      batch=batch_numel, kind=kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
                      memory_budget=budget, requires_grad=call.requires_grad, cost_model=cost_model,
                      out_dtype=out_dtype, logit_bound=st.logit_bound(s, kind), scale=s, mask_span=st.mask_span,
-                     key_log_weight=_key_log_weight_bound(st, s, kind), radius_source=source)
+                     radius_source="bound" if bound is not None else "data", variants=[v_ for v_, _ in variants])
             method = p.choice.method
             degree = order = p.choice.degree
+            chosen = [vs for vs in variants if vs[0].label == p.choice.variant]
     if method in val.FEATURE_METHODS:
         try:
-            cert = choose_certificate(method, *st.radius(s, kind, bound=bound, d=q.shape[-1]), eps=eps,
+            var, sp = chosen[0] if auto else _variants(call, centre, heavy, auto=False)[0]
+            cert = choose_certificate(method, var.radius, _radius_source(call, var), eps=eps,
                                       degree=fixed_degree(method, degree, order), d=q.shape[-1],
                                       n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
                                       kind=kind, out_dtype=out_dtype, strict=strict,
-                                      key_log_weight=_key_log_weight_bound(st, s, kind))
-            out, cert = _run_features(call, method, cert)
+                                      key_log_weight=var.key_log_weight, exact_eta=var.exact_eta)
+            out, cert = _run_features(call, method, cert, var, sp)
         except _PosteriorMiss as miss:
             if not auto:
                 raise ValueError(str(miss)) from None
@@ -240,6 +260,48 @@ def _drop_hidden_keys(k, v, keys):
     keep = keys.unsqueeze(-1)
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
     return torch.where(keep, k, zero), torch.where(keep, v, zero)
+
+
+def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool) -> list[tuple[Variant, Split]]:
+    """The ways to shrink this call's radius that are worth weighing: plain, centred, and (under ``auto``)
+    2 or 8 heavy tokens exact, each with its radius and the rounding its extra terms bring
+    (:mod:`attnbound.centring`). A declared ``bound`` fixes the radius: plain only."""
+    st, s, d = call.stats, call.scale, call.q.shape[-1]
+    s_eff = 2.0 * s if call.kind == "l2" else s
+    if call.bound is not None:
+        radius, _ = st.radius(s, call.kind, bound=call.bound, d=d)
+        return [(Variant("plain", radius, key_log_weight=_key_log_weight_bound(st, s, call.kind)),
+                 Split(None, None, None, None, st.q_norm, st.k_norm, 0.0))]
+    n_tokens = min(call.q.shape[-2], call.k.shape[-2])
+    centres_ = [centre] if centre is not None else ([False, True] if auto else [None])
+    heavies = [heavy] if heavy is not None else ([0, 2, 8] if auto else [0])
+    base = s * st.k_norm**2 if call.kind == "l2" else 0.0
+    out = []
+    for c in centres_:
+        for h in sorted({min(h, n_tokens - 1) for h in heavies}):  # at least one light token is left
+            cc = c
+            if c is None:  # a fixed method centres when that shrinks the radius
+                plain = split(call.q, call.k, call.key_mask, centre=False, heavy=h)
+                cent = split(call.q, call.k, call.key_mask, centre=True, heavy=h)
+                cc = cent.q_norm * cent.k_norm < 0.95 * plain.q_norm * plain.k_norm
+                sp = cent if cc else plain
+            else:
+                sp = split(call.q, call.k, call.key_mask, centre=c, heavy=h)
+            klw = base + (8.0 * s_eff * st.q_norm * st.k_norm if cc else 0.0)
+            heavy_logit = 4.0 * s_eff * st.q_norm * st.k_norm + 2.0 * klw
+            lam = 2.0 * _gamma(d + 4, 2.0**-53) * heavy_logit + 4.0 * 2.0**-53
+            exact_eta = (math.expm1(lam) if lam < 700.0 else math.inf) if h else 0.0
+            label = ("centred" if cc else "plain") + (f" + {h} heavy" if h else "")
+            out.append((Variant(label, s_eff * sp.q_norm * sp.k_norm, centre=bool(cc), heavy=h,
+                                key_log_weight=klw if (klw > 0 or call.kind == "l2") else None,
+                                exact_eta=exact_eta), sp))
+    return out
+
+
+def _radius_source(call: _Call, var: Variant) -> str:
+    if call.bound is not None:
+        return "bound"
+    return "data" + (", centred" if var.centre else "") + (f", {var.heavy} heavy tokens exact" if var.heavy else "")
 
 
 def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
@@ -328,7 +390,7 @@ def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype) -> torc
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)
 
 
-def _run_features(call: _Call, method: str, cert: Certificate):
+def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp: Split):
     q, k, v, st = call.q, call.k, call.v, call.stats
     d, d_v, n_q, n_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
     g, r = cert.degree, cert.rank
@@ -344,34 +406,78 @@ def _run_features(call: _Call, method: str, cert: Certificate):
             f"memory_budget: {method} {family(method).degree_name} {g} needs feature rank r={r} and about "
             f"{need / 2**20:.1f} MiB (budget {call.budget / 2**20:.1f} MiB); ask for {', '.join(fixes)}, a larger "
             f"memory_budget, or method='exact'")
+    s_eff = 2.0 * call.scale if call.kind == "l2" else call.scale
     coeffs, aq, ak = polynomial_setup(method, cert.radius, g, d=d,
                                       bound=call.bound if cert.radius_source == "bound" else None,
-                                      norms=(st.q_norm, st.k_norm))
-    qd, kd, vd = _scaled(q, aq), _scaled(k, ak), v.double()
+                                      norms=(sp.q_norm, sp.k_norm))
+    q1, k1 = q.double(), k.double()
+    if var.centre:  # s⟨q,k⟩ = s⟨q−c_q, k−c_k⟩ + (row term, cancels) + s⟨c_q, k⟩ (a per-key log-weight)
+        q1, k1 = q1 - sp.c_q, k1 - sp.c_k
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
-    vd = _times_pow2(vd, -vexp)  # |v| ≤ 1: exact but for values below 2^-1074·2^e
+    vd = _times_pow2(v.double(), -vexp)  # |v| ≤ 1: exact but for values below 2^-1074·2^e
     log_w = None
     if call.kind == "l2":
         log_w = -call.scale * (k.double() * k.double()).sum(-1)
+    if var.centre:
+        cw = s_eff * (k.double() @ sp.c_q.transpose(-1, -2)).squeeze(-1)
+        log_w = cw if log_w is None else log_w + cw
+    minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
     if call.key_mask is not None:
-        km = call.key_mask
-        log_w = torch.where(km, log_w if log_w is not None else torch.zeros((), dtype=torch.float64, device=q.device),
-                            torch.tensor(-math.inf, dtype=torch.float64, device=q.device))
-        kd = kd * km.unsqueeze(-1).to(kd.dtype)  # masked keys may lie outside the radius: keep their features finite
-    record: dict = {}
-    out = feature_attention(qd, kd, vd, coeffs=coeffs, key_log_weight=log_w, is_causal=call.is_causal, chunk=chunk,
-                            record=record)
+        log_w = torch.where(call.key_mask, log_w if log_w is not None else torch.zeros_like(minus_inf), minus_inf)
+    light_w, qd, kd = log_w, q1, k1
+    if sp.heavy_k is not None:  # heavy keys leave the polynomial (weight 0 there) and are added exactly below
+        base = log_w if log_w is not None else torch.zeros(k.shape[:-1], dtype=torch.float64, device=q.device)
+        hk = sp.heavy_k.expand(*torch.broadcast_shapes(base.shape[:-1], sp.heavy_k.shape[:-1]), sp.heavy_k.shape[-1])
+        light_w = base.expand(*hk.shape[:-1], base.shape[-1]).scatter(-1, hk, -math.inf)
+    keep = torch.isfinite(light_w).unsqueeze(-1) if light_w is not None else None
+    if keep is not None:  # keys outside the radius (masked or heavy) must not reach the features
+        kd = torch.where(keep, kd, torch.zeros((), dtype=torch.float64, device=q.device))
+    if sp.heavy_q is not None:  # heavy query rows are computed exactly below; keep their features finite
+        qd = qd.scatter(-2, sp.heavy_q.unsqueeze(-1).expand(*sp.heavy_q.shape, d), 0.0)
+    num, ref = feature_attention(_scaled(qd, aq), _scaled(kd, ak), vd, coeffs=coeffs, key_log_weight=light_w,
+                                 is_causal=call.is_causal, chunk=chunk, return_parts=True)
+    if sp.heavy_k is not None:
+        num = heavy_rows(num, ref, q1, k1, weighted_values(vd), log_w, sp.heavy_k, s_eff, call.is_causal)
+    den = num[..., d_v]
+    if sp.heavy_q is not None:
+        den = den.scatter(-1, sp.heavy_q.expand(*den.shape[:-1], sp.heavy_q.shape[-1]), math.inf)
     cert = degree_certificate(method, cert.radius, g, d=d, n_k=n_k, value_range=cert.value_range,
                               max_abs_value=cert.max_abs_value, kind=call.kind, radius_source=cert.radius_source,
-                              out_dtype=q.dtype, eps=call.eps, key_log_weight=_key_log_weight_bound(st, call.scale, call.kind),
-                              min_denominator=record["min_denominator"])
+                              out_dtype=q.dtype, eps=call.eps, key_log_weight=var.key_log_weight,
+                              exact_eta=var.exact_eta,
+                              min_denominator=_min_denominator(den, log_w, call.is_causal))
+    out = _times_pow2(normalize_readout(num, d_v), vexp)
+    if sp.heavy_q is not None:
+        out, cert = _exact_query_rows(call, out, sp.heavy_q, cert)
     if call.eps is not None and not cert.output_error_bound <= call.eps:
         raise _PosteriorMiss(
             f"eps: {method} {family(method).degree_name} {g} meets eps={call.eps:g} in its approximation term "
             f"({cert.approximation_bound:.3g}) but its float64 rounding bound on this input is {cert.rounding_bound:.3g} "
             f"(the rank {r} sums terms up to e^R = {math.exp(cert.radius):.3g} times the row sums); pass a larger eps, "
             f"smaller input norms, or method='exact'")
-    return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), cert
+    return _finish(out, st.max_abs_value, q.dtype), cert
+
+
+def _exact_query_rows(call: _Call, out: torch.Tensor, rows: torch.Tensor, cert: Certificate):
+    """Overwrite the heavy query rows with exact attention; the certificate is the larger of the two bounds."""
+    q, k, v = call.q, call.k, call.v
+    n_k = k.shape[-2]
+    batch = torch.broadcast_shapes(out.shape[:-2], rows.shape[:-1])
+    idx = rows.expand(*batch, rows.shape[-1])
+    qh = torch.gather(q.expand(*batch, *q.shape[-2:]), -2, idx.unsqueeze(-1).expand(*idx.shape, q.shape[-1]))
+    mask = None
+    if call.is_causal:
+        mask = torch.arange(n_k, device=q.device) <= idx.unsqueeze(-1)
+    if call.key_mask is not None:
+        km = call.key_mask.unsqueeze(-2)
+        mask = km if mask is None else mask & km
+    oh, ch = attention(qh, k, v, scale=call.scale, kind=call.kind, attn_mask=mask, method="exact",
+                       memory_budget=call.budget, return_certificate=True)
+    out = out.expand(*batch, *out.shape[-2:]).scatter(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]),
+                                                       oh.to(out.dtype))
+    bound = max(cert.output_error_bound, ch.output_error_bound)
+    return out, dataclasses.replace(cert, rounding_bound=max(cert.rounding_bound, ch.output_error_bound),
+                                    output_error_bound=bound)
 
 
 def _needs_grad(*xs) -> bool:
@@ -412,7 +518,8 @@ def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: 
 def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
                        max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
                        out_dtype: torch.dtype = torch.float32, eps: float | None = None,
-                       key_log_weight: float | None = None, min_denominator: float | None = None) -> Certificate:
+                       key_log_weight: float | None = None, min_denominator: float | None = None,
+                       exact_eta: float = 0.0) -> Certificate:
     """The certificate a ``method`` (an approximation family: "taylor", "polynomial", "relative") run of
     ``degree`` would carry at radius R."""
     fam = family(method)
@@ -423,13 +530,14 @@ def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: 
                                delta=fam.absolute_error(radius, degree) if finite else math.inf,
                                coeff_abs_sum=fam.coeff_abs_sum(radius, degree) if finite else math.inf, n_k=n_k,
                                d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
-                               key_log_weight=key_log_weight, min_denominator=min_denominator, eps=eps)
+                               key_log_weight=key_log_weight, min_denominator=min_denominator,
+                               exact_eta=exact_eta, eps=eps)
 
 
 def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
                      max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
                      out_dtype: torch.dtype = torch.float32, rounding: bool = True,
-                     key_log_weight: float | None = None) -> Certificate | None:
+                     key_log_weight: float | None = None, exact_eta: float = 0.0) -> Certificate | None:
     """The certificate of the smallest degree (even order for Taylor) meeting ``eps``, or None if none ≤ the cap.
 
     Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
@@ -441,11 +549,12 @@ def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int
     if rounding == "posterior":
         return certified_degree(method, radius, eps / 2.0, d=d, n_k=n_k, value_range=value_range,
                                 max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
-                                out_dtype=out_dtype, rounding=False, key_log_weight=key_log_weight)
+                                out_dtype=out_dtype, rounding=False, key_log_weight=key_log_weight,
+                                exact_eta=exact_eta)
     for g in family(method).degrees():
         c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
-                               out_dtype=out_dtype, eps=eps, key_log_weight=key_log_weight)
+                               out_dtype=out_dtype, eps=eps, key_log_weight=key_log_weight, exact_eta=exact_eta)
         if not math.isfinite(c.eta):
             continue
         if c.eta < 1.0 and (c.output_error_bound if rounding else c.approximation_bound) <= eps:
@@ -456,14 +565,15 @@ def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int
 def choose_certificate(method: str, radius: float, radius_source: str = "data", *, eps: float | None,
                        degree: int | None, d: int, n_k: int, value_range: float, max_abs_value: float,
                        kind: str = "softmax", out_dtype: torch.dtype = torch.float32, strict: bool = True,
-                       key_log_weight: float | None = None) -> Certificate:
+                       key_log_weight: float | None = None, exact_eta: float = 0.0) -> Certificate:
     """The certificate a taylor/polynomial run will carry: the smallest degree meeting ``eps``, or the
     fixed ``degree`` (even order for Taylor). Raises when neither is given, when no degree up to the
     cap meets ``eps``, when the fixed degree's bound exceeds ``eps``, or (``strict``) when the fixed
     degree cannot be certified (η ≥ 1)."""
     fam = family(method)
     common = dict(d=d, n_k=n_k, value_range=value_range, max_abs_value=max_abs_value, kind=kind,
-                  radius_source=radius_source, out_dtype=out_dtype, key_log_weight=key_log_weight)
+                  radius_source=radius_source, out_dtype=out_dtype, key_log_weight=key_log_weight,
+                  exact_eta=exact_eta)
     if radius > MAX_FEATURE_RADIUS or radius + math.log(n_k + 1.0) + 4.0 >= 709.0:
         raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent "
                          f"(e^R·n_k overflows); use method='exact'")

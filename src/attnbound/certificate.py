@@ -135,9 +135,13 @@ def feature_certificate(
     out_dtype: torch.dtype,
     key_log_weight: float | None = None,
     min_denominator: float | None = None,
+    exact_eta: float = 0.0,
     eps: float | None = None,
 ) -> Certificate:
     """Assemble the certificate of a polynomial-feature run (see the module docstring).
+
+    ``exact_eta`` is the relative rounding of weights computed exactly beside the polynomial (heavy
+    tokens): every weight is then off by at most max(the polynomial's, exact_eta).
 
     ``eta`` is the family's relative error on [−R, R]; ``key_log_weight`` bounds |log| of the
     per-key weights (ℓ2: s·max‖k‖²), or None when there are none (masks give exact 0/1 weights).
@@ -151,6 +155,7 @@ def feature_certificate(
     """
     eta_w = key_weight_error(key_log_weight, d) if key_log_weight is not None else 0.0
     eta_all = (1.0 + eta) * (1.0 + eta_w) - 1.0 if math.isfinite(eta) and math.isfinite(eta_w) else math.inf
+    eta_all = max(eta_all, exact_eta)
     approx = output_bound(eta_all, value_range)
     # every partial sum of n_k weights of size ≤ 2e^R must stay representable in float64
     headroom = radius + math.log(n_k + 1.0) + 4.0 < 709.0

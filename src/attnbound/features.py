@@ -156,6 +156,7 @@ def feature_attention(
     is_causal: bool = False,
     chunk: int | None = None,
     record: dict | None = None,
+    return_parts: bool = False,
 ) -> torch.Tensor:
     """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·exp(b_j), never forming an n_q×n_k matrix.
 
@@ -167,6 +168,9 @@ def feature_attention(
     underflow because of keys it cannot see. Rows whose weights all vanish (every key masked)
     return zeros. ``record``, if given, receives ``min_denominator``: the smallest computed row sum
     D̃_i over the rows that see at least one key (what an a-posteriori rounding bound divides by).
+    ``return_parts=True`` returns the unnormalised ``(num, ref)`` instead: num (..., n_q, d_v + 1) holds
+    Σ_j P·exp(b_j − ref_i)·[v_j, 1], ref (..., n_q | 1, 1) the log-weight each row was normalised by (0
+    without ``key_log_weight``), so that exactly computed terms can join the same row sums.
     """
     degree = len(coeffs) - 1
     d, d_v = q.shape[-1], v.shape[-1]
@@ -176,14 +180,20 @@ def feature_attention(
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
     vv = weighted_values(v)
     use_fused = fused.available(q, k, vv)[0]  # float64 CPU without autograd: the fused kernels
+    ref = torch.zeros((1, 1), dtype=q.dtype, device=q.device)
     if is_causal:
         if use_fused and key_log_weight is None:
             num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
+        elif key_log_weight is None:
+            num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
         else:
-            num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk, key_log_weight=key_log_weight)
+            num = _causal_readout_weighted(q, k, vv, degree=degree, weights=w, chunk=chunk,
+                                           key_log_weight=key_log_weight, with_reference=True)
+            num, ref = num[..., :-1], num[..., -1:]
     else:
         if key_log_weight is not None:
-            vv = vv * torch.exp(key_log_weight - _safe_max(key_log_weight, -1)).unsqueeze(-1)
+            ref = _safe_max(key_log_weight, -1).unsqueeze(-1)
+            vv = vv * torch.exp(key_log_weight.unsqueeze(-1) - ref)
         if use_fused:
             num = fused.state_readout(q, fused.key_state(k, vv, degree=degree, weights=w), degree=degree)
         else:
@@ -191,6 +201,8 @@ def feature_attention(
                                 chunk=chunk)
     if record is not None:
         record["min_denominator"] = _min_denominator(num[..., d_v], key_log_weight, is_causal)
+    if return_parts:
+        return num, ref
     return normalize_readout(num, d_v)
 
 
@@ -318,7 +330,7 @@ def _chunk_features(q, k, i0, i1, degree, weights, bq, bk):
     return fq, (fk.mul_(weights.unsqueeze(-1)) if bk is not None else fk * weights.unsqueeze(-1))
 
 
-def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight):
+def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight, with_reference=False):
     outs = [] if _records_grad(q, k, vv, key_log_weight) else None
     n_q = q.shape[-2]
     state, ref = None, None  # ref: the state's running maximum m_S (..., 1, 1); −inf while no key counts
@@ -339,6 +351,8 @@ def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight
             num = ((fq_t @ fk_t) * torch.exp(logits)) @ vv_t
             if state is not None:
                 num = num + (fq_t @ state) * torch.exp(ref - pm_safe)
+            if with_reference:  # the log-weight each row's sums are relative to, as one more column
+                num = torch.cat([num, pm_safe.expand(*num.shape[:-1], 1)], -1)
             outs = _put(outs, num, i0 + t0, n_q)
             top = lw.amax(-1, keepdim=True).unsqueeze(-1)
             new_ref = top if ref is None else torch.maximum(ref, top)

@@ -163,6 +163,19 @@ class Candidate:
     fits_memory: bool
     certificate: Certificate | None = None
     provisional: bool = False  # approximation ≤ eps/2; the run's own a-posteriori rounding bound must do the rest
+    variant: str = ""  # how the radius was shrunk (centring, heavy tokens exact), for feature candidates
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to shrink the radius the polynomial must cover (see :mod:`attnbound.centring`)."""
+
+    label: str  # e.g. "plain", "centred", "centred + 8 heavy"
+    radius: float
+    centre: bool = False
+    heavy: int = 0  # keys and queries computed exactly
+    key_log_weight: float | None = None  # bound on the per-key log-weights' rounding argument
+    exact_eta: float = 0.0  # relative rounding of the exactly computed heavy weights
 
 
 @dataclass(frozen=True)
@@ -263,6 +276,7 @@ def plan(
     mask_span: float = 0.0,
     key_log_weight: float | None = None,
     radius_source: str = "data",
+    variants: list[Variant] | None = None,
 ) -> Plan:
     """Plan the ``method="auto"`` run: every candidate's real certificate, rank and predicted cost.
 
@@ -291,39 +305,50 @@ def plan(
     radius = float(radius)
     dense = use_dense(batch, n_q, n_k)
     block = None if dense else DEFAULT_BLOCK
-    ex = exact_candidate(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k, block=block,
-                         scale=float(scale) if scale is not None else 1.0 / math.sqrt(d),
-                         value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+    from .sdpa import sdpa_candidate  # method="exact" runs torch SDPA on the CPU when its bound meets eps
+
+    common = dict(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k,
+                  scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
+                  max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+    ex = sdpa_candidate(**common)
+    if not ex.output_error_bound <= eps:  # then the blockwise kernel, whose bound is tighter
+        ex = exact_candidate(block=block, **common)
     item = 8 if ex.compute_dtype == "float64" else 4
-    slow = 2.0 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
+    slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
     mem = exact_memory_bytes(batch, n_q, n_k, d_v, block, item)
     exact = Candidate("exact", None, None, ex.output_error_bound,
                       slow * cm.exact_seconds(batch, n_q, n_k, d, d_v, is_causal), mem,
                       ex.output_error_bound <= eps, mem <= budget, ex)
     candidates = [exact]
-    feasible = radius <= 700.0 and radius + math.log(n_k + 1.0) + 4.0 < 709.0
-    for fam in FAMILIES.values():
-        if not feasible:
-            break
-        for g in fam.degrees():
-            r = feature_rank(d, g)
-            mem = feature_memory_bytes(batch, n_q, n_k, d, d_v, r, chunk_rows(batch, r),
-                                       is_causal=is_causal, requires_grad=requires_grad)
-            eta = fam.eta(radius, g)
-            finite = math.isfinite(eta)
-            cert = feature_certificate(method=fam.name, kind=kind, degree=g, rank=r, radius=radius,
-                                       radius_source=radius_source, eta=eta,
-                                       delta=fam.absolute_error(radius, g) if finite else math.inf,
-                                       coeff_abs_sum=fam.coeff_abs_sum(radius, g) if finite else math.inf,
-                                       n_k=n_k, d=d, value_range=value_range, max_abs_value=max_abs_value,
-                                       out_dtype=out_dtype, key_log_weight=key_log_weight, eps=eps)
-            err = cert.output_error_bound
-            provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
-            cand = Candidate(fam.name, g, r, err, cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal),
-                             mem, err <= eps, mem <= budget, cert, provisional)
-            candidates.append(cand)
-            if cand.certified or provisional or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
+    for var in variants or [Variant("plain", radius, key_log_weight=key_log_weight)]:
+        feasible = var.radius <= 700.0 and var.radius + math.log(n_k + 1.0) + 4.0 < 709.0
+        # heavy tokens: h key columns for every query row and h query rows against every key, exactly
+        extra = (cm.exact_seconds(batch, n_q, var.heavy, d, d_v) + cm.exact_seconds(batch, var.heavy, n_k, d, d_v)
+                 if var.heavy else 0.0) + (cm.c_op * 8 if var.centre else 0.0)
+        for fam in FAMILIES.values():
+            if not feasible:
                 break
+            for g in fam.degrees():
+                r = feature_rank(d, g)
+                mem = feature_memory_bytes(batch, n_q, n_k, d, d_v, r, chunk_rows(batch, r),
+                                           is_causal=is_causal, requires_grad=requires_grad)
+                eta = fam.eta(var.radius, g)
+                finite = math.isfinite(eta)
+                cert = feature_certificate(method=fam.name, kind=kind, degree=g, rank=r, radius=var.radius,
+                                           radius_source=radius_source, eta=eta,
+                                           delta=fam.absolute_error(var.radius, g) if finite else math.inf,
+                                           coeff_abs_sum=fam.coeff_abs_sum(var.radius, g) if finite else math.inf,
+                                           n_k=n_k, d=d, value_range=value_range, max_abs_value=max_abs_value,
+                                           out_dtype=out_dtype, key_log_weight=var.key_log_weight,
+                                           exact_eta=var.exact_eta, eps=eps)
+                err = cert.output_error_bound
+                provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
+                secs = cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal) + extra
+                cand = Candidate(fam.name, g, r, err, secs, mem, err <= eps, mem <= budget, cert, provisional,
+                                 var.label)
+                candidates.append(cand)
+                if cand.certified or provisional or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
+                    break
     usable = [c for c in candidates if (c.certified or c.provisional) and c.fits_memory]
     if not usable:
         dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)

@@ -1,0 +1,101 @@
+"""Centring and heavy tokens: two exact transformations that shrink the radius the polynomial covers.
+
+**Centring** (docs/theory.md §3). For any centres c_q, c_k and s_eff the scale of the dot product,
+
+    s_eff⟨q_i, k_j⟩ = s_eff⟨q_i − c_q, k_j − c_k⟩ + s_eff⟨q_i, c_k⟩ + s_eff⟨c_q, k_j⟩ − s_eff⟨c_q, c_k⟩.
+
+The second term is constant along row i and cancels in D⁻¹A, the last is a global constant; the third
+is a per-key log-weight b_j = s_eff⟨c_q, k_j⟩, applied exactly like ℓ2 attention's −s‖k_j‖² and the
+key-padding masks — normalised over the keys each row can see (the feature engine's running maximum).
+The polynomial then covers y = s_eff⟨q_i − c_q, k_j − c_k⟩ with |y| ≤ R_c = s_eff·max‖q − c_q‖·max‖k − c_k‖,
+and the certificate formula is unchanged. The centres are the means (queries: all rows; keys: the keys
+that take part), per batch entry: O(n·d).
+
+**Heavy tokens** (docs/theory.md §3). Let H_k be the h keys of largest centred norm (among those that
+take part) and H_q the h queries of largest centred norm. Pairs with j ∈ H_k are computed exactly and
+join the polynomial's row sums on the same scale (each row's sums are relative to a log-weight the
+engine reports, and both parts are rescaled by a per-row maximum so neither overflows); rows i ∈ H_q
+are computed exactly outright. The rest is the polynomial at
+R_light = s_eff·max_{i∉H_q}‖q_i − c_q‖·max_{j∉H_k}‖k_j − c_k‖. Exact weights carry only rounding, so
+the certificate holds with η(R_light). Cost: O(h·(n_q + n_k)·(d + d_v)) on top of the polynomial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .stats import row_norms
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one call's radius was shrunk: the centres, the heavy indices, and the radius left."""
+
+    c_q: torch.Tensor | None  # (..., 1, d) or None (not centred)
+    c_k: torch.Tensor | None
+    heavy_k: torch.Tensor | None  # (..., h) key indices, or None
+    heavy_q: torch.Tensor | None  # (..., h) query indices, or None
+    q_norm: float  # max ‖q_i − c_q‖ over light queries
+    k_norm: float  # max ‖k_j − c_k‖ over light keys that take part
+    centre_norm: float  # ‖c_q‖ (the per-key log-weight is bounded by s_eff·‖c_q‖·max‖k‖)
+
+
+def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean query, mean key over the keys that take part), float64, shapes (..., 1, d)."""
+    qd, kd = q.detach().double(), k.detach().double()
+    c_q = qd.mean(-2, keepdim=True)
+    if keys is None:
+        return c_q, kd.mean(-2, keepdim=True)
+    w = keys.to(torch.float64).unsqueeze(-1)
+    count = w.sum(-2, keepdim=True)
+    return c_q, (kd * w).sum(-2, keepdim=True) / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _largest(norms: torch.Tensor, h: int) -> torch.Tensor | None:
+    return None if h <= 0 else torch.topk(norms, min(h, norms.shape[-1]), dim=-1).indices
+
+
+def split(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centre: bool, heavy: int) -> Split:
+    """Centre (or not) and pick ``heavy`` keys and queries; report the norms the light pairs reach."""
+    with torch.no_grad():
+        c_q, c_k = centres(q, k, keys) if centre else (None, None)
+        qc = q.detach().double() - c_q if centre else q.detach().double()
+        kc = k.detach().double() - c_k if centre else k.detach().double()
+        qn, kn = row_norms(qc), row_norms(kc)
+        if keys is not None:
+            kn = torch.where(keys, kn, torch.full((), -1.0, dtype=kn.dtype, device=kn.device))
+        hk, hq = _largest(kn, heavy), _largest(qn, heavy)
+        if hk is not None:
+            kn = kn.scatter(-1, hk.expand(*kn.shape[:-1], hk.shape[-1]), -1.0)
+        if hq is not None:
+            qn = qn.scatter(-1, hq.expand(*qn.shape[:-1], hq.shape[-1]), -1.0)
+        top = lambda x: max(float(x.max()), 0.0) if x.numel() else 0.0  # noqa: E731
+        cn = float(row_norms(c_q).max()) if centre else 0.0
+        return Split(c_q, c_k, hk, hq, top(qn), top(kn), cn)
+
+
+def heavy_rows(num: torch.Tensor, ref: torch.Tensor, q1: torch.Tensor, k1: torch.Tensor, vv: torch.Tensor,
+               log_w: torch.Tensor | None, heavy_k: torch.Tensor, s_eff: float, is_causal: bool) -> torch.Tensor:
+    """Join the exact terms of the heavy keys to the polynomial's row sums.
+
+    ``num`` (..., n_q, d_v + 1) holds Σ_{light j} P·exp(b_j − ref_i)·[v_j, 1]; the heavy terms are
+    exp(y_ij + b_j − ref_i)·[v_j, 1] with y_ij = s_eff⟨q1_i, k1_j⟩ (centred inputs), j ≤ i under
+    ``is_causal``. Both are scaled by exp(−M_i), M_i = max(0, max_j (y_ij + b_j − ref_i)), so no term overflows.
+    """
+    batch = torch.broadcast_shapes(q1.shape[:-2], k1.shape[:-2], vv.shape[:-2], heavy_k.shape[:-1])
+    idx = heavy_k.expand(*batch, heavy_k.shape[-1])
+    kh = torch.gather(k1.expand(*batch, *k1.shape[-2:]), -2, idx.unsqueeze(-1).expand(*idx.shape, k1.shape[-1]))
+    vh = torch.gather(vv.expand(*batch, *vv.shape[-2:]), -2, idx.unsqueeze(-1).expand(*idx.shape, vv.shape[-1]))
+    t = s_eff * (q1 @ kh.transpose(-1, -2))  # (..., n_q, h)
+    if log_w is not None:
+        t = t + torch.gather(log_w.expand(*batch, log_w.shape[-1]), -1, idx).unsqueeze(-2)
+    t = t - ref
+    if is_causal:
+        rows = torch.arange(q1.shape[-2], device=q1.device).unsqueeze(-1)
+        t = torch.where(idx.unsqueeze(-2) <= rows, t, torch.full((), -math.inf, dtype=t.dtype, device=t.device))
+    m = t.amax(-1, keepdim=True).clamp(min=0.0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return num * torch.exp(-m) + torch.exp(t - m) @ vh
