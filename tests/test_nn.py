@@ -246,6 +246,7 @@ def test_bad_module_arguments():
 
 @pytest.mark.parametrize("method,kw", [("exact", {}), ("polynomial", {"eps": 1e-3}), ("taylor", {"eps": 1e-2})])
 def test_transformer_gradients_through_every_method(method, kw, rng):
+    torch.manual_seed(0)  # the initial weights set the radius, hence the Taylor order and its memory: fix them
     model = Transformer(2, 16, 2, method=method, **kw).double()
     with torch.no_grad():  # LayerNorm fixes the input scale: keep the radius small through W_Q, W_K instead
         for blk in model.blocks:
