@@ -54,11 +54,15 @@ class InputStats:
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x_i‖₂ of each row in float64, scaled like BLAS nrm2 so that no square underflows or overflows, and
     rounded up by (1 + γ_{d+2}) so the result is ≥ the real-number norm of the float64 row."""
+    d = x.shape[-1]
+    up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
+    fast = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+    # squares leave float64's range only for norms outside about [1e-150, 1e150] (or exact zeros): rescale then
+    if fast.numel() == 0 or bool(((fast > 1e-140) & (fast < 1e140)).all()):
+        return fast * up
     xd = x.detach().double()
     top = xd.abs().amax(-1, keepdim=True)
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    d = x.shape[-1]
-    up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
     return torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
 
 
