@@ -28,6 +28,20 @@ def test_count_ops_known_answers():
     assert outer == inner == type(outer)(2 * 5 * 7 * 3, 15)
 
 
+def test_count_ops_sees_the_feature_engine_products():
+    import attnbound
+    from attnbound import fused
+
+    q, k, v = (torch.randn(1024, 4, dtype=torch.float64) * 0.3 for _ in range(3))
+    before = fused.available
+    c, out = count_ops(lambda: attnbound.attention(q, k, v, method="polynomial", degree=3))
+    rank = attnbound.feature_rank(4, 3)
+    # key state and readout: two n × r by r × (d_v + 1) products at least, even where fused kernels exist
+    assert c.matmul >= 2 * 2 * 1024 * rank * 5
+    assert fused.available is before  # restored
+    assert torch.allclose(out, attnbound.attention(q, k, v, method="polynomial", degree=3))
+
+
 def test_count_ops_counts_the_backward_pass():
     w = torch.randn(8, 8)
     x = torch.randn(8, 8, requires_grad=True)

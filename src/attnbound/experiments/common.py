@@ -97,11 +97,22 @@ class OpCount:
 
 def count_ops(fn) -> tuple[OpCount, object]:
     """(operations executed by ``fn()``, its result). Deterministic: depends on shapes and the
-    code path only. Counts forward and backward passes alike (CPU autograd runs in this thread)."""
+    code path only. Counts forward and backward passes alike (CPU autograd runs in this thread).
+
+    The feature engine's fused kernels (:mod:`attnbound.fused`) do their arithmetic outside torch, where
+    no counter sees it; while counting they are switched off, so the engine runs its reference torch path
+    (the same products, in torch operations)."""
+    from .. import fused
+
     flops = FlopCounterMode(display=False)
     elem = _ElementwiseCounter()
-    with flops, elem:
-        out = fn()
+    available = fused.available
+    fused.available = lambda *tensors: (False, "operation counting: the reference torch path")
+    try:
+        with flops, elem:
+            out = fn()
+    finally:
+        fused.available = available
     return OpCount(int(flops.get_total_flops()), elem.pointwise + elem.reduction), out
 
 
