@@ -178,7 +178,11 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
             h[f"log10_rank_tight@{e:g}"] = log_rank(h["d"], gt) / math.log(10)
         # centring and heavy tokens: the radii of the model's own q, k and what the relative family needs there
         for key, val in head_radii[(h["layer"], h["head"])].items():
-            h[key if key != "R" else "R_recomputed"] = val
+            if key == "per_sentence":
+                for name in RADII_KEYS:
+                    h[f"{name}_sentence_median"] = float(np.median([r[name] for r in val]))
+            else:
+                h[key if key != "R" else "R_recomputed"] = val
         for key in RADII_KEYS:
             g, lr, how = relative_need(h[key], d=h["d"], n=h["n"], value_range=h["value_range"],
                                        max_abs_value=h["max_abs_value"])
@@ -222,9 +226,13 @@ def _wrap_with_logit_probe(name: str, log, tight: dict, radii_out: dict | None =
             for h in range(query.shape[1]):
                 keep = None if pad is None else pad[:, h if pad.shape[1] > 1 else 0, 0, :]
                 r = call_radii(query[:, h], key[:, h // group], s, key_mask=keep, heavy=HEAVY)
-                old = radii_out.setdefault((layer, h), dict.fromkeys(r, 0.0))
+                old = radii_out.setdefault((layer, h), {**dict.fromkeys(r, 0.0), "per_sentence": []})
                 for key_name, val in r.items():
                     old[key_name] = max(old[key_name], val)
+                for b in range(query.shape[0]):  # one call per sentence: that sentence's own radii
+                    old["per_sentence"].append(call_radii(query[b:b + 1, h], key[b:b + 1, h // group], s,
+                                                          key_mask=None if keep is None else keep[b:b + 1],
+                                                          heavy=HEAVY))
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     AttentionInterface.register(name, probe)
@@ -309,7 +317,11 @@ def radii_summary(heads: list[dict]) -> str:
                 f"(10^{min(ls):.1f}–10^{max(ls):.1f}) for {len(gs)}/{len(heads)} heads"
                 + (f", {post} of them a posteriori" if post else "")) if gs else             f"no relative degree ≤ 40 (R > 16 or eps out of reach) for any of {len(heads)} heads"
         parts.append(f"{RADII_LABELS[key]}: R median {np.median(rs):.1f} ({min(rs):.1f}–{max(rs):.1f}); {cert}")
-    return "; ".join(parts)
+    per = [f"{RADII_LABELS[key]} {np.median([h[f'{key}_sentence_median'] for h in heads]):.1f}"
+           for key in RADII_KEYS if f"{key}_sentence_median" in heads[0]]
+    return "; ".join(parts) + (
+        f" (radii of one call per batch of sentences, as the backend certifies; were each sentence its own call, "
+        f"the median over heads of the per-sentence median radius: {', '.join(per)})" if per else "")
 
 
 def radii_figure(heads: list[dict], n_max: int):
