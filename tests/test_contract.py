@@ -435,9 +435,9 @@ def test_posterior_rounding_decides_and_auto_falls_back_to_exact():
     qa, ka = _logits_all_at(-8.0, n, d)
     ka[:, ::2, 1] = 1e-3  # the keys differ a little, so the answer is not trivially the mean
     with pytest.raises(ValueError, match="rounding bound on this input"):
-        attnbound.attention(qa, ka, v, method="relative", eps=eps, centre=False)
+        attnbound.attention(qa, ka, v, method="relative", eps=eps)
     # (centring removes the common direction: the radius collapses and the polynomial certifies)
-    out, cert = attnbound.attention(qa, ka, v, method="relative", eps=eps, return_certificate=True)
+    out, cert = attnbound.attention(qa, ka, v, method="relative", eps=eps, centre=True, return_certificate=True)
     assert "centred" in cert.radius_source and cert.radius < 0.1
     check_contract(out, cert, qa, ka, v, eps=eps)
     from attnbound.planner import DEFAULT_COST_MODEL, CostModel
@@ -555,7 +555,8 @@ def test_radius_near_the_float64_edge_gives_exact_or_a_value_error(radius):
     with pytest.raises(ValueError):
         attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3, centre=False)
     # every query and key is the same vector: centred, the radius is 0 and any method certifies
-    out, cert = attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3, return_certificate=True)
+    out, cert = attnbound.attention(q, q, v, scale=radius, method="polynomial", eps=1e-3, centre=True,
+                                    return_certificate=True)
     assert cert.radius == 0.0
     check_contract(out, cert, q, q, v, scale=radius, eps=1e-3)
     plan(2, 2, 2, 1, radius, 1e-3)

@@ -49,8 +49,6 @@ def _worker(rank, world, port, lengths):
                 single_kw["method"] = "blockwise"
             else:
                 single_kw["method"] = method
-            if method != "exact":
-                single_kw["centre"] = False  # the sharded path does not centre (one global state, no shift)
             ref, ref_cert = attnbound.attention(q, k, v, is_causal=causal, return_certificate=True, **single_kw)
             out, cert = distributed.attention(q[..., lo:hi, :], k[..., lo:hi, :], v[..., lo:hi, :], method=method,
                                               is_causal=causal, return_certificate=True, **opts)

@@ -80,7 +80,8 @@ def attention(
             h // (H_q / H_kv). K and V are never copied per head.
         centre: approximate methods: centre queries and keys (their means; the cross terms become an
             exact per-key weight, :mod:`attnbound.centring`), which shrinks the radius of data with a
-            common offset. ``None``: centre when it shrinks the radius (``auto``: when the plan says so).
+            common offset. ``None``: not for a fixed method (so it equals the distributed and decoding
+            paths), weighed by the plan under ``auto``.
         heavy: approximate methods: compute the ``heavy`` keys and queries of largest (centred) norm
             exactly, so the polynomial covers the smaller radius of the rest. ``None``: 0 for a fixed
             method, chosen by the plan (0, 2 or 8) under ``auto``.
@@ -273,20 +274,14 @@ def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool
         return [(Variant("plain", radius, key_log_weight=_key_log_weight_bound(st, s, call.kind)),
                  Split(None, None, None, None, st.q_norm, st.k_norm, 0.0))]
     n_tokens = min(call.q.shape[-2], call.k.shape[-2])
-    centres_ = [centre] if centre is not None else ([False, True] if auto else [None])
+    centres_ = [centre] if centre is not None else ([False, True] if auto else [False])
     heavies = [heavy] if heavy is not None else ([0, 2, 8] if auto else [0])
     base = s * st.k_norm**2 if call.kind == "l2" else 0.0
     out = []
     for c in centres_:
         for h in sorted({min(h, n_tokens - 1) for h in heavies}):  # at least one light token is left
             cc = c
-            if c is None:  # a fixed method centres when that shrinks the radius
-                plain = split(call.q, call.k, call.key_mask, centre=False, heavy=h)
-                cent = split(call.q, call.k, call.key_mask, centre=True, heavy=h)
-                cc = cent.q_norm * cent.k_norm < 0.95 * plain.q_norm * plain.k_norm
-                sp = cent if cc else plain
-            else:
-                sp = split(call.q, call.k, call.key_mask, centre=c, heavy=h)
+            sp = split(call.q, call.k, call.key_mask, centre=c, heavy=h)
             klw = base + (8.0 * s_eff * st.q_norm * st.k_norm if cc else 0.0)
             heavy_logit = 4.0 * s_eff * st.q_norm * st.k_norm + 2.0 * klw
             lam = 2.0 * _gamma(d + 4, 2.0**-53) * heavy_logit + 4.0 * 2.0**-53

@@ -51,6 +51,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import features  # a module reference, so features.py may import this module at its top
 
@@ -76,6 +77,8 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
     """
     if numba is None:
         return False, _NUMBA_ERROR
+    if _get_current_dispatch_mode() is not None:  # operation counting or tracing must see the torch engine
+        return False, "a torch dispatch mode is active (it sees only torch ops; the reference engine is used)"
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             return False, f"not a tensor: {type(t).__name__}"
