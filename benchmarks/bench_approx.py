@@ -22,7 +22,8 @@ grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2, 4, 8}, eps = 1e-3, n = 2^12
         measured against a float64 reference on a random subsample of 256 query rows, beside the
         certificate. Times are medians of ``--repeats`` calls (one call above n = 2^15). A forced
         family whose certified rank would need more than ``--max-floor-s`` seconds at the GEMM peak
-        is not run (the cell says so and gives the degree and rank).
+        is not run (the cell says so and gives the degree and rank), nor is any cell whose time at the
+        previous n, extrapolated linearly in n, exceeds ``--max-cell-s`` (default 60 s).
 offset: inputs where centring and heavy tokens pay: q, k = small Gaussians (centred radius 1) plus one
         shared large vector each (plain radius 32), and the same with 4 outlier queries and 4 outlier
         keys (centred radius ≈ 16, radius ≈ 1 once 8 heavy tokens are exact). Rows give the three
@@ -30,7 +31,8 @@ offset: inputs where centring and heavy tokens pay: q, k = small Gaussians (cent
         ``centre=True`` and with ``centre=True, heavy=8`` — when :func:`attnbound.attention` has those
         options; otherwise those cells say "not implemented".
 
-Prints tables and writes benchmarks/results/bench_approx.json and the printed table beside it (.txt). Wall times on a shared machine are
+Prints tables and writes benchmarks/results/bench_approx.json and the printed table beside it (.txt).
+Wall times on a shared machine are
 noisy; ``--clock cpu`` times the peak and the kernel section in CPU seconds of this process (with
 ``--threads 1``: one core's time, little affected by other processes). The JSON records the thread
 count, the clock and both GEMM peaks.
@@ -179,9 +181,22 @@ def planned_cost(method, radius, eps, n, d, v, peak):
     return cert.degree, cert.rank, floor_seconds(n, cert.rank, v.shape[-1], peak)
 
 
-def run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, **kw):
-    """Time one attention call (or say why it did not run) and measure its error beside its certificate."""
+LAST_TIME: dict = {}  # cell key -> (n, seconds) of its last run, for the extrapolation guard
+MAX_CELL_S = 60.0
+
+
+def run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, key=None, **kw):
+    """Time one attention call (or say why it did not run) and measure its error beside its certificate.
+
+    Not run: a forced family whose certified rank's flop floor exceeds ``max_floor_s``, and any cell whose
+    time at the previous (smaller) n, extrapolated linearly in n, exceeds MAX_CELL_S."""
     name = kw.get("method")
+    n = q.shape[-2]
+    if key is not None and key in LAST_TIME:
+        n0, t0 = LAST_TIME[key]
+        if t0 * n / n0 > MAX_CELL_S:
+            return {"skipped": f"{t0:.1f} s at n = {n0}, extrapolated {t0 * n / n0:.0f} s > {MAX_CELL_S:g} s",
+                    "degree": None, "rank": None}
     if name in ("relative", "polynomial", "taylor") and radius is not None:
         need = planned_cost(name, radius, kw["eps"], q.shape[-2], q.shape[-1], v, peak)
         if need is not None and need[2] > max_floor_s:
@@ -192,6 +207,8 @@ def run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, *
                                                            **kw), reps)
     except ValueError as exc:
         return {"error": str(exc)}
+    if key is not None:
+        LAST_TIME[key] = (n, t)
     cell = {"seconds": t, "speedup_vs_sdpa": t_sdpa / t, "method": cert.method, "degree": cert.degree,
             "rank": cert.rank, "radius": cert.radius, "radius_source": cert.radius_source,
             "certificate": cert.output_error_bound, "measured_max_error": sub_error(out, q, k, v, idx, is_causal)}
@@ -216,7 +233,8 @@ def run_grid(ds, radii, log2ns, eps, repeats, skip_exact_above, methods, causal_
                         kw = {"method": "blockwise"} if name == "blockwise" else {"method": name, "eps": eps}
                         if name == "blockwise" and n > skip_exact_above:
                             continue
-                        row[name] = run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius, **kw)
+                        row[name] = run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius,
+                                             key=("grid", d, radius, is_causal, name), **kw)
                     rows.append(row)
                     say(fmt_row(row, methods))
     return rows
@@ -275,7 +293,7 @@ def run_offset(ds, log2ns, eps, repeats, causal_modes, peak, max_floor_s):
                         radius = None if kw["method"] == "auto" else (
                             rad["R_heavy8"] if kw.get("heavy") else rad["R_centred"] if kw.get("centre") else rad["R"])
                         row[label] = run_cell(q, k, v, idx, is_causal, t_sdpa, reps, peak, max_floor_s, radius,
-                                              eps=eps, **kw)
+                                              key=("offset", d, case, is_causal, label), eps=eps, **kw)
                     rows.append(row)
                     say(fmt_offset_row(row))
     return rows
@@ -287,6 +305,8 @@ def _fmt_cell(x, width=36):
     if "not_implemented" in x:
         return f"{'not implemented':>{width}}"
     if "skipped" in x:
+        if x.get("rank") is None:
+            return f"{'not run: too slow (extrapolated)':>{width}}"
         return f"{'not run: g=' + str(x['degree']) + ' r=' + format(x['rank'], '.2g'):>{width}}"
     if "error" in x:
         why = "rounding" if "rounding bound" in x["error"] else "memory" if "memory" in x["error"] else "no degree"
@@ -328,6 +348,8 @@ def main():
                     choices=["auto", "relative", "polynomial", "taylor", "blockwise"])
     ap.add_argument("--offset-log2ns", nargs="+", type=int, default=[12, 14, 16, 17],
                     help="sizes of the offset section")
+    ap.add_argument("--max-cell-s", type=float, default=60.0,
+                    help="do not run a cell whose time at the previous n, extrapolated linearly, exceeds this")
     ap.add_argument("--max-floor-s", type=float, default=10.0,
                     help="do not run a forced family whose rank's flop floor exceeds this many seconds")
     ap.add_argument("--min-log2n", type=int, default=12)
@@ -344,7 +366,8 @@ def main():
         torch.set_num_threads(a.threads)
         if fused.numba is not None:
             fused.numba.set_num_threads(min(a.threads, fused.numba.config.NUMBA_NUM_THREADS))
-    global CLOCK
+    global CLOCK, MAX_CELL_S
+    MAX_CELL_S = a.max_cell_s
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.quick:
         a.ds, a.radii, a.min_log2n, a.max_log2n, a.offset_log2ns = [8], [1.0, 4.0], 12, 14, [12, 13]
