@@ -16,7 +16,7 @@ from .features import (_min_denominator, chunk_rows, feature_attention, feature_
                        normalize_readout, weighted_values)
 from .planner import (CostModel, Variant, default_memory_budget, exact_candidate, exact_eps_reason,
                       exact_memory_bytes, plan)
-from .centring import Split, heavy_rows, split
+from .centring import Split, heavy_rows, splits
 from .certificate import _gamma
 from .stats import InputStats, input_stats, key_participation, shift_mask
 
@@ -272,17 +272,21 @@ def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool
     if call.bound is not None:
         radius, _ = st.radius(s, call.kind, bound=call.bound, d=d)
         return [(Variant("plain", radius, key_log_weight=_key_log_weight_bound(st, s, call.kind)),
-                 Split(None, None, None, None, st.q_norm, st.k_norm, 0.0))]
+                 Split(None, None, None, None, st.q_norm, st.k_norm))]
     n_tokens = min(call.q.shape[-2], call.k.shape[-2])
     centres_ = [centre] if centre is not None else ([False, True] if auto else [False])
     heavies = [heavy] if heavy is not None else ([0, 2, 8] if auto else [0])
     base = s * st.k_norm**2 if call.kind == "l2" else 0.0
     out = []
     for c in centres_:
-        for h in sorted({min(h, n_tokens - 1) for h in heavies}):  # at least one light token is left
+        hs = sorted({min(h, n_tokens - 1) for h in heavies})  # at least one light token is left
+        for h, sp in splits(call.q, call.k, call.key_mask, centre=c, heavies=hs).items():
             cc = c
-            sp = split(call.q, call.k, call.key_mask, centre=c, heavy=h)
+            # rounding charged to the per-key weights: the cross term s_eff⟨c_q, k_j⟩ and the subtractions
+            # q − c_q, k − c_k move a logit by ≤ 2u·s_eff·(‖q‖+‖c_q‖)(‖k‖+‖c_k‖) ≤ 8u·s_eff·max‖q‖·max‖k‖
+            # (means have norms ≤ the largest), charged as 2γ_{d+2}·klw by key_weight_error
             klw = base + (8.0 * s_eff * st.q_norm * st.k_norm if cc else 0.0)
+            # heavy pairs are exact up to the rounding of their logit y + b − ref (|y| ≤ 4·s_eff·‖q‖‖k‖ centred)
             heavy_logit = 4.0 * s_eff * st.q_norm * st.k_norm + 2.0 * klw
             lam = 2.0 * _gamma(d + 4, 2.0**-53) * heavy_logit + 4.0 * 2.0**-53
             exact_eta = (math.expm1(lam) if lam < 700.0 else math.inf) if h else 0.0
@@ -466,8 +470,11 @@ def _exact_query_rows(call: _Call, out: torch.Tensor, rows: torch.Tensor, cert: 
     if call.key_mask is not None:
         km = call.key_mask.unsqueeze(-2)
         mask = km if mask is None else mask & km
-    oh, ch = attention(qh, k, v, scale=call.scale, kind=call.kind, attn_mask=mask, method="exact",
-                       memory_budget=call.budget, return_certificate=True)
+    # the call's own statistics still bound these rows (their queries are a subset), and its eps applies
+    sub = dataclasses.replace(call, q=qh, attn_mask=mask, key_mask=None, is_causal=False,
+                              batch=torch.broadcast_shapes(qh.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                                           *(() if mask is None else (mask.shape[:-2],))))
+    oh, ch = _run_exact(sub, "exact")
     out = out.expand(*batch, *out.shape[-2:]).scatter(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]),
                                                        oh.to(out.dtype))
     bound = max(cert.output_error_bound, ch.output_error_bound)

@@ -32,7 +32,7 @@ from .stats import row_norms
 
 @dataclass(frozen=True)
 class Split:
-    """How one call's radius was shrunk: the centres, the heavy indices, and the radius left."""
+    """How one call's radius was shrunk: the centres, the heavy indices, and the norms the light pairs reach."""
 
     c_q: torch.Tensor | None  # (..., 1, d) or None (not centred)
     c_k: torch.Tensor | None
@@ -40,7 +40,6 @@ class Split:
     heavy_q: torch.Tensor | None  # (..., h) query indices, or None
     q_norm: float  # max ‖q_i − c_q‖ over light queries
     k_norm: float  # max ‖k_j − c_k‖ over light keys that take part
-    centre_norm: float  # ‖c_q‖ (the per-key log-weight is bounded by s_eff·‖c_q‖·max‖k‖)
 
 
 def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,27 +53,30 @@ def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tupl
     return c_q, (kd * w).sum(-2, keepdim=True) / torch.where(count > 0, count, torch.ones_like(count))
 
 
-def _largest(norms: torch.Tensor, h: int) -> torch.Tensor | None:
-    return None if h <= 0 else torch.topk(norms, min(h, norms.shape[-1]), dim=-1).indices
+def splits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centre: bool,
+           heavies: list[int]) -> dict[int, Split]:
+    """Centre (or not) once, then for every h in ``heavies`` the h keys and queries of largest norm and the
+    norms the rest reach: one norm pass and one top-k (of the largest h) for all of them."""
+    with torch.no_grad():
+        c_q, c_k = centres(q, k, keys) if centre else (None, None)
+        qn = row_norms(q.detach().double() - c_q if centre else q)
+        kn = row_norms(k.detach().double() - c_k if centre else k)
+        if keys is not None:
+            kn = torch.where(keys, kn, torch.full((), -1.0, dtype=kn.dtype, device=kn.device))
+        top = max(heavies)
+        kv, ki = torch.topk(kn, min(top + 1, kn.shape[-1]), dim=-1)  # sorted, largest first
+        qv, qi = torch.topk(qn, min(top + 1, qn.shape[-1]), dim=-1)
+        out = {}
+        for h in heavies:
+            h = min(h, kv.shape[-1] - 1, qv.shape[-1] - 1)
+            light = lambda v: max(float(v[..., h].max()), 0.0) if v.numel() else 0.0  # noqa: E731
+            out[h] = Split(c_q, c_k, ki[..., :h] if h else None, qi[..., :h] if h else None, light(qv), light(kv))
+        return out
 
 
 def split(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centre: bool, heavy: int) -> Split:
     """Centre (or not) and pick ``heavy`` keys and queries; report the norms the light pairs reach."""
-    with torch.no_grad():
-        c_q, c_k = centres(q, k, keys) if centre else (None, None)
-        qc = q.detach().double() - c_q if centre else q.detach().double()
-        kc = k.detach().double() - c_k if centre else k.detach().double()
-        qn, kn = row_norms(qc), row_norms(kc)
-        if keys is not None:
-            kn = torch.where(keys, kn, torch.full((), -1.0, dtype=kn.dtype, device=kn.device))
-        hk, hq = _largest(kn, heavy), _largest(qn, heavy)
-        if hk is not None:
-            kn = kn.scatter(-1, hk.expand(*kn.shape[:-1], hk.shape[-1]), -1.0)
-        if hq is not None:
-            qn = qn.scatter(-1, hq.expand(*qn.shape[:-1], hq.shape[-1]), -1.0)
-        top = lambda x: max(float(x.max()), 0.0) if x.numel() else 0.0  # noqa: E731
-        cn = float(row_norms(c_q).max()) if centre else 0.0
-        return Split(c_q, c_k, hk, hq, top(qn), top(kn), cn)
+    return next(iter(splits(q, k, keys, centre=centre, heavies=[heavy]).values()))
 
 
 def heavy_rows(num: torch.Tensor, ref: torch.Tensor, q1: torch.Tensor, k1: torch.Tensor, vv: torch.Tensor,
@@ -83,7 +85,8 @@ def heavy_rows(num: torch.Tensor, ref: torch.Tensor, q1: torch.Tensor, k1: torch
 
     ``num`` (..., n_q, d_v + 1) holds Σ_{light j} P·exp(b_j − ref_i)·[v_j, 1]; the heavy terms are
     exp(y_ij + b_j − ref_i)·[v_j, 1] with y_ij = s_eff⟨q1_i, k1_j⟩ (centred inputs), j ≤ i under
-    ``is_causal``. Both are scaled by exp(−M_i), M_i = max(0, max_j (y_ij + b_j − ref_i)), so no term overflows.
+    ``is_causal``. Both are scaled by exp(−M_i), M_i = max(0, max_j (y_ij + b_j − ref_i)), so no term overflows. Terms of the polynomial part that underflow by this rescale were below e^{−745}
+    of the row's largest heavy term: the certificate's key-weight underflow term covers them.
     """
     batch = torch.broadcast_shapes(q1.shape[:-2], k1.shape[:-2], vv.shape[:-2], heavy_k.shape[:-1])
     idx = heavy_k.expand(*batch, heavy_k.shape[-1])

@@ -20,7 +20,7 @@ summing n_k keys in any order perturbs numerator and denominator by at most
 relative to the denominator (the features of unit vectors obey Σ_{|α|=j} (j!/α!)|q^α k^α| ≤ 1),
 which moves the output by at most 2η_fp/(1−η−η_fp)·max|v|; the division and the final cast to the
 output dtype add (4u₆₄ + u_out)·max|v|, plus u_out·tiny_out for an output in the subnormal range.
-Key weights that underflow float64 (ℓ2 only) add at most n_k·2^{−1020}·e^{2R}/(1−η)·max|v|.
+Key weights that underflow float64 (ℓ2, centring) add at most n_k·2^{−1020}·e^{2R}/(1−η)·max|v|.
 
 **Exact attention** carries the rounding bound of :func:`exact_certificate`.
 
@@ -94,14 +94,6 @@ class Certificate:
         )
 
 
-def relative_weight_error(delta: float, radius: float) -> float:
-    """η = δ·e^R (inf when it overflows)."""
-    try:
-        return delta * math.exp(radius)
-    except OverflowError:
-        return math.inf
-
-
 def output_bound(eta: float, value_range: float) -> float:
     """η/(1−η)·range, or inf when η ≥ 1 or NaN (uncertifiable)."""
     if not 0.0 <= eta < 1.0:
@@ -168,7 +160,7 @@ def feature_certificate(
         rounding = (2.0 * eta_fp / (1.0 - eta_all - eta_fp) + 4.0 * U64 + 2.0**-1000 + unit_roundoff(out_dtype)) \
             * max_abs_value
         rounding += underflow_unit(out_dtype)
-        if key_log_weight is not None and kind == "l2":
+        if key_log_weight is not None:  # per-key weights (ℓ2, centring) that underflow float64
             log_under = math.log(n_k) - 1020 * math.log(2.0) + 2.0 * radius - math.log1p(-eta_all)
             rounding += math.exp(log_under) * max_abs_value if log_under < 700.0 else math.inf
     else:

@@ -155,7 +155,6 @@ def feature_attention(
     key_log_weight: torch.Tensor | None = None,
     is_causal: bool = False,
     chunk: int | None = None,
-    record: dict | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor:
     """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·exp(b_j), never forming an n_q×n_k matrix.
@@ -166,9 +165,7 @@ def feature_attention(
     can see — the maximum over all keys without ``is_causal``, the running prefix maximum with it
     (the state is rescaled when the maximum grows, as in online softmax) — so no row's weights
     underflow because of keys it cannot see. Rows whose weights all vanish (every key masked)
-    return zeros. ``record``, if given, receives ``min_denominator``: the smallest computed row sum
-    D̃_i over the rows that see at least one key (what an a-posteriori rounding bound divides by).
-    ``return_parts=True`` returns the unnormalised ``(num, ref)`` instead: num (..., n_q, d_v + 1) holds
+    return zeros. ``return_parts=True`` returns the unnormalised ``(num, ref)`` instead: num (..., n_q, d_v + 1) holds
     Σ_j P·exp(b_j − ref_i)·[v_j, 1], ref (..., n_q | 1, 1) the log-weight each row was normalised by (0
     without ``key_log_weight``), so that exactly computed terms can join the same row sums.
     """
@@ -199,8 +196,6 @@ def feature_attention(
         else:
             num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
                                 chunk=chunk)
-    if record is not None:
-        record["min_denominator"] = _min_denominator(num[..., d_v], key_log_weight, is_causal)
     if return_parts:
         return num, ref
     return normalize_readout(num, d_v)
