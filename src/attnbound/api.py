@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from . import validation as val
-from .certificate import Certificate, feature_certificate
+from .certificate import Certificate
 from .exact import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
-from .families import MAX_FEATURE_RADIUS, family, fixed_degree
-from .features import (_min_denominator, chunk_rows, feature_attention, feature_memory_bytes, feature_rank,
-                       normalize_readout, weighted_values)
+from .families import MAX_FEATURE_RADIUS, degree_certificate, family, fixed_degree  # noqa: F401  (api.degree_certificate)
+from .features import (_min_denominator, chunk_rows, feature_attention, feature_memory_bytes, normalize_readout,
+                       weighted_values)
 from .planner import (CostModel, Variant, default_memory_budget, exact_candidate, exact_eps_reason,
                       exact_memory_bytes, plan)
 from .centring import Split, heavy_rows, splits
@@ -294,7 +294,10 @@ def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool
             out.append((Variant(label, s_eff * sp.q_norm * sp.k_norm, centre=bool(cc), heavy=h,
                                 key_log_weight=klw if (klw > 0 or call.kind == "l2") else None,
                                 exact_eta=exact_eta), sp))
-    return out
+    # a variant that does more work (centres, or more heavy tokens) for no smaller radius is never the choice
+    return [(v, sp) for v, sp in out if not any(
+        w is not v and w.radius <= v.radius and w.heavy <= v.heavy and w.centre <= v.centre
+        and (w.heavy, w.centre) != (v.heavy, v.centre) for w, _ in out)]
 
 
 def _radius_source(call: _Call, var: Variant) -> str:
@@ -515,25 +518,6 @@ def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: 
         mq, mk = norms
         aq, ak = (1.0 / mq if mq > 0 else 1.0), (1.0 / mk if mk > 0 else 1.0)
     return coeffs, aq, ak
-
-
-def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
-                       max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
-                       out_dtype: torch.dtype = torch.float32, eps: float | None = None,
-                       key_log_weight: float | None = None, min_denominator: float | None = None,
-                       exact_eta: float = 0.0) -> Certificate:
-    """The certificate a ``method`` (an approximation family: "taylor", "polynomial", "relative") run of
-    ``degree`` would carry at radius R."""
-    fam = family(method)
-    eta = fam.eta(radius, degree)
-    finite = math.isfinite(eta)
-    return feature_certificate(method=method, kind=kind, degree=degree, rank=feature_rank(d, degree), radius=radius,
-                               radius_source=radius_source, eta=eta,
-                               delta=fam.absolute_error(radius, degree) if finite else math.inf,
-                               coeff_abs_sum=fam.coeff_abs_sum(radius, degree) if finite else math.inf, n_k=n_k,
-                               d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
-                               key_log_weight=key_log_weight, min_denominator=min_denominator,
-                               exact_eta=exact_eta, eps=eps)
 
 
 def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,

@@ -31,9 +31,13 @@ from typing import Callable
 
 import numpy as np
 
+import torch
+
+from .certificate import Certificate, feature_certificate
 from .chebyshev import MAX_DEGREE as CHEBYSHEV_MAX_DEGREE
 from .chebyshev import chebyshev_coefficients, chebyshev_error
 from .relative import MAX_DEGREE as RELATIVE_MAX_DEGREE
+from .features import feature_rank
 from .relative import relative_coefficients, relative_delta, relative_eta
 from .taylor import taylor_coefficients, taylor_remainder
 
@@ -129,3 +133,22 @@ def family(method: str) -> Family:
     except KeyError:
         raise ValueError(f"unknown approximation family {method!r}; choose one of "
                          f"{', '.join(map(repr, FAMILIES))}") from None
+
+
+def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: int, value_range: float,
+                       max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
+                       out_dtype: torch.dtype = torch.float32, eps: float | None = None,
+                       key_log_weight: float | None = None, min_denominator: float | None = None,
+                       exact_eta: float = 0.0) -> Certificate:
+    """The certificate a ``method`` (an approximation family: "taylor", "polynomial", "relative") run of
+    ``degree`` would carry at radius R."""
+    fam = family(method)
+    eta = fam.eta(radius, degree)
+    finite = math.isfinite(eta)
+    return feature_certificate(method=method, kind=kind, degree=degree, rank=feature_rank(d, degree), radius=radius,
+                               radius_source=radius_source, eta=eta,
+                               delta=fam.absolute_error(radius, degree) if finite else math.inf,
+                               coeff_abs_sum=fam.coeff_abs_sum(radius, degree) if finite else math.inf, n_k=n_k,
+                               d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
+                               key_log_weight=key_log_weight, min_denominator=min_denominator,
+                               exact_eta=exact_eta, eps=eps)

@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from . import validation as val
-from .certificate import Certificate, exact_certificate, feature_certificate, unit_roundoff
+from .certificate import Certificate, exact_certificate, unit_roundoff
 from .exact import DEFAULT_BLOCK, use_dense
-from .families import FAMILIES, MAX_TAYLOR_ORDER, family  # noqa: F401  (MAX_TAYLOR_ORDER re-exported)
+from .families import FAMILIES, degree_certificate
 from .features import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
 
 
@@ -332,15 +332,10 @@ def plan(
                 r = feature_rank(d, g)
                 mem = feature_memory_bytes(batch, n_q, n_k, d, d_v, r, chunk_rows(batch, r),
                                            is_causal=is_causal, requires_grad=requires_grad)
-                eta = fam.eta(var.radius, g)
-                finite = math.isfinite(eta)
-                cert = feature_certificate(method=fam.name, kind=kind, degree=g, rank=r, radius=var.radius,
-                                           radius_source=radius_source, eta=eta,
-                                           delta=fam.absolute_error(var.radius, g) if finite else math.inf,
-                                           coeff_abs_sum=fam.coeff_abs_sum(var.radius, g) if finite else math.inf,
-                                           n_k=n_k, d=d, value_range=value_range, max_abs_value=max_abs_value,
-                                           out_dtype=out_dtype, key_log_weight=var.key_log_weight,
-                                           exact_eta=var.exact_eta, eps=eps)
+                cert = degree_certificate(fam.name, var.radius, g, d=d, n_k=n_k, value_range=value_range,
+                                          max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
+                                          out_dtype=out_dtype, eps=eps, key_log_weight=var.key_log_weight,
+                                          exact_eta=var.exact_eta)
                 err = cert.output_error_bound
                 provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
                 secs = cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal) + extra

@@ -60,6 +60,8 @@ from pathlib import Path
 import numpy as np
 from numpy.polynomial import chebyshev as npcheb
 
+from .chebyshev import _cheb_monomial_table
+
 MAX_DEGREE = 40
 GRID_STEPS_PER_OCTAVE = 16
 GRID_K_MIN, GRID_K_MAX = -70, 64
@@ -142,25 +144,10 @@ def _exp_upper(x: float) -> float:
     return _fraction_up(Fraction(hi, 1 << 64))
 
 
-@lru_cache(maxsize=None)
-def _cheb_monomial_rows(g: int) -> tuple[tuple[int, ...], ...]:
-    """Integer monomial coefficients of T_0..T_g."""
-    rows = [(1,), (0, 1)]
-    for k in range(2, g + 1):
-        a, b = rows[k - 1], rows[k - 2]
-        new = [0] * (k + 1)
-        for j, c in enumerate(a):
-            new[j + 1] += 2 * c
-        for j, c in enumerate(b):
-            new[j] -= c
-        rows.append(tuple(new))
-    return tuple(rows[: g + 1])
-
-
 def chebyshev_to_monomial(cheb: np.ndarray) -> np.ndarray:
     """Monomial coefficients of Σ c_k T_k(u): computed exactly in rationals, rounded to nearest float64."""
     g = len(cheb) - 1
-    rows = _cheb_monomial_rows(max(g, 1))
+    rows = _cheb_monomial_table(max(g, 1))
     exact = [Fraction(0)] * (g + 1)
     for k, ck in enumerate(cheb):
         fk = Fraction(float(ck))

@@ -88,14 +88,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .certificate import FAR_MARGIN, Certificate, output_bound, underflow_unit, unit_roundoff
+from .certificate import FAR_MARGIN, Certificate, _gamma, output_bound, underflow_unit, unit_roundoff
 
 SDPA_EXP_ULPS = 20  # torch's exp_u20: "a faster version of exp with ULP=20"
 SDPA_DTYPES = (torch.float32, torch.float64)
-
-
-def _gamma(m: int, u: float) -> float:
-    return m * u / (1.0 - m * u) if m * u < 1.0 else math.inf
 
 
 def sdpa_applies(device: torch.device) -> bool:
