@@ -649,3 +649,32 @@ def test_heavy_tokens_known_exact_rows():
     check_contract(out, cert, q, k, v)
     ref = long_double_attention(q, k, v, scale=3**-0.5)
     assert abs(float(out[0, 11, 0]) - float(ref[0, 11, 0])) < 1e-12  # the heavy query's row is exact
+
+
+# ---------------------------------------------------------------- a third audit: heavy-only rows, l2 overflow, budgets
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_that_see_only_heavy_keys_are_not_lost(causal):
+    q = torch.tensor([[-1.0], [5.0], [0.5], [-0.9]], dtype=F64)
+    k = torch.tensor([[1000.0], [0.1], [0.2], [0.3]], dtype=F64)
+    v = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=F64)
+    mask = None if causal else torch.tensor([[True, False, False, False]])
+    out, cert = attnbound.attention(q, k, v, scale=1.0, is_causal=causal, attn_mask=mask, method="polynomial",
+                                    eps=1e-3, centre=False, heavy=1, return_certificate=True)
+    check_contract(out, cert, q, k, v, scale=1.0, is_causal=causal, attn_mask=mask, eps=1e-3)
+
+
+def test_l2_with_keys_whose_square_overflows_raises_a_value_error():
+    q = torch.randn(3, 2, dtype=F64)
+    k = torch.tensor([[1e200, 1e200], [0.0, 1.0]], dtype=F64)
+    v = torch.randn(2, 1, dtype=F64)
+    for method in ("exact", "auto", "polynomial"):
+        with pytest.raises(ValueError):
+            attnbound.attention(q, k, v, kind="l2", method=method, eps=1e-3)
+
+
+def test_auto_fits_the_budget_that_exact_runs_in():
+    gen = torch.Generator().manual_seed(40)
+    q, k, v = (torch.randn(1, 2048, 4, generator=gen, dtype=F64) for _ in range(3))
+    attnbound.attention(q, k, v, method="exact", eps=1e-3, memory_budget=8 << 20)
+    out, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, memory_budget=8 << 20, return_certificate=True)
+    check_contract(out, cert, q, k, v, eps=1e-3)

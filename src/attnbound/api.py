@@ -276,7 +276,7 @@ def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool
     n_tokens = min(call.q.shape[-2], call.k.shape[-2])
     centres_ = [centre] if centre is not None else ([False, True] if auto else [False])
     heavies = [heavy] if heavy is not None else ([0, 2, 8] if auto else [0])
-    base = s * st.k_norm**2 if call.kind == "l2" else 0.0
+    base = s * st.k_norm * st.k_norm if call.kind == "l2" else 0.0
     out = []
     for c in centres_:
         hs = sorted({min(h, n_tokens - 1) for h in heavies})  # at least one light token is left
@@ -308,7 +308,7 @@ def _radius_source(call: _Call, var: Variant) -> str:
 
 def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
     """|log| of the engine's per-key weights: s·max‖k‖² for ℓ2 attention, None for softmax (masks are 0/1)."""
-    return s * st.k_norm**2 if kind == "l2" else None
+    return s * st.k_norm * st.k_norm if kind == "l2" else None  # (× not **: inf, not OverflowError)
 
 
 def _run_exact(call: _Call, method: str):
@@ -316,7 +316,7 @@ def _run_exact(call: _Call, method: str):
     n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     logit = st.logit_bound(call.scale, call.kind)
     # the unscaled products, and the scale itself, must not overflow the compute dtype either
-    norms = max(st.q_norm * st.k_norm + (st.k_norm**2 if call.kind == "l2" else 0.0), call.scale)
+    norms = max(st.q_norm * st.k_norm + (st.k_norm * st.k_norm if call.kind == "l2" else 0.0), call.scale)
     if max(logit, norms) * 8.0 > float(torch.finfo(torch.float64).max):
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
                          "use a smaller scale or smaller q, k")

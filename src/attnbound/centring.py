@@ -99,6 +99,10 @@ def heavy_rows(num: torch.Tensor, ref: torch.Tensor, q1: torch.Tensor, k1: torch
     if is_causal:
         rows = torch.arange(q1.shape[-2], device=q1.device).unsqueeze(-1)
         t = torch.where(idx.unsqueeze(-2) <= rows, t, torch.full((), -math.inf, dtype=t.dtype, device=t.device))
-    m = t.amax(-1, keepdim=True).clamp(min=0.0)
+    # the light sums are relative to weight 1 (their largest key) when the row sees a light key at all;
+    # a row that sees only heavy keys is scaled by its largest heavy term, or every term could underflow
+    light = torch.where(num[..., -1:] > 0, torch.zeros((), dtype=t.dtype, device=t.device),
+                        torch.full((), -math.inf, dtype=t.dtype, device=t.device))
+    m = torch.maximum(t.amax(-1, keepdim=True), light)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return num * torch.exp(-m) + torch.exp(t - m) @ vh
+    return num * torch.exp(light - m) + torch.exp(t - m) @ vh  # exp(light − m) ≤ 1, and 0 for rows without light

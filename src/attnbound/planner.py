@@ -305,17 +305,19 @@ def plan(
     radius = float(radius)
     dense = use_dense(batch, n_q, n_k)
     block = None if dense else DEFAULT_BLOCK
-    from .sdpa import sdpa_candidate  # method="exact" runs torch SDPA on the CPU when its bound meets eps
+    from .sdpa import sdpa_candidate, sdpa_memory_bytes  # method="exact" runs SDPA on the CPU when it meets eps
 
     common = dict(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k,
                   scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
                   max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
     ex = sdpa_candidate(**common)
-    if not ex.output_error_bound <= eps:  # then the blockwise kernel, whose bound is tighter
+    on_sdpa = ex.output_error_bound <= eps
+    if not on_sdpa:  # then the blockwise kernel, whose bound is tighter
         ex = exact_candidate(block=block, **common)
     item = 8 if ex.compute_dtype == "float64" else 4
     slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
-    mem = exact_memory_bytes(batch, n_q, n_k, d_v, block, item)
+    mem = sdpa_memory_bytes(batch, n_q, n_k, d_v, item) if on_sdpa else exact_memory_bytes(batch, n_q, n_k, d_v,
+                                                                                            block, item)
     exact = Candidate("exact", None, None, ex.output_error_bound,
                       slow * cm.exact_seconds(batch, n_q, n_k, d, d_v, is_causal), mem,
                       ex.output_error_bound <= eps, mem <= budget, ex)

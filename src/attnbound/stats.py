@@ -40,14 +40,14 @@ class InputStats:
     def logit_bound(self, scale: float, kind: str) -> float:
         """A bound on |logit| of every computed pair (before any mask)."""
         if kind == "l2":
-            return scale * (self.q_norm + self.k_norm) ** 2
+            return scale * (self.q_norm + self.k_norm) * (self.q_norm + self.k_norm)  # inf, never OverflowError
         return scale * self.q_norm * self.k_norm
 
     def radius(self, scale: float, kind: str, *, bound: float | None = None, d: int = 1) -> tuple[float, str]:
         """R bounding |x| for x = s_eff⟨q, k⟩ (s_eff = 2s for ℓ2), and whether it came from the data or ``bound``."""
         s_eff = 2.0 * scale if kind == "l2" else scale
         if bound is not None:
-            return s_eff * d * float(bound) ** 2, "bound"
+            return s_eff * d * float(bound) * float(bound), "bound"
         return s_eff * self.q_norm * self.k_norm, "data"
 
 
