@@ -167,22 +167,35 @@ def attention(
                      memory_budget=budget, requires_grad=call.requires_grad, cost_model=cost_model,
                      out_dtype=out_dtype, logit_bound=st.logit_bound(s, kind), scale=s, mask_span=st.mask_span,
                      radius_source="bound" if bound is not None else "data", variants=[v_ for v_, _ in variants])
-            method = p.choice.method
-            degree = order = p.choice.degree
-            chosen = [vs for vs in variants if vs[0].label == p.choice.variant]
+            # the plan's choice, then (should a provisional choice miss eps on this input) the cheapest candidate
+            # certified a priori: a cheaper feature run is often still there before exact
+            order_ = sorted((c for c in p.candidates if (c.certified or c.provisional) and c.fits_memory),
+                            key=lambda c: (c.seconds, c.provisional))
+            fallback = [c for c in order_ if c.certified]
+            tries = [p.choice] + [c for c in fallback if c is not p.choice][:1]
+            for cand in tries:
+                if cand.method == "exact":
+                    method = "exact"
+                    break
+                var, sp = next(vs for vs in variants if vs[0].label == cand.variant)
+                try:
+                    cert = dataclasses.replace(cand.certificate, radius_source=_radius_source(call, var))
+                    out, cert = _run_features(call, cand.method, cert, var, sp)
+                    return (out, cert) if return_certificate else out
+                except _PosteriorMiss:
+                    method = "exact"  # exact, unless the next candidate is a feature run certified a priori
     if method in val.FEATURE_METHODS:
+        var, sp = _variants(call, centre, heavy, auto=False)[0]
+        cert = choose_certificate(method, var.radius, _radius_source(call, var), eps=eps,
+                                  degree=fixed_degree(method, degree, order), d=q.shape[-1],
+                                  n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
+                                  kind=kind, out_dtype=out_dtype, strict=strict,
+                                  key_log_weight=var.key_log_weight, exact_eta=var.exact_eta)
         try:
-            var, sp = chosen[0] if auto else _variants(call, centre, heavy, auto=False)[0]
-            cert = choose_certificate(method, var.radius, _radius_source(call, var), eps=eps,
-                                      degree=fixed_degree(method, degree, order), d=q.shape[-1],
-                                      n_k=k.shape[-2], value_range=st.value_range, max_abs_value=st.max_abs_value,
-                                      kind=kind, out_dtype=out_dtype, strict=strict,
-                                      key_log_weight=var.key_log_weight, exact_eta=var.exact_eta)
             out, cert = _run_features(call, method, cert, var, sp)
         except _PosteriorMiss as miss:
-            if not auto:
-                raise ValueError(str(miss)) from None
-            method = "exact"  # the plan's provisional candidate missed eps on this input: exact instead
+            raise ValueError(str(miss)) from None
+        return (out, cert) if return_certificate else out
     if method in val.EXACT_METHODS:
         out, cert = _run_exact(call, method)
     return (out, cert) if return_certificate else out
