@@ -279,6 +279,19 @@ def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, 
         return _causal_readout_weighted(q, k, vv, degree=degree, weights=weights, chunk=chunk,
                                         key_log_weight=key_log_weight)
     outs = [] if _records_grad(q, k, vv) else None
+    for r0, fq_t, fk_t, vv_t in _causal_tiles(q, k, vv, degree, weights, chunk):
+        num = torch.tril(fq_t @ fk_t) @ vv_t
+        if state is not None:
+            num = num + fq_t @ state
+        outs = _put(outs, num, r0, q.shape[-2])
+        part = fk_t @ vv_t
+        state = part if state is None else state + part
+    return _collected(outs)
+
+
+def _causal_tiles(q, k, vv, degree, weights, chunk):
+    """The causal walk: features ``chunk`` rows at a time (in reusable buffers), then tiles of
+    ``CAUSAL_TILE`` rows: yields (first row, φ(q) rows, diag(w)·φ(k) columns, [v, 1] rows) per tile."""
     n_q = q.shape[-2]
     bq, bk = _feature_buffer(q, degree, chunk), _feature_buffer(k, degree, chunk)
     for i0 in range(0, n_q, chunk):
@@ -286,14 +299,7 @@ def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, 
         fq, fkw = _chunk_features(q, k, i0, i1, degree, weights, bq, bk)
         for t0 in range(0, i1 - i0, CAUSAL_TILE):
             t1 = min(t0 + CAUSAL_TILE, i1 - i0)
-            fq_t, fk_t, vv_t = fq[..., t0:t1, :], fkw[..., :, t0:t1], vv[..., i0 + t0:i0 + t1, :]
-            num = torch.tril(fq_t @ fk_t) @ vv_t
-            if state is not None:
-                num = num + fq_t @ state
-            outs = _put(outs, num, i0 + t0, n_q)
-            part = fk_t @ vv_t
-            state = part if state is None else state + part
-    return _collected(outs)
+            yield i0 + t0, fq[..., t0:t1, :], fkw[..., :, t0:t1], vv[..., i0 + t0:i0 + t1, :]
 
 
 def _put(out, rows: torch.Tensor, i0: int, n: int):
@@ -327,34 +333,28 @@ def _chunk_features(q, k, i0, i1, degree, weights, bq, bk):
 
 def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight, with_reference=False):
     outs = [] if _records_grad(q, k, vv, key_log_weight) else None
-    n_q = q.shape[-2]
     state, ref = None, None  # ref: the state's running maximum m_S (..., 1, 1); −inf while no key counts
-    bq, bk = _feature_buffer(q, degree, chunk), _feature_buffer(k, degree, chunk)
-    for i0 in range(0, n_q, chunk):
-        i1 = min(i0 + chunk, n_q)
-        fq, fkw = _chunk_features(q, k, i0, i1, degree, weights, bq, bk)
-        for t0 in range(0, i1 - i0, CAUSAL_TILE):
-            t1 = min(t0 + CAUSAL_TILE, i1 - i0)
-            fq_t, fk_t, vv_t = fq[..., t0:t1, :], fkw[..., :, t0:t1], vv[..., i0 + t0:i0 + t1, :]
-            lw = key_log_weight[..., i0 + t0:i0 + t1]
-            pm = torch.cummax(lw, -1).values.unsqueeze(-1)  # (..., t, 1): this tile's prefix maxima
-            if ref is not None:
-                pm = torch.maximum(pm, ref)
-            pm_safe = torch.where(torch.isfinite(pm), pm, torch.zeros_like(pm))
-            tri = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q.device).tril()
-            logits = torch.where(tri, lw.unsqueeze(-2) - pm_safe, torch.full_like(pm_safe, -math.inf))
-            num = ((fq_t @ fk_t) * torch.exp(logits)) @ vv_t
-            if state is not None:
-                num = num + (fq_t @ state) * torch.exp(ref - pm_safe)
-            if with_reference:  # the log-weight each row's sums are relative to, as one more column
-                num = torch.cat([num, pm_safe.expand(*num.shape[:-1], 1)], -1)
-            outs = _put(outs, num, i0 + t0, n_q)
-            top = lw.amax(-1, keepdim=True).unsqueeze(-1)
-            new_ref = top if ref is None else torch.maximum(ref, top)
-            new_safe = torch.where(torch.isfinite(new_ref), new_ref, torch.zeros_like(new_ref))
-            part = (fk_t * torch.exp(lw.unsqueeze(-2) - new_safe)) @ vv_t
-            state = part if state is None else state * torch.exp(ref - new_safe) + part
-            ref = new_ref
+    for r0, fq_t, fk_t, vv_t in _causal_tiles(q, k, vv, degree, weights, chunk):
+        t = fq_t.shape[-2]
+        lw = key_log_weight[..., r0:r0 + t]
+        pm = torch.cummax(lw, -1).values.unsqueeze(-1)  # (..., t, 1): this tile's prefix maxima
+        if ref is not None:
+            pm = torch.maximum(pm, ref)
+        pm_safe = torch.where(torch.isfinite(pm), pm, torch.zeros_like(pm))
+        tri = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        logits = torch.where(tri, lw.unsqueeze(-2) - pm_safe, torch.full_like(pm_safe, -math.inf))
+        num = ((fq_t @ fk_t) * torch.exp(logits)) @ vv_t
+        if state is not None:
+            num = num + (fq_t @ state) * torch.exp(ref - pm_safe)
+        if with_reference:  # the log-weight each row's sums are relative to, as one more column
+            num = torch.cat([num, pm_safe.expand(*num.shape[:-1], 1)], -1)
+        outs = _put(outs, num, r0, q.shape[-2])
+        top = lw.amax(-1, keepdim=True).unsqueeze(-1)
+        new_ref = top if ref is None else torch.maximum(ref, top)
+        new_safe = torch.where(torch.isfinite(new_ref), new_ref, torch.zeros_like(new_ref))
+        part = (fk_t * torch.exp(lw.unsqueeze(-2) - new_safe)) @ vv_t
+        state = part if state is None else state * torch.exp(ref - new_safe) + part
+        ref = new_ref
     return _collected(outs)
 
 
