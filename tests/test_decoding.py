@@ -222,3 +222,24 @@ def test_few_row_features_equal_the_engine_features(rng, d, degree):
     got = few_row_features(x, _feature_plan(d, degree, x.device))
     assert got.shape == (2, feature_rank(d, degree), 5)
     assert torch.equal(got, monomial_features(x, degree))
+
+
+@pytest.mark.parametrize("keep_cache", [True, False])
+def test_reorder_equals_a_state_built_from_the_reordered_sequences(keep_cache):
+    """Beam search reorders sequences: the reordered state must answer as one fed the reordered inputs."""
+    g = torch.Generator().manual_seed(5)
+    d, d_v, b, n = 4, 3, 3, 40
+    k = (torch.rand(b, n, d, generator=g, dtype=torch.float64) - 0.5)
+    v = torch.randn(b, n, d_v, generator=g, dtype=torch.float64)
+    q = (torch.rand(b, 2, d, generator=g, dtype=torch.float64) - 0.5)
+    idx = torch.tensor([2, 2, 0])
+    kw = dict(bound=0.5, degree=4, method="polynomial", batch_shape=(b,), dtype=torch.float64, keep_cache=keep_cache)
+    a, ref = DecodingState(d, d_v, **kw), DecodingState(d, d_v, **kw)
+    a.append(k, v)
+    a.reorder(idx)
+    ref.append(k[idx], v[idx])
+    out, cert = a.query(q)
+    out_ref, cert_ref = ref.query(q)
+    assert torch.allclose(out, out_ref, rtol=0, atol=1e-14) and cert == cert_ref
+    with pytest.raises(ValueError, match="index"):
+        a.reorder(torch.tensor([0, 1]))

@@ -287,3 +287,21 @@ def test_decoding_cache_refuses_keys_beyond_the_declared_bound_and_padding():
                            max_new_tokens=3, do_sample=False, pad_token_id=0)
     finally:
         model.set_attn_implementation("eager")
+
+
+@pytest.mark.parametrize("options", [{}, dict(bound=0.5, value_bound=2.0)])
+def test_beam_search_reorders_the_decoding_state(options):
+    from attnbound.integrations.hf_decoding import register_decoding
+
+    model = _small_llama(0.1)
+    prompt = dict(input_ids=torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(3)),
+                  do_sample=False, num_beams=3, pad_token_id=0, max_new_tokens=8)
+    model.set_attn_implementation("eager")
+    ref = model.generate(**prompt)
+    backend = register_decoding("attnbound-decoding", method="exact" if not options else "auto", eps=1e-3)
+    model.set_attn_implementation("attnbound-decoding")
+    try:
+        out = model.generate(**prompt, past_key_values=backend.cache(**options))
+    finally:
+        model.set_attn_implementation("eager")
+    assert torch.equal(out, ref)

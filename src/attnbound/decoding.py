@@ -453,6 +453,24 @@ class DecodingState:
         self.n += t
         return self._finish(num), cert
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch entries ``index`` (along the first batch dim, as beam search reorders its beams).
+
+        Everything per sequence — the state or the cached keys and values, the running value range — is
+        indexed; O(batch·r·(d_v + 1)) work. The declaration, the plan and the key count are shared.
+        """
+        if not self.batch_shape:
+            raise ValueError("index: a DecodingState without batch dims has nothing to reorder")
+        index = torch.as_tensor(index, device=self.device)
+        if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"index must be a 1-D integer tensor, got {tuple(index.shape)} {index.dtype}")
+        if index.numel() != self.batch_shape[0] or (index.numel() and not (
+                0 <= int(index.min()) and int(index.max()) < self.batch_shape[0])):
+            raise ValueError(f"index must hold {self.batch_shape[0]} entries in 0..{self.batch_shape[0] - 1}")
+        pick = lambda x: None if x is None else x.index_select(0, index.to(x.device))  # noqa: E731
+        self._hi, self._lo = pick(self._hi), pick(self._lo)
+        self._k, self._v, self._state = pick(self._k), pick(self._v), pick(self._state)
+
     def __repr__(self) -> str:
         plan = f"{self._plan[0]} degree {self._plan[1]}, rank {self._plan[2]}" if self._plan else "exact"
         return (f"DecodingState(d={self.d}, d_v={self.d_v}, n={self.n}, mode={self.mode}, {plan}, "

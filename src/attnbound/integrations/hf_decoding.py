@@ -24,8 +24,8 @@ The radius is declared up front (``bound``, ``norms`` or ``radius``, as for ``De
 a query or key that breaks it raises ``ValueError``. Unpadded batches only: an attention mask
 that hides a key raises (the state cannot drop a key once added). Calls made without this cache
 (no ``past_key_values``, or another cache) go to the ordinary backend of
-:mod:`attnbound.integrations.huggingface`. Beam search (cache reordering) and cropping are not
-supported.
+:mod:`attnbound.integrations.huggingface`. Beam search reorders each layer's state per sequence
+(:meth:`attnbound.DecodingState.reorder`); cropping is not supported.
 """
 
 from __future__ import annotations
@@ -82,7 +82,11 @@ class DecodingLayer(CacheLayerMixin):
         self.state, self.pending = None, None
 
     def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("DecodingCache does not support beam search (a state cannot be reordered cheaply)")
+        """Beam search: keep sequences ``beam_idx`` (the state and any pending keys are indexed per sequence)."""
+        if self.state is not None:
+            self.state.reorder(beam_idx)
+        if self.pending is not None:
+            self.pending = tuple(x.index_select(0, beam_idx.to(x.device)) for x in self.pending)
 
     def offload(self):  # the state is small: nothing to offload
         return None
