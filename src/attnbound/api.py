@@ -402,6 +402,8 @@ def _times_pow2(x: torch.Tensor, e: int) -> torch.Tensor:
 
 def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype) -> torch.Tensor:
     """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies."""
+    if not out.requires_grad and out.is_contiguous():  # a fresh result of this call: clamp in place
+        return out.clamp_(-max_abs_value, max_abs_value).to(dtype)
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)
 
 

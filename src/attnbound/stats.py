@@ -52,15 +52,29 @@ class InputStats:
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """‖x_i‖₂ of each row in float64, scaled like BLAS nrm2 so that no square underflows or overflows, and
-    rounded up by (1 + γ_{d+2}) so the result is ≥ the real-number norm of the float64 row."""
+    """‖x_i‖₂ of each row as float64, at least the real-number norm of the row.
+
+    Float32 and half inputs are first reduced in float32 (no float64 copy of x). With u = 2^-24 the
+    computed norm of a row is within a factor (1 ± γ_{d+2}) of the real one for any summation order,
+    up to squares below float32's smallest normal (each lost square is < 2^-126, i.e. a relative
+    d·2^-126/‖x‖² < d·2^-59 once ‖x‖ ≥ 1e-10); rounding up by 1 + γ_{d+2} + d·2^-50 covers both, and
+    norms in [1e-10, 1e15] keep every square inside float32's range. Other rows (and float64 inputs)
+    are reduced in float64, scaled like BLAS nrm2 so that no square underflows or overflows, and
+    rounded up by (1 + γ_{d+2}) with u = 2^-53."""
     d = x.shape[-1]
+    x = x.detach()
+    if x.dtype != torch.float64 and x.numel():
+        u32 = 2.0**-24
+        up32 = 1.0 + (d + 2) * u32 / (1.0 - (d + 2) * u32) + d * 2.0**-50
+        fast32 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        if bool(((fast32 >= 1e-10) & (fast32 <= 1e15)).all()):
+            return fast32.double() * up32
     up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
-    fast = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64)
+    fast = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
     # squares leave float64's range only for norms outside about [1e-150, 1e150] (or exact zeros): rescale then
     if fast.numel() == 0 or bool(((fast > 1e-140) & (fast < 1e140)).all()):
         return fast * up
-    xd = x.detach().double()
+    xd = x.double()
     top = xd.abs().amax(-1, keepdim=True)
     safe = torch.where(top > 0, top, torch.ones_like(top))
     return torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
@@ -75,13 +89,34 @@ def key_participation(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def value_extremes(v: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (batch entry, column) max and min of v (float64) over the keys that take part; ±inf where none does."""
-    vd = v.detach().double()
-    if keys is None:
-        return vd.amax(-2), vd.amin(-2)
-    keep = keys.unsqueeze(-1)
-    return (torch.where(keep, vd, torch.tensor(-math.inf, dtype=vd.dtype, device=vd.device)).amax(-2),
-            torch.where(keep, vd, torch.tensor(math.inf, dtype=vd.dtype, device=vd.device)).amin(-2))
+    """Per (batch entry, column) max and min of v (float64) over the keys that take part; ±inf where none does.
+
+    Taken in v's own dtype (a max or min is exact in any dtype) and then widened: no float64 copy of v."""
+    vd = v.detach()
+    if keys is not None:
+        keep = keys.unsqueeze(-1)
+        inf = torch.tensor(math.inf, dtype=vd.dtype, device=vd.device)
+        return torch.where(keep, vd, -inf).amax(-2).double(), torch.where(keep, vd, inf).amin(-2).double()
+    if vd.shape[-2] == 0:
+        shape = (*vd.shape[:-2], vd.shape[-1])
+        return (torch.full(shape, -math.inf, dtype=torch.float64, device=vd.device),
+                torch.full(shape, math.inf, dtype=torch.float64, device=vd.device))
+    return vd.amax(-2).double(), vd.amin(-2).double()
+
+
+def _abs_max_rows(x: torch.Tensor) -> torch.Tensor:
+    """max_c |x_ic| of each row in float64, without an |x| copy: max(−min, max), exact in any dtype."""
+    if x.shape[-1] == 0:
+        return torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)
+    return torch.maximum(-x.amin(-1).double(), x.amax(-1).double())  # two reductions: faster than aminmax(dim)
+
+
+def _abs_max(x: torch.Tensor) -> float:
+    """max |x| over all entries (0.0 when empty), by one aminmax pass: exact in any dtype."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
 
 
 def _max_or_zero(x: torch.Tensor) -> float:
@@ -94,9 +129,9 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
     otherwise it is derived from ``attn_mask`` (a key takes part if some row may see it)."""
     with torch.no_grad():
         keys = key_mask if key_mask is not None else key_participation(attn_mask)
-        qd, kd = q.detach().double(), k.detach().double()
+        qd, kd = q.detach(), k.detach()
         kn = row_norms(kd)
-        ka = kd.abs().amax(-1)
+        ka = _abs_max_rows(kd)
         if keys is not None:
             keys = keys.expand(*torch.broadcast_shapes(keys.shape, kn.shape))
             kn = torch.where(keys, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
@@ -114,7 +149,7 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
         return InputStats(
             q_norm=_max_or_zero(row_norms(qd)),
             k_norm=_max_or_zero(kn),
-            q_abs=_max_or_zero(qd.abs()),
+            q_abs=_abs_max(qd),
             k_abs=_max_or_zero(ka),
             value_range=_max_or_zero(spread),
             max_abs_value=_max_or_zero(vmax),

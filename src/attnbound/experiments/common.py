@@ -44,7 +44,7 @@ class Result:
 # pointwise-tagged aten ops that only move or convert data: not counted (views and allocations
 # carry no pointwise tag and are not counted either)
 _DATA_MOVEMENT = {"clone", "copy", "_to_copy", "contiguous", "lift_fresh_copy", "alias_copy", "detach_copy"}
-_REDUCTIONS_PER_INPUT = {"sum", "mean", "amax", "amin", "max", "min", "prod", "cumsum", "logsumexp", "norm",
+_REDUCTIONS_PER_INPUT = {"sum", "mean", "amax", "amin", "aminmax", "max", "min", "prod", "cumsum", "logsumexp", "norm",
                          "linalg_vector_norm", "_softmax", "_log_softmax", "_softmax_backward_data"}
 
 

@@ -1,0 +1,122 @@
+"""The call statistics (attnbound.stats) against exact rational arithmetic.
+
+Every certificate rests on these scalars: a norm below the real one, or a max |x| / value extreme
+that misses an entry, makes a bound false. The references below use Python's exact rationals and
+integer square roots, so they cannot share a rounding with the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from attnbound import stats
+
+
+def _exact_root(row, up: bool) -> Fraction:
+    """√(Σ x²) as a rational, rounded up (or down) at a relative 1e-30: exact squares, integer square root."""
+    sq = sum(Fraction(float(x)) ** 2 for x in row)
+    if sq == 0:
+        return Fraction(0)
+    a, b, m = sq.numerator, sq.denominator, 10**30
+    root = math.isqrt(a * b * m * m)  # √(a/b) = √(a·b)/b, scaled by m so the integer root carries 30 digits
+    return Fraction(root + (1 if up else 0), b * m)
+
+
+def _exact_norm_upper(row) -> Fraction:
+    return _exact_root(row, True)
+
+
+def _exact_norm_lower(row) -> Fraction:
+    return _exact_root(row, False)
+
+
+def _rows(dtype):
+    g = torch.Generator().manual_seed(1)
+    d = 37
+    base = torch.randn(12, d, generator=g, dtype=torch.float64)
+    rows = [
+        base[0],
+        base[1] * 1e-10,                    # at the float32 path's lower edge
+        base[2] * 1e-12,                    # below it: float64 path
+        base[3] * 3e14 / base[3].norm(),    # just under the upper edge
+        base[4] * 1e16,                     # above it
+        torch.zeros(d, dtype=torch.float64),  # an exact zero row
+        torch.cat([torch.tensor([1e-5]), torch.full((d - 1,), 1e-25)]).double(),  # squares below float32's normals
+        torch.cat([torch.tensor([3e-10]), torch.full((d - 1,), 1e-21)]).double(),  # the lost squares near the edge
+        torch.full((d,), 1.0).double(),
+        base[5] * 1e-30,
+    ]
+    x = torch.stack(rows)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_row_norms_bound_the_real_norm_from_above_and_tightly(dtype):
+    x = _rows(dtype)
+    got = stats.row_norms(x)
+    assert got.dtype == torch.float64
+    for i in range(x.shape[0]):
+        hi = _exact_norm_upper(x[i].tolist())
+        lo = _exact_norm_lower(x[i].tolist())
+        g = Fraction(float(got[i]))
+        assert g >= lo, (dtype, i, float(got[i]), float(lo))
+        if hi == 0:
+            assert g == 0
+            continue
+        # at least the real norm, and not loose by more than float32-level rounding (or float64's)
+        assert g >= hi * (1 - Fraction(1, 10**25)), (dtype, i)
+        assert g <= hi * (1 + Fraction(1, 10**4)), (dtype, i, float(got[i]), float(hi))
+
+
+def test_row_norms_of_batched_float32_rows_match_float64_exactly_enough():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 200, 64, generator=g)
+    got = stats.row_norms(x)
+    ref = torch.linalg.vector_norm(x.double(), dim=-1)
+    assert (got >= ref).all()
+    assert ((got - ref) / ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_abs_max_and_value_extremes_see_every_entry(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 50, 7, generator=g).to(dtype)
+    x[1, 2, 17, 3] = -40.0  # the largest |x| is a negative entry
+    assert stats._abs_max(x) == 40.0
+    rows = stats._abs_max_rows(x)
+    assert rows.dtype == torch.float64
+    assert torch.equal(rows, x.double().abs().amax(-1))
+    hi, lo = stats.value_extremes(x)
+    assert torch.equal(hi, x.double().amax(-2)) and torch.equal(lo, x.double().amin(-2))
+    keys = torch.ones(2, 3, 50, dtype=torch.bool)
+    keys[1, 2, 17] = False  # the extreme key takes part with no query: it leaves the statistics
+    hi_m, lo_m = stats.value_extremes(x, keys)
+    assert float(lo_m[1, 2, 3]) > -40.0
+    assert torch.equal(hi_m[0], hi[0])
+    assert stats._abs_max(x[..., :0]) == 0.0
+    assert stats._abs_max_rows(x[..., :0]).shape == x.shape[:-1]
+    hi0, lo0 = stats.value_extremes(x[..., :0, :])
+    assert torch.isneginf(hi0).all() and torch.isposinf(lo0).all()
+
+
+def test_input_stats_of_a_masked_key_ignore_it_and_see_the_rest():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g) for _ in range(3))
+    k[0, 1, 5] = 1e6
+    v[0, 1, 5] = -1e6
+    mask = torch.ones(30, 30, dtype=torch.bool)
+    mask[:, 5] = False
+    st = stats.input_stats(q, k, v, attn_mask=mask)
+    keep = torch.arange(30) != 5
+    assert st.k_norm >= float(k[..., keep, :].double().norm(dim=-1).max())
+    assert st.k_norm < 1e3
+    assert st.max_abs_value == float(v[..., keep, :].abs().max())
+    assert st.q_abs == float(q.abs().max())
+    full = stats.input_stats(q, k, v)
+    assert full.k_norm >= 1e6 and full.max_abs_value == 1e6 and full.k_abs == 1e6
