@@ -120,3 +120,41 @@ def test_input_stats_of_a_masked_key_ignore_it_and_see_the_rest():
     assert st.q_abs == float(q.abs().max())
     full = stats.input_stats(q, k, v)
     assert full.k_norm >= 1e6 and full.max_abs_value == 1e6 and full.k_abs == 1e6
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 31, 32, 33, 1000, 1027])
+@pytest.mark.parametrize("c", [1, 3, 8, 16, 33, 64])
+def test_column_extremes_fold_every_row(n, c):
+    """The folded column reduction against a plain one, at lengths that leave every remainder."""
+    g = torch.Generator().manual_seed(n * 100 + c)
+    x = torch.randn(2, n, c, generator=g)
+    for op in (torch.amax, torch.amin):
+        want = op(x, dim=-2)
+        assert torch.equal(stats._column_reduce(x, op), want)
+        # the extreme planted in the last (remainder) row and in the first row is found
+        for row in (0, n - 1):
+            y = x.clone()
+            y[1, row, c - 1] = 50.0 if op is torch.amax else -50.0
+            assert float(stats._column_reduce(y, op)[1, c - 1]) == float(y[1, row, c - 1])
+
+
+@pytest.mark.parametrize("method", ["exact", "auto", "relative", "polynomial", "blockwise", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_leaves_its_inputs_untouched(method, dtype):
+    """The call works in place only on its own temporaries: q, k, v and the mask are bit-for-bit the same after."""
+    import attnbound
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 70, 4, generator=g, dtype=dtype) * 0.3 for _ in range(3))
+    v = v * 1000.0  # max|v| ≠ 1: the values are scaled by a power of two inside
+    mask = torch.rand(70, generator=g) > 0.2  # a key-padding mask: every method takes it
+    mask[0] = True
+    before = [x.clone() for x in (q, k, v, mask)]
+    kw = {} if method in ("exact", "blockwise", "dense") else {"eps": 1e-2 * 1000.0}
+    for m in (None, mask):
+        for heavy in ((0, 2) if method in ("relative", "polynomial") else (0,)):
+            extra = {"heavy": heavy} if heavy else {}
+            out = attnbound.attention(q, k, v, method=method, attn_mask=m, **kw, **extra)
+            assert out.shape == (2, 70, 4)
+    for x, y in zip((q, k, v, mask), before):
+        assert torch.equal(x, y)

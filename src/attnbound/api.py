@@ -385,18 +385,22 @@ def _run_exact(call: _Call, method: str):
 
 
 def _scaled(x: torch.Tensor, a: float) -> torch.Tensor:
-    """x·a in float64 (a = 1/max‖x‖ or 1/(√d·B)); a norm so small that its inverse leaves float64 is refused."""
+    """x·a in float64 (a = 1/max‖x‖ or 1/(√d·B)); a norm so small that its inverse leaves float64 is refused.
+    One rounding per entry (the float64 copy is exact); the product is taken in place on that fresh copy."""
     if not math.isfinite(a):
         raise _PosteriorMiss("q/k: a norm below 1/max(float64) cannot be normalised for the feature engine; "
                              "use method='exact'")
-    return x.double() * a
+    return x.to(torch.float64, copy=True).mul_(a)
 
 
-def _times_pow2(x: torch.Tensor, e: int) -> torch.Tensor:
-    """x·2^e by two exact multiplications (2^e alone may not be a float; torch.ldexp has no gradient)."""
+def _times_pow2(x: torch.Tensor, e: int, *, fresh: bool = False) -> torch.Tensor:
+    """x·2^e by two exact multiplications (2^e alone may not be a float; torch.ldexp has no gradient);
+    in place when ``fresh`` says x is this call's own temporary (never an input)."""
     if e == 0:
         return x
     half = e // 2
+    if fresh:
+        return x.mul_(2.0**half).mul_(2.0 ** (e - half))
     return x * (2.0**half) * (2.0 ** (e - half))
 
 
@@ -431,7 +435,7 @@ def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp:
     if var.centre:  # s⟨q,k⟩ = s⟨q−c_q, k−c_k⟩ + (row term, cancels) + s⟨c_q, k⟩ (a per-key log-weight)
         q1, k1 = q1 - sp.c_q, k1 - sp.c_k
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
-    vd = _times_pow2(v.double(), -vexp)  # |v| ≤ 1: exact but for values below 2^-1074·2^e
+    vd = _times_pow2(v.to(torch.float64, copy=True), -vexp, fresh=True)  # |v| ≤ 1: exact but below 2^-1074·2^e
     log_w = None
     if call.kind == "l2":
         log_w = -call.scale * (k.double() * k.double()).sum(-1)
@@ -463,7 +467,7 @@ def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp:
                               out_dtype=q.dtype, eps=call.eps, key_log_weight=var.key_log_weight,
                               exact_eta=var.exact_eta,
                               min_denominator=_min_denominator(den, log_w, call.is_causal))
-    out = _times_pow2(normalize_readout(num, d_v), vexp)
+    out = _times_pow2(normalize_readout(num, d_v), vexp, fresh=True)
     if sp.heavy_q is not None:
         out, cert = _exact_query_rows(call, out, sp.heavy_q, cert)
     if call.eps is not None and not cert.output_error_bound <= call.eps:
