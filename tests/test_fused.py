@@ -187,3 +187,37 @@ def test_bad_arguments_name_the_argument():
         fused.causal_readout(q, k[:4], vv, degree=2, weights=w)
     with pytest.raises(TypeError, match="vv"):
         fused.key_state(k, vv.numpy(), degree=2, weights=w)
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, fused.CAUSAL_TILE + 1, 300])
+@pytest.mark.parametrize("lead", [0, 1, 70])
+def test_causal_zero_one_key_weights_take_the_fused_kernel(monkeypatch, n, lead):
+    """Key weights that are only 0 or −inf (key padding, heavy keys) under is_causal run the fused kernel
+    with the masked [v, 1] rows zeroed; it must equal the torch engine's running-maximum path, rows before
+    the first visible key included (they have no weight at all: zeros, and reference 0)."""
+    q, k, vv, w = make(n, 3, 4, batch=(2,), seed=n + lead)
+    v = vv[..., :-1]
+    coeffs = np.array([1.0, 1.0, 0.5, 1 / 6, 1 / 24])
+    g = torch.Generator().manual_seed(n * 7 + lead)
+    lw = torch.where(torch.rand(2, n, generator=g) < 0.3, -torch.inf, 0.0).double()
+    lw[:, :min(lead, n)] = -torch.inf  # the first `lead` keys count for no row
+    calls = []
+    real = fused.causal_readout
+    monkeypatch.setattr(fused, "causal_readout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got_num, got_ref = features.feature_attention(q, k, v, coeffs=coeffs, key_log_weight=lw, is_causal=True,
+                                                  return_parts=True)
+    assert calls, "0/−inf key weights under is_causal should run the fused kernel"
+    monkeypatch.setattr(fused, "available", lambda *t: (False, "reference"))
+    want_num, want_ref = features.feature_attention(q, k, v, coeffs=coeffs, key_log_weight=lw, is_causal=True,
+                                                    return_parts=True)
+    close(got_num, want_num)
+    assert torch.equal(got_ref.expand(want_ref.shape), want_ref)
+    # a weight that is neither 0 nor −inf keeps the reference path
+    calls.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "_POISON", True)
+    monkeypatch.setattr(fused, "causal_readout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lw2 = lw.clone()
+    lw2[:, -1] = -0.5 if n > lead else lw2[:, -1]
+    features.feature_attention(q, k, v, coeffs=coeffs, key_log_weight=lw2, is_causal=True, return_parts=True)
+    assert bool(calls) == bool(((lw2 == 0) | torch.isneginf(lw2)).all())

@@ -179,7 +179,13 @@ def feature_attention(
     use_fused = fused.available(q, k, vv)[0]  # float64 CPU without autograd: the fused kernels
     ref = torch.zeros((1, 1), dtype=q.dtype, device=q.device)
     if is_causal:
-        if use_fused and key_log_weight is None:
+        if use_fused and key_log_weight is not None and _only_zero_or_minus_inf(key_log_weight):
+            # weights 1 or 0 (key padding, heavy keys): the running maximum is 0 from a row's first visible
+            # key on (rows before it have no weight at all), so each row's sums are relative to ref = 0 and
+            # the weighting is the zeroing of the [v, 1] rows of the keys that do not count
+            vv = vv * torch.isfinite(key_log_weight).unsqueeze(-1).to(vv.dtype)
+            num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
+        elif use_fused and key_log_weight is None:
             num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
         elif key_log_weight is None:
             num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
@@ -199,6 +205,11 @@ def feature_attention(
     if return_parts:
         return num, ref
     return normalize_readout(num, d_v)
+
+
+def _only_zero_or_minus_inf(x: torch.Tensor) -> bool:
+    """Whether every entry of x is 0 or −inf (a 0/1 key weight)."""
+    return bool(((x == 0) | torch.isneginf(x)).all())
 
 
 def _min_denominator(den: torch.Tensor, key_log_weight: torch.Tensor | None, is_causal: bool) -> float:
