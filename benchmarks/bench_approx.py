@@ -1,7 +1,7 @@
 """Certified fast attention vs exact, in one run: time ratios to torch SDPA, measured error vs
 certificate, and every feature method's multiple of its float64 flop floor.
 
-    python benchmarks/bench_approx.py [--quick] [--sections kernel grid offset] [--ds 8 16] [--radii 0.5 1 2 4 8]
+    python benchmarks/bench_approx.py [--quick] [--sections kernel grid scaling offset] [--ds 8 16] [--radii 0.5 1 2 4 8]
                                       [--min-log2n 12] [--max-log2n 17]
                                       [--methods auto relative polynomial taylor blockwise]
                                       [--max-floor-s 10] [--no-causal] [--threads N] [--clock wall|cpu]
@@ -24,6 +24,13 @@ grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2, 4, 8}, eps = 1e-3, n = 2^12
         family whose certified rank would need more than ``--max-floor-s`` seconds at the GEMM peak
         is not run (the cell says so and gives the degree and rank), nor is any cell whose time at the
         previous n, extrapolated linearly in n, exceeds ``--max-cell-s`` (default 60 s).
+scaling: the certified method at one point (d = 8, R = 1, eps = 1e-3, d_v = 8; ``auto`` and ``relative``,
+        full and causal) over n = 2^12 … 2^18 (``--scaling-log2ns``): best of ``--repeats`` calls after a
+        warm-up, the degree certified at each n, the fitted exponent p of t ∝ n^p (least squares of log t
+        on log n over all sizes, and over the top three octaves, where fixed costs weigh least), and the
+        peak memory of one call measured in a fresh process (VmHWM after /proc/self/clear_refs, the
+        inputs already built and the kernels loaded) as a multiple of the input bytes (q, k, v): a
+        flat multiple is memory independent of n beyond the inputs.
 offset: inputs where centring and heavy tokens pay: q, k = small Gaussians (centred radius 1) plus one
         shared large vector each (plain radius 32), and the same with 4 outlier queries and 4 outlier
         keys (centred radius ≈ 16, radius ≈ 1 once 8 heavy tokens are exact). Rows give the three
@@ -328,6 +335,90 @@ def fmt_row(r, methods):
             f"sdpa={r['sdpa_s']:8.3f}s " + " ".join(_fmt_cell(r.get(m)) for m in methods))
 
 
+SCALING_POINT = dict(d=8, radius=1.0, eps=1e-3)
+
+
+def _vm_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(n: int, method: str, is_causal: bool) -> dict:
+    """Run in a fresh process: the peak resident memory of one call beyond what the process held before it."""
+    import ctypes
+
+    d, radius, eps = SCALING_POINT["d"], SCALING_POINT["radius"], SCALING_POINT["eps"]
+    q, k, v = inputs(n, d, radius, seed=n)
+    attnbound.attention(q, k, v, method=method, eps=eps, is_causal=is_causal)  # the same path once: kernels loaded
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is live
+    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+    before = _vm_kib("VmRSS")
+    out = attnbound.attention(q, k, v, method=method, eps=eps, is_causal=is_causal)
+    peak = _vm_kib("VmHWM")
+    in_bytes = sum(x.numel() * x.element_size() for x in (q, k, v))
+    return {"n": n, "input_mib": in_bytes / 2**20, "extra_peak_mib": (peak - before) / 1024,
+            "out_mib": out.numel() * out.element_size() / 2**20}
+
+
+def measure_memory(n: int, method: str, is_causal: bool, threads: int | None) -> dict:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--memory-child", str(n), method, str(int(is_causal))]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def slope(ns, ts) -> float:
+    x, y = np.log(np.asarray(ns, float)), np.log(np.asarray(ts, float))
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def run_scaling(log2ns, repeats, peak, threads):
+    d, radius, eps = SCALING_POINT["d"], SCALING_POINT["radius"], SCALING_POINT["eps"]
+    rows, fits = [], {}
+    for method in ("auto", "relative"):
+        for is_causal in (False, True):
+            ns, ts = [], []
+            for lg in log2ns:
+                n = 1 << lg
+                q, k, v = inputs(n, d, radius, seed=lg * 100 + d)
+                call = lambda: attnbound.attention(q, k, v, method=method, eps=eps, is_causal=is_causal,  # noqa: E731
+                                                   return_certificate=True)
+                _, cert = call()  # warm-up
+                best = math.inf
+                for _ in range(repeats if n <= 1 << 16 else max(2, repeats - 1)):
+                    t0 = time.perf_counter()
+                    call()
+                    best = min(best, time.perf_counter() - t0)
+                mem = measure_memory(n, method, is_causal, threads)
+                row = {"method": method, "causal": is_causal, "n": n, "seconds": best, "run": cert.method,
+                       "degree": cert.degree, "rank": cert.rank, "certificate": cert.output_error_bound,
+                       "x_floor": best / floor_seconds(n, cert.rank, v.shape[-1], peak) if cert.rank else None,
+                       **{key: mem[key] for key in ("input_mib", "extra_peak_mib", "out_mib")}}
+                row["extra_over_input"] = row["extra_peak_mib"] / row["input_mib"]
+                rows.append(row)
+                ns.append(n)
+                ts.append(best)
+                xf = f"{row['x_floor']:5.2f}xF" if row["x_floor"] else "   -   "
+                say(f"{method:>8} {'causal' if is_causal else 'full  '} n=2^{lg:<2} {best:9.4f}s  {cert.method[:3]} "
+                    f"g={cert.degree} r={cert.rank} {xf}  bound {cert.output_error_bound:.1e}  "
+                    f"peak +{row['extra_peak_mib']:7.1f} MiB = {row['extra_over_input']:.2f}x inputs "
+                    f"({row['input_mib']:.1f} MiB; output {row['out_mib']:.1f} MiB)")
+            key = f"{method},{'causal' if is_causal else 'full'}"
+            fits[key] = {"all": slope(ns, ts), "top3": slope(ns[-3:], ts[-3:]) if len(ns) >= 3 else None,
+                         "extra_over_input": [r["extra_over_input"] for r in rows
+                                              if r["method"] == method and r["causal"] == is_causal]}
+            say(f"  {key}: fitted exponent {fits[key]['all']:.3f} over 2^{log2ns[0]}..2^{log2ns[-1]}, "
+                f"{fits[key]['top3']:.3f} over the top three octaves (target <= 1.05); peak beyond the call's "
+                f"inputs {min(fits[key]['extra_over_input']):.2f}-{max(fits[key]['extra_over_input']):.2f}x the input bytes")
+    return rows, fits
+
+
 def fit_exponent(rows, method, d, radius, causal):
     pts = [(math.log(r["n"]), math.log(r[method]["seconds"])) for r in rows
            if r["d"] == d and r["R"] == radius and r["causal"] == causal and "seconds" in r.get(method, {})]
@@ -341,7 +432,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: d=8, R=1, n = 2^12..2^14, kernel section at n = 2^13")
-    ap.add_argument("--sections", nargs="+", default=["kernel", "grid", "offset"], choices=["kernel", "grid", "offset"])
+    ap.add_argument("--sections", nargs="+", default=["kernel", "grid", "scaling", "offset"],
+                    choices=["kernel", "grid", "scaling", "offset"])
+    ap.add_argument("--scaling-log2ns", nargs="+", type=int, default=list(range(12, 19)))
+    ap.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ds", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--radii", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 8.0])
     ap.add_argument("--methods", nargs="+", default=["auto", "relative", "polynomial"],
@@ -366,17 +460,22 @@ def main():
         torch.set_num_threads(a.threads)
         if fused.numba is not None:
             fused.numba.set_num_threads(min(a.threads, fused.numba.config.NUMBA_NUM_THREADS))
+    if a.memory_child:
+        n, method, causal = a.memory_child
+        print(json.dumps(memory_child(int(n), method, bool(int(causal)))))
+        return
     global CLOCK, MAX_CELL_S
     MAX_CELL_S = a.max_cell_s
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.quick:
         a.ds, a.radii, a.min_log2n, a.max_log2n, a.offset_log2ns = [8], [1.0, 4.0], 12, 14, [12, 13]
+        a.scaling_log2ns = [12, 13, 14]
     log2ns = list(range(a.min_log2n, a.max_log2n + 1))
     causal_modes = (False,) if a.no_causal else (False, True)
 
     peak_start = gemm_peak()
     say(f"float64 GEMM peak (2048², best of 5, {a.clock} clock): {peak_start / 1e9:.1f} GFLOP/s")
-    kernel_rows, grid_rows, offset_rows = [], [], []
+    kernel_rows, grid_rows, offset_rows, scaling_rows, scaling_fits = [], [], [], [], {}
     if "kernel" in a.sections:
         ok, why = fused.available(torch.zeros(1, dtype=torch.float64))
         if ok:
@@ -395,6 +494,11 @@ def main():
             say(f"float64 GEMM peak, wall clock (the grid's floors): {peak_wall / 1e9:.1f} GFLOP/s")
         grid_rows = run_grid(a.ds, a.radii, log2ns, 1e-3, a.repeats, 1 << 15, a.methods, causal_modes, peak_wall,
                              a.max_floor_s)
+    if "scaling" in a.sections:
+        peak_wall = peak_start if a.clock == "wall" else gemm_peak(clock=time.perf_counter)
+        say(f"scaling: d={SCALING_POINT['d']}, R={SCALING_POINT['radius']}, eps={SCALING_POINT['eps']:g}, d_v=8, one head; "
+            "best-of-k wall time, certified run, x floor, bound, and one call's peak memory in a fresh process")
+        scaling_rows, scaling_fits = run_scaling(a.scaling_log2ns, a.repeats, peak_wall, a.threads)
     if "offset" in a.sections:
         peak_wall = peak_start if a.clock == "wall" else gemm_peak(clock=time.perf_counter)
         say("offset: q, k = small Gaussians + one shared large vector each (+ 4 outlier queries and keys); "
@@ -425,7 +529,8 @@ def main():
            "gemm_peak_flops_start": peak_start, "gemm_peak_flops_end": peak_end, "args": vars(a)}
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out).write_text(json.dumps({"env": env, "kernel": kernel_rows, "rows": grid_rows,
-                                               "offset_rows": offset_rows, "fits": fits}, indent=1))
+                                               "offset_rows": offset_rows, "fits": fits,
+                                               "scaling_rows": scaling_rows, "scaling_fits": scaling_fits}, indent=1))
     say("wrote", a.out)
     pathlib.Path(a.out).with_suffix(".txt").write_text(
         f"# python benchmarks/bench_approx.py {' '.join(__import__('sys').argv[1:])} (torch {torch.__version__}, "
