@@ -12,7 +12,7 @@ peak:   the float64 GEMM rate of this process (best of 5 products of 2048×2048 
         The flop floor of a feature method of rank r is 2·2·n·r·(d_v + 1) flops (key state and
         readout, each an n × r by r × (d_v + 1) product) at that rate.
 kernel: the feature engine itself at fixed (d, degree, d_v = 8): the pure-torch engine
-        (attnbound.features.feature_attention) against the fused kernels (attnbound.fused, through
+        (attnbound.features.feature_attention with its fused dispatch switched off) against the fused kernels (attnbound.fused, through
         a small wrapper), non-causal and causal, with their multiples of the flop floor and their
         largest difference.
 grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2, 4, 8}, eps = 1e-3, n = 2^12 … 2^17, one head, without and
@@ -146,6 +146,16 @@ def fused_feature_attention(q, k, v, coeffs, is_causal):
     return features.normalize_readout(num, d_v)
 
 
+def torch_engine(q, k, v, coeffs, is_causal):
+    """features.feature_attention on its pure-torch path (the fused dispatch switched off for the call)."""
+    available = fused.available
+    fused.available = lambda *tensors: (False, "benchmark: the torch engine")
+    try:
+        return features.feature_attention(q, k, v, coeffs=coeffs, is_causal=is_causal)
+    finally:
+        fused.available = available
+
+
 def run_kernel(cases, n, d_v, peak, repeats):
     rows = []
     for d, degree in cases:
@@ -158,7 +168,7 @@ def run_kernel(cases, n, d_v, peak, repeats):
         for is_causal in (False, True):
             fused_feature_attention(q[:300], k[:300], v[:300], coeffs, is_causal)  # compile / load kernels
             reps = 1 if n > 1 << 15 else repeats
-            t_eng, ref = clocked(lambda: features.feature_attention(q, k, v, coeffs=coeffs, is_causal=is_causal), reps)
+            t_eng, ref = clocked(lambda: torch_engine(q, k, v, coeffs, is_causal), reps)
             t_fus, out = clocked(lambda: fused_feature_attention(q, k, v, coeffs, is_causal), reps)
             fl = floor_seconds(n, rank, d_v, peak)
             row = {"d": d, "degree": degree, "rank": rank, "d_v": d_v, "n": n, "causal": is_causal,
