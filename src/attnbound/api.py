@@ -293,7 +293,7 @@ def _variants(call: _Call, centre: bool | None, heavy: int | None, *, auto: bool
     out = []
     for c in centres_:
         hs = sorted({min(h, n_tokens - 1) for h in heavies})  # at least one light token is left
-        for h, sp in splits(call.q, call.k, call.key_mask, centre=c, heavies=hs).items():
+        for h, sp in splits(call.q, call.k, call.key_mask, centre=c, heavies=hs, rows=st.rows).items():
             cc = c
             # rounding charged to the per-key weights: the cross term s_eff⟨c_q, k_j⟩ and the subtractions
             # q − c_q, k − c_k move a logit by ≤ 2u·s_eff·(‖q‖+‖c_q‖)(‖k‖+‖c_k‖) ≤ 8u·s_eff·max‖q‖·max‖k‖
@@ -431,7 +431,9 @@ def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp:
     coeffs, aq, ak = polynomial_setup(method, cert.radius, g, d=d,
                                       bound=call.bound if cert.radius_source == "bound" else None,
                                       norms=(sp.q_norm, sp.k_norm))
-    q1, k1 = q.double(), k.double()
+    # float64 copies where they are computed with; otherwise _scaled converts q and k in its one copy
+    exact_pairs = var.centre or sp.heavy_k is not None
+    q1, k1 = (q.double(), k.double()) if exact_pairs else (q, k)
     if var.centre:  # s⟨q,k⟩ = s⟨q−c_q, k−c_k⟩ + (row term, cancels) + s⟨c_q, k⟩ (a per-key log-weight)
         q1, k1 = q1 - sp.c_q, k1 - sp.c_k
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0

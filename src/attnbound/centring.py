@@ -54,13 +54,17 @@ def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tupl
 
 
 def splits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centre: bool,
-           heavies: list[int]) -> dict[int, Split]:
+           heavies: list[int], rows: tuple | None = None) -> dict[int, Split]:
     """Centre (or not) once, then for every h in ``heavies`` the h keys and queries of largest norm and the
-    norms the rest reach: one norm pass and one top-k (of the largest h) for all of them."""
+    norms the rest reach: one norm pass and one top-k (of the largest h) for all of them. ``rows`` are the
+    plain per-row norms (q, k) if the caller has them (:attr:`attnbound.stats.InputStats.rows`)."""
     with torch.no_grad():
         c_q, c_k = centres(q, k, keys) if centre else (None, None)
-        qn = row_norms(q.detach().double() - c_q if centre else q)
-        kn = row_norms(k.detach().double() - c_k if centre else k)
+        if not centre and rows is not None:
+            qn, kn = rows
+        else:
+            qn = row_norms(q.detach().double() - c_q if centre else q)
+            kn = row_norms(k.detach().double() - c_k if centre else k)
         if keys is not None:
             kn = torch.where(keys, kn, torch.full((), -1.0, dtype=kn.dtype, device=kn.device))
         top = max(heavies)

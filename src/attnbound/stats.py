@@ -22,7 +22,7 @@ quantities across ranks with one ``all_reduce(MAX)`` of :meth:`InputStats.as_ten
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,9 @@ class InputStats:
     value_range: float
     max_abs_value: float
     mask_span: float = 0.0
+    # the per-row norms behind q_norm and k_norm (k: 0 for keys no row sees), kept so later steps of the same
+    # call (centring's plain split) need not recompute them; None where only the scalars are known
+    rows: tuple | None = field(default=None, compare=False, repr=False)
 
     def logit_bound(self, scale: float, kind: str) -> float:
         """A bound on |logit| of every computed pair (before any mask)."""
@@ -163,14 +166,16 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             shifted = shift_mask(attn_mask, torch.float64)
             finite = shifted[torch.isfinite(shifted)]
             span = float(finite.abs().max()) if finite.numel() else 0.0
+        qn = row_norms(qd)
         return InputStats(
-            q_norm=_max_or_zero(row_norms(qd)),
+            q_norm=_max_or_zero(qn),
             k_norm=_max_or_zero(kn),
             q_abs=_abs_max(qd),
             k_abs=ka if isinstance(ka, float) else _max_or_zero(ka),
             value_range=_max_or_zero(spread),
             max_abs_value=_max_or_zero(vmax),
             mask_span=span,
+            rows=(qn, kn),
         )
 
 
