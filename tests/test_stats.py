@@ -158,3 +158,43 @@ def test_attention_leaves_its_inputs_untouched(method, dtype):
             assert out.shape == (2, 70, 4)
     for x, y in zip((q, k, v, mask), before):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_centred_norms_bound_the_engine_rows_from_above(dtype):
+    """centred_norms against exact rationals of the float64 centred rows the engine builds (x.double() − c):
+    offsets far above the spread (the cancellation centring exists for), rows equal to the centre, rows
+    a few ulps from it, and differences below float32's normals."""
+    from attnbound.centring import centred_norms
+
+    g = torch.Generator().manual_seed(6)
+    d = 16
+    base = torch.randn(d, generator=g, dtype=torch.float64) * 300.0
+    rows = [base + torch.randn(d, generator=g, dtype=torch.float64) * s for s in (1e-3, 1.0, 10.0)]
+    x = torch.stack(rows + [base, base * (1 + 2.0**-20), torch.full((d,), 1e-39, dtype=torch.float64),
+                            torch.randn(d, generator=g, dtype=torch.float64) * 1e-30]).to(dtype)
+    c = x.double().mean(-2, keepdim=True)
+    got = centred_norms(x, c)
+    engine = x.double() - c  # what the feature engine centres with
+    for i in range(x.shape[0]):
+        exact = _exact_norm_upper(engine[i].tolist())
+        assert Fraction(float(got[i])) >= exact * (1 - Fraction(1, 10**25)), (dtype, i, float(got[i]), float(exact))
+        # and tight: within float32-level rounding of the row's own size plus the centre's
+        slack = Fraction(1, 10**5) * (_exact_norm_upper(x[i].double().tolist()) + _exact_norm_upper(c[0].tolist()) + 1)
+        assert Fraction(float(got[i])) <= exact + slack, (dtype, i)
+
+
+def test_centred_norms_charge_the_rounding_of_the_centre():
+    """A row equal to fl32(c) centres to exactly 0 in float32, yet lies ‖fl32(c) − c‖ > 0 from c: the bound must
+    still cover it (a float32 centring that forgets the centre's own rounding returns ~0 here)."""
+    from attnbound.centring import centred_norms
+
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(1, 32, generator=g, dtype=torch.float64) * 3.0
+    x = torch.cat([c.float(), (c * 1.5).float(), torch.zeros(1, 32)])
+    got = centred_norms(x, c)
+    engine = x.double() - c
+    for i in range(x.shape[0]):
+        exact = _exact_norm_upper(engine[i].tolist())
+        assert exact > 0
+        assert Fraction(float(got[i])) >= exact * (1 - Fraction(1, 10**25)), (i, float(got[i]), float(exact))

@@ -42,12 +42,30 @@ class Split:
     k_norm: float  # max ‖k_j − c_k‖ over light keys that take part
 
 
+def centred_norms(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on ‖fl64(x_i − c)‖, the norms of the centred rows the engine computes with (float64).
+
+    Float32 x is centred in float32 against c' = fl32(c): each entry of fl32(x_i − c') is (x_ic − c'_c)(1 + δ),
+    |δ| ≤ u = 2⁻²⁴ (a difference that falls below float32's normals is exact), so
+    ‖x_i − c‖ ≤ ‖fl32(x_i − c')‖/(1 − u) + ‖c' − c‖ (c' − c is exact in float64), and ‖fl64(x_i − c)‖ ≤
+    ‖x_i − c‖(1 + 2⁻⁵³); √d·2⁻¹²⁶ more covers differences flushed to zero where subnormals are disabled.
+    No n×d float64 copy is made. Other dtypes are centred in float64 directly."""
+    x = x.detach()
+    if x.dtype != torch.float32:
+        return row_norms(x.double() - c)
+    c32 = c.to(torch.float32)
+    gap = row_norms(c32.double() - c)  # (..., 1): the rounding of the centre, an exact difference
+    u = 2.0**-24
+    flushed = math.sqrt(x.shape[-1]) * 2.0**-126
+    return (row_norms(x - c32) / (1.0 - u) + gap + flushed) * (1.0 + 2.0**-52)
+
+
 def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean query, mean key over the keys that take part), float64, shapes (..., 1, d)."""
-    qd, kd = q.detach().double(), k.detach().double()
-    c_q = qd.mean(-2, keepdim=True)
+    c_q = q.detach().mean(-2, keepdim=True, dtype=torch.float64)
     if keys is None:
-        return c_q, kd.mean(-2, keepdim=True)
+        return c_q, k.detach().mean(-2, keepdim=True, dtype=torch.float64)
+    kd = k.detach().double()
     w = keys.to(torch.float64).unsqueeze(-1)
     count = w.sum(-2, keepdim=True)
     return c_q, (kd * w).sum(-2, keepdim=True) / torch.where(count > 0, count, torch.ones_like(count))
@@ -62,9 +80,10 @@ def splits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centr
         c_q, c_k = centres(q, k, keys) if centre else (None, None)
         if not centre and rows is not None:
             qn, kn = rows
+        elif centre:
+            qn, kn = centred_norms(q, c_q), centred_norms(k, c_k)
         else:
-            qn = row_norms(q.detach().double() - c_q if centre else q)
-            kn = row_norms(k.detach().double() - c_k if centre else k)
+            qn, kn = row_norms(q), row_norms(k)
         if keys is not None:
             kn = torch.where(keys, kn, torch.full((), -1.0, dtype=kn.dtype, device=kn.device))
         top = max(heavies)
