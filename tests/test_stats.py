@@ -198,3 +198,24 @@ def test_centred_norms_charge_the_rounding_of_the_centre():
         exact = _exact_norm_upper(engine[i].tolist())
         assert exact > 0
         assert Fraction(float(got[i])) >= exact * (1 - Fraction(1, 10**25)), (i, float(got[i]), float(exact))
+
+
+def test_row_norms_of_infinite_rows_are_inf_and_centring_beyond_float32_falls_back():
+    """A row holding ±inf has norm inf (not NaN); float32 rows whose centred differences overflow float32
+    are centred in float64, so the centred radius stays finite and the call certifies (it once raised
+    'radius must be >= 0, got nan')."""
+    import attnbound
+    from attnbound.centring import centred_norms
+
+    got = stats.row_norms(torch.tensor([[math.inf, 1.0], [1.0, -math.inf], [3.0, 4.0]], dtype=torch.float64))
+    assert torch.isposinf(got[:2]).all() and abs(float(got[2]) - 5.0) < 1e-12
+    q = torch.tensor([[3e38], [-3e38], [-3e38]] * 4, dtype=torch.float32)  # centre −1e38: differences 4e38
+    c = q.double().mean(-2, keepdim=True)
+    n = centred_norms(q, c)
+    assert torch.isfinite(n).all() and float(n.max()) >= 4e38
+    k = torch.randn(12, 1, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(12, 2, generator=torch.Generator().manual_seed(1))
+    for method in ("relative", "auto"):
+        out, cert = attnbound.attention(q, k, v, scale=1e-39, method=method, eps=1e-3, centre=True,
+                                        return_certificate=True)
+        assert torch.isfinite(out).all() and cert.output_error_bound <= 1e-3

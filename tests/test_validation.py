@@ -77,3 +77,12 @@ def test_validation_happens_before_large_allocation():
 def test_d_one_and_n_one_are_valid():
     out = attnbound.attention(torch.ones(1, 1), torch.ones(1, 1), torch.full((1, 1), 3.0))
     assert math.isclose(float(out), 3.0)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_sparse_inputs_raise_a_type_error_naming_the_argument(name):
+    g = torch.Generator().manual_seed(0)
+    t = {n: torch.randn(6, 4, generator=g) for n in ("q", "k", "v")}
+    t[name] = t[name].to_sparse()
+    with pytest.raises(TypeError, match=f"^{name} must be a dense"):
+        attnbound.attention(t["q"], t["k"], t["v"])

@@ -57,7 +57,10 @@ def centred_norms(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     gap = row_norms(c32.double() - c)  # (..., 1): the rounding of the centre, an exact difference
     u = 2.0**-24
     flushed = math.sqrt(x.shape[-1]) * 2.0**-126
-    return (row_norms(x - c32) / (1.0 - u) + gap + flushed) * (1.0 + 2.0**-52)
+    n32 = row_norms(x - c32)
+    if not bool(torch.isfinite(n32).all()):  # a difference beyond float32's range: centre in float64
+        return row_norms(x.double() - c)
+    return (n32 / (1.0 - u) + gap + flushed) * (1.0 + 2.0**-52)
 
 
 def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

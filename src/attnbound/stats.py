@@ -79,8 +79,9 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
         return fast * up
     xd = x.double()
     top = xd.abs().amax(-1, keepdim=True)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    return torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
+    safe = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
+    scaled = torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
+    return torch.where(torch.isposinf(top.squeeze(-1)), top.squeeze(-1), scaled)  # a row with ±inf: norm inf
 
 
 def key_participation(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
