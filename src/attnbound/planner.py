@@ -243,8 +243,8 @@ def dtype_eps_reason(max_abs_value: float, eps: float, dtype: torch.dtype) -> st
     u_out = unit_roundoff(dtype)
     if dtype != torch.float64 and u_out * max_abs_value > eps:
         return (f"eps: {str(dtype).replace('torch.', '')} output cannot carry eps={eps:g}: its rounding alone is "
-                f"2^{math.log2(u_out):.0f}·max|v| = {u_out * max_abs_value:.3g}; pass float32/float64 inputs "
-                f"or a larger eps")
+                f"2^{math.log2(u_out):.0f}·max|v| = {u_out * max_abs_value:.3g}; pass "
+                f"{'float64' if dtype == torch.float32 else 'float32/float64'} inputs or a larger eps")
     return None
 
 
