@@ -221,3 +221,21 @@ def test_causal_zero_one_key_weights_take_the_fused_kernel(monkeypatch, n, lead)
     lw2[:, -1] = -0.5 if n > lead else lw2[:, -1]
     features.feature_attention(q, k, v, coeffs=coeffs, key_log_weight=lw2, is_causal=True, return_parts=True)
     assert bool(calls) == bool(((lw2 == 0) | torch.isneginf(lw2)).all())
+
+
+@pytest.mark.parametrize("d,degree", [(1, 5), (2, 3), (3, 4), (8, 5), (5, 1)])
+def test_fused_items_cover_every_monomial_once_and_join_parents_to_first_children(d, degree):
+    """The joined item list visits the same monomials as the depth-first order, each once, and a joined
+    child is the next monomial of the walk, one degree deeper, on the same variable (its first child)."""
+    idx, dep, var = fused.dfs_order(d, degree)
+    items = fused.fused_items(d, degree)
+    seen = [int(x) for row in items for x in (row[0], row[3], row[5], row[7]) if x >= 0]
+    assert sorted(seen) == sorted(int(x) for x in idx) and len(seen) == len(idx)
+    assert seen == [int(x) for x in idx]  # the walk's order is kept
+    pos = {int(a): m for m, a in enumerate(idx)}
+    for a, j, i, a2, i2, b, ib, b2, ib2 in items.tolist():
+        if b >= 0:
+            assert a2 < 0 and j < degree
+            assert pos[b] == pos[a] + 1 and dep[pos[b]] == j + 1 and var[pos[b]] == ib == i
+            if b2 >= 0:
+                assert dep[pos[b2]] == degree == j + 1 and var[pos[b2]] == ib2

@@ -12,7 +12,8 @@ first on the tree in which a degree-j monomial m with largest variable i has the
 (i' ≥ i): a tile of T rows keeps one T-vector per depth (a (g + 1) × T stack, in L1 cache), each
 new monomial is one multiply of its parent's vector by x_{i'}, and it is used at once — summed into
 the key state against the tile's [V, 1] (keys) or multiplied by the state's row into the tile's
-outputs (queries); two sibling leaves (degree g, same parent) share one pass over the tile.
+outputs (queries); two sibling leaves (degree g, same parent) share one pass over the tile, and so do
+an interior monomial and its first child (:func:`fused_items`).
 Work: n·r·(d_v + 1) multiply-adds per side plus n·r multiplies to build the monomials, the same as
 the reference; memory beyond inputs and outputs: one r × (d_v + 1) partial state per parallel work
 item (keys) and O((g + d + d_v)·T) per tile.
@@ -151,6 +152,28 @@ def dfs_items(d: int, degree: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
+@lru_cache(maxsize=64)
+def fused_items(d: int, degree: int) -> np.ndarray:
+    """:func:`dfs_items` with each interior monomial (degree < g) joined to the item right after it (its
+    first child, one monomial or a pair of sibling leaves): the two share one pass over the tile — in the
+    readout one read and write of the tile's (d_v + 1) × T outputs, in the key state one load of its
+    [V, 1] — where a lone interior monomial pays that pass for d_v + 1 multiply-adds. Rows (index, degree, variable,
+    second index or −1, second variable, child index or −1, child variable, child's second index or −1,
+    child's second variable); a child pair's parent vector is the interior monomial's own."""
+    base = dfs_items(d, degree)
+    rows, m = [], 0
+    while m < len(base):
+        a, j, i, a2, i2 = (int(x) for x in base[m])
+        if a2 < 0 and j < degree and m + 1 < len(base) and int(base[m + 1, 1]) == j + 1:
+            b, _, ib, b2, ib2 = (int(x) for x in base[m + 1])
+            rows.append((a, j, i, -1, 0, b, ib, b2, ib2))
+            m += 2
+        else:
+            rows.append((a, j, i, a2, i2, -1, 0, -1, 0))
+            m += 1
+    return np.array(rows, dtype=np.int64).reshape(-1, 9)
+
+
 @lru_cache(maxsize=16)
 def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
@@ -185,6 +208,13 @@ def _lines_keys(C: int) -> list[str]:
             for c in range(C)]
     store = [f"                part[p, a, {c}] += x{c}" for c in range(C)]
     store2 = [f"                    part[p, a2, {c}] += y{c}" for c in range(C)]
+    init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
+    updb = [f"                            v = vvt[{c}, t]\n                            x{c} += f * v\n"
+            f"                            y{c} += h * v" for c in range(C)]
+    updb2 = [f"                            v = vvt[{c}, t]\n                            x{c} += f * v\n"
+             f"                            y{c} += h * v\n                            z{c} += e * v" for c in range(C)]
+    storeb = [f"                    part[p, ab, {c}] += y{c}" for c in range(C)]
+    storeb2 = [f"                        part[p, ab2, {c}] += z{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
         "def key_partials(kk, vv, items, g, T, part, nseg, per):",
@@ -218,7 +248,36 @@ def _lines_keys(C: int) -> list[str]:
         "                i = items[m, 2]",
         "                a2 = items[m, 3]",
         f"                {init}",
-        "                if a2 >= 0:",  # two sibling leaves: one parent load, one [V, 1] load for both
+        "                ab = items[m, 5]",
+        "                if ab >= 0:",  # an interior monomial and its first child (or child pair): one [V, 1] load
+        "                    ib = items[m, 6]",
+        "                    ab2 = items[m, 7]",
+        f"                    {init2}",
+        "                    if ab2 >= 0:",
+        "                        ib2 = items[m, 8]",
+        f"                        {init3}",
+        "                        for t in range(tl):",
+        "                            f = stack[j - 1, t] * kt[i, t]",
+        "                            stack[j, t] = f",
+        "                            h = f * kt[ib, t]",
+        "                            e = f * kt[ib2, t]",
+        *updb2,
+        *storeb2,
+        "                    elif j + 1 < g:",
+        "                        for t in range(tl):",
+        "                            f = stack[j - 1, t] * kt[i, t]",
+        "                            stack[j, t] = f",
+        "                            h = f * kt[ib, t]",
+        "                            stack[j + 1, t] = h",
+        *updb,
+        "                    else:",
+        "                        for t in range(tl):",
+        "                            f = stack[j - 1, t] * kt[i, t]",
+        "                            stack[j, t] = f",
+        "                            h = f * kt[ib, t]",
+        *updb,
+        *storeb,
+        "                elif a2 >= 0:",  # two sibling leaves: one parent load, one [V, 1] load for both
         "                    i2 = items[m, 4]",
         f"                    {init2}",
         "                    for t in range(tl):",
@@ -243,8 +302,12 @@ def _lines_keys(C: int) -> list[str]:
 def _lines_readout(C: int) -> list[str]:
     load = "; ".join(f"s{c} = state[b, a, {c}]" for c in range(C))
     load2 = "; ".join(f"u{c} = state[b, a2, {c}]" for c in range(C))
+    loadb = "; ".join(f"u{c} = state[b, ab, {c}]" for c in range(C))
+    loadb2 = "; ".join(f"w{c} = state[b, ab2, {c}]" for c in range(C))
     upd = [f"                    acc[{c}, t] += f * s{c}" for c in range(C)]
     upd2 = [f"                    acc[{c}, t] += f * s{c} + h * u{c}" for c in range(C)]
+    updb = [f"                        acc[{c}, t] += f * s{c} + h * u{c}" for c in range(C)]
+    updb2 = [f"                        acc[{c}, t] += f * s{c} + h * u{c} + e * w{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
         "def readout(qq, state, items, g, T, out):",
@@ -270,7 +333,34 @@ def _lines_readout(C: int) -> list[str]:
         "            i = items[m, 2]",
         "            a2 = items[m, 3]",
         f"            {load}",
-        "            if a2 >= 0:",  # two sibling leaves: one parent load and one pass over the outputs
+        "            ab = items[m, 5]",
+        "            if ab >= 0:",  # an interior monomial and its first child (or child pair): one pass
+        "                ib = items[m, 6]",
+        "                ab2 = items[m, 7]",
+        f"                {loadb}",
+        "                if ab2 >= 0:",
+        "                    ib2 = items[m, 8]",
+        f"                    {loadb2}",
+        "                    for t in range(tl):",
+        "                        f = stack[j - 1, t] * qt[i, t]",
+        "                        stack[j, t] = f",
+        "                        h = f * qt[ib, t]",
+        "                        e = f * qt[ib2, t]",
+        *updb2,
+        "                elif j + 1 < g:",
+        "                    for t in range(tl):",
+        "                        f = stack[j - 1, t] * qt[i, t]",
+        "                        stack[j, t] = f",
+        "                        h = f * qt[ib, t]",
+        "                        stack[j + 1, t] = h",
+        *updb,
+        "                else:",
+        "                    for t in range(tl):",
+        "                        f = stack[j - 1, t] * qt[i, t]",
+        "                        stack[j, t] = f",
+        "                        h = f * qt[ib, t]",
+        *updb,
+        "            elif a2 >= 0:",  # two sibling leaves: one parent load and one pass over the outputs
         "                i2 = items[m, 4]",
         f"                {load2}",
         "                for t in range(tl):",
@@ -526,7 +616,7 @@ def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: i
     B, n, d = kk.shape
     C = vv.shape[-1]
     r = features.feature_rank(d, degree)
-    items = dfs_items(d, degree)
+    items = fused_items(d, degree)
     out = _alloc((B * nseg, r, C))
     kern = _kernels(_column_groups(C)[0])[0]
     _run_groups([vv], out, lambda x, o: kern(kk, x, items, degree, tile, o, nseg, per))
@@ -583,7 +673,7 @@ def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch
     if n == 0 or B == 0:
         return torch.zeros(*batch, n, C, dtype=torch.float64)
     qq, st = _as3(q, batch), _as3(state, batch)
-    items = dfs_items(d, degree)
+    items = fused_items(d, degree)
     out = _alloc((B, n, C))
     kern = _kernels(_column_groups(C)[0])[1]
     _run_groups([st], out, lambda x, o: kern(qq, x, items, degree, QUERY_TILE, o))
