@@ -13,7 +13,7 @@ first on the tree in which a degree-j monomial m with largest variable i has the
 new monomial is one multiply of its parent's vector by x_{i'}, and it is used at once — summed into
 the key state against the tile's [V, 1] (keys) or multiplied by the state's row into the tile's
 outputs (queries); two sibling leaves (degree g, same parent) share one pass over the tile, and so do
-an interior monomial and its first child (:func:`fused_items`).
+an interior monomial and its first child (:func:`fused_items`; the causal pass too).
 Work: n·r·(d_v + 1) multiply-adds per side plus n·r multiplies to build the monomials, the same as
 the reference; memory beyond inputs and outputs: one r × (d_v + 1) partial state per parallel work
 item (keys) and O((g + d + d_v)·T) per tile.
@@ -395,6 +395,18 @@ def _lines_causal(C: int) -> list[str]:
     sumk2 = [f"                        v = vvt[{c}, t]\n                        x{c} += fk * v\n                        y{c} += hk * v"
              for c in range(C)]
     store2 = [f"                    S[a2, {c}] = u{c} + wa2 * y{c}" for c in range(C)]
+    # an interior monomial a joined to its first child ab (and the child's sibling leaf ab2): fused_items
+    loadb = "; ".join(f"u{c} = S[ab, {c}]" for c in range(C))
+    loadb2 = "; ".join(f"o{c} = S[ab2, {c}]" for c in range(C))
+    init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
+    readqb = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
+    readqb2 = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c} + eq * o{c}" for c in range(C)]
+    sumkb = [f"                            v = vvt[{c}, t]\n                            x{c} += fk * v\n"
+             f"                            y{c} += hk * v" for c in range(C)]
+    sumkb2 = [f"                            v = vvt[{c}, t]\n                            x{c} += fk * v\n"
+              f"                            y{c} += hk * v\n                            z{c} += ek * v" for c in range(C)]
+    storeb = [f"                    S[ab, {c}] = u{c} + wb * y{c}" for c in range(C)]
+    storeb2 = [f"                        S[ab2, {c}] = o{c} + wb2 * z{c}" for c in range(C)]
     return [
         "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
         "def causal(qq, kk, vv, w, coef, items, g, T, sin, nseg, per, out):",
@@ -435,7 +447,57 @@ def _lines_causal(C: int) -> list[str]:
         "                a2 = items[m, 3]",
         f"                {load}",
         f"                {init}",
-        "                if a2 >= 0:",  # two sibling leaves, as in the kernels above
+        "                ab = items[m, 5]",
+        "                if ab >= 0:",  # an interior monomial and its first child, as in the kernels above
+        "                    ib = items[m, 6]",
+        "                    ab2 = items[m, 7]",
+        f"                    {loadb}",
+        f"                    {init2}",
+        "                    if ab2 >= 0:",
+        "                        ib2 = items[m, 8]",
+        f"                        {loadb2}",
+        f"                        {init3}",
+        "                        for t in range(tl):",
+        "                            fq = sq[j - 1, t] * qt[i, t]",
+        "                            sq[j, t] = fq",
+        "                            hq = fq * qt[ib, t]",
+        "                            eq = fq * qt[ib2, t]",
+        *readqb2,
+        "                        for t in range(tl):",
+        "                            fk = sk[j - 1, t] * kt[i, t]",
+        "                            sk[j, t] = fk",
+        "                            hk = fk * kt[ib, t]",
+        "                            ek = fk * kt[ib2, t]",
+        *sumkb2,
+        "                        wb2 = w[ab2]",
+        *storeb2,
+        "                    elif j + 1 < g:",
+        "                        for t in range(tl):",
+        "                            fq = sq[j - 1, t] * qt[i, t]",
+        "                            sq[j, t] = fq",
+        "                            hq = fq * qt[ib, t]",
+        "                            sq[j + 1, t] = hq",
+        *readqb,
+        "                        for t in range(tl):",
+        "                            fk = sk[j - 1, t] * kt[i, t]",
+        "                            sk[j, t] = fk",
+        "                            hk = fk * kt[ib, t]",
+        "                            sk[j + 1, t] = hk",
+        *sumkb,
+        "                    else:",
+        "                        for t in range(tl):",
+        "                            fq = sq[j - 1, t] * qt[i, t]",
+        "                            sq[j, t] = fq",
+        "                            hq = fq * qt[ib, t]",
+        *readqb,
+        "                        for t in range(tl):",
+        "                            fk = sk[j - 1, t] * kt[i, t]",
+        "                            sk[j, t] = fk",
+        "                            hk = fk * kt[ib, t]",
+        *sumkb,
+        "                    wb = w[ab]",
+        *storeb,
+        "                elif a2 >= 0:",  # two sibling leaves, as in the kernels above
         "                    i2 = items[m, 4]",
         f"                    {load2}",
         f"                    {init2}",
@@ -729,7 +791,7 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
                               (nseg - 1) * sub, per // sub, CAUSAL_TILE)
         sin[:, 1:] += np.cumsum(parts.reshape(B, nseg - 1, sub, r, C).sum(2) * w[:, None], axis=1)
     sin = sin.reshape(B * nseg, r, C)
-    items = dfs_items(d, degree)
+    items = fused_items(d, degree)
     out = _alloc((B, n, C))
     kern = _kernels(_column_groups(C)[0])[2]
     _run_groups([vvn, sin], out,
