@@ -423,8 +423,9 @@ def run_scaling(log2ns, repeats, peak, threads):
             fits[key] = {"all": slope(ns, ts), "top3": slope(ns[-3:], ts[-3:]) if len(ns) >= 3 else None,
                          "extra_over_input": [r["extra_over_input"] for r in rows
                                               if r["method"] == method and r["causal"] == is_causal]}
+            top3 = "-" if fits[key]["top3"] is None else f"{fits[key]['top3']:.3f}"
             say(f"  {key}: fitted exponent {fits[key]['all']:.3f} over 2^{log2ns[0]}..2^{log2ns[-1]}, "
-                f"{fits[key]['top3']:.3f} over the top three octaves (target <= 1.05); peak beyond the call's "
+                f"{top3} over the top three octaves (target <= 1.05); peak beyond the call's "
                 f"inputs {min(fits[key]['extra_over_input']):.2f}-{max(fits[key]['extra_over_input']):.2f}x the input bytes")
     return rows, fits
 

@@ -219,3 +219,46 @@ def test_row_norms_of_infinite_rows_are_inf_and_centring_beyond_float32_falls_ba
         out, cert = attnbound.attention(q, k, v, scale=1e-39, method=method, eps=1e-3, centre=True,
                                         return_certificate=True)
         assert torch.isfinite(out).all() and cert.output_error_bound <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_row_norms_each_row_on_its_own_path(dtype, monkeypatch):
+    """Every row of ``_rows`` alone, so rows inside [1e-10, 1e15] are bounded by the float32 reduction itself
+    (checked to be the path taken) and the others by the float64 one; and a mixed batch gives each row the
+    same value as alone (only the out-of-range rows take the float64 path)."""
+    x = _rows(dtype)
+    calls = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **kw: calls.append(kw.get("dtype")) or real(*a, **kw))
+    alone = []
+    for i in range(x.shape[0]):
+        calls.clear()
+        got = stats.row_norms(x[i:i + 1])
+        alone.append(float(got[0]))
+        exact = _exact_norm_upper(x[i].tolist())
+        assert Fraction(float(got[0])) >= exact * (1 - Fraction(1, 10**25)), (dtype, i)
+        n32 = float(real(x[i].float()))
+        in_range = 1e-10 <= n32 <= 1e15
+        assert (calls == [torch.float32]) == in_range, (dtype, i, calls, n32)
+    mixed = stats.row_norms(x)
+    assert [float(v) for v in mixed] == alone
+
+
+def test_plain_split_from_the_statistics_rows_equals_a_recomputed_one():
+    """splits(..., rows=stats.rows) (the norms input_stats already took, masked keys at 0) picks the same
+    heavy tokens and light norms as splits recomputing them, with a key-padding mask hiding the largest key."""
+    from attnbound.centring import splits
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 40, 6, generator=g) for _ in range(3))
+    k[1, 7] *= 50.0
+    km = torch.ones(2, 40, dtype=torch.bool)
+    km[1, 7] = False
+    st = stats.input_stats(q, k, v, key_mask=km)
+    a = splits(q, k, km, centre=False, heavies=[0, 2, 8], rows=st.rows)
+    b = splits(q, k, km, centre=False, heavies=[0, 2, 8])
+    for h in (0, 2, 8):
+        assert a[h].q_norm == b[h].q_norm and a[h].k_norm == b[h].k_norm
+        for x, y in ((a[h].heavy_k, b[h].heavy_k), (a[h].heavy_q, b[h].heavy_q)):
+            assert (x is None and y is None) or torch.equal(x, y)
+    assert 7 not in b[2].heavy_k[1].tolist()  # the masked key is never heavy

@@ -352,7 +352,7 @@ def _run_exact(call: _Call, method: str):
                 vs = _times_pow2(vs, -vexp)
             out = sdpa_attention(q.to(scd), k.to(scd), vs, scale=call.scale, kind=call.kind,
                                  is_causal=call.is_causal, attn_mask=mask)
-            return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype), sc
+            return _finish(_times_pow2(out, vexp), st.max_abs_value, q.dtype, fresh=True), sc  # SDPA's own output
         # over the memory budget (a merged causal mask), or eps below even float64's any-order bound: our kernels
     item = 8 if val.compute_dtype(q.dtype) == torch.float64 else 4
     dense = method == "dense" or (method == "exact" and use_dense(call.batch_numel, n_q, n_k)
@@ -404,9 +404,10 @@ def _times_pow2(x: torch.Tensor, e: int, *, fresh: bool = False) -> torch.Tensor
     return x * (2.0**half) * (2.0 ** (e - half))
 
 
-def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype) -> torch.Tensor:
-    """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies."""
-    if not out.requires_grad and out.is_contiguous():  # a fresh result of this call: clamp in place
+def _finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype, *, fresh: bool = False) -> torch.Tensor:
+    """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies; in place when
+    ``fresh`` says ``out`` is this call's own result (never an input) and autograd does not record it."""
+    if fresh and not out.requires_grad and out.is_contiguous():
         return out.clamp_(-max_abs_value, max_abs_value).to(dtype)
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)
 
@@ -478,7 +479,7 @@ def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp:
             f"({cert.approximation_bound:.3g}) but its float64 rounding bound on this input is {cert.rounding_bound:.3g} "
             f"(the rank {r} sums terms up to e^R = {math.exp(cert.radius):.3g} times the row sums); pass a larger eps, "
             f"smaller input norms, or method='exact'")
-    return _finish(out, st.max_abs_value, q.dtype), cert
+    return _finish(out, st.max_abs_value, q.dtype, fresh=True), cert
 
 
 def _exact_query_rows(call: _Call, out: torch.Tensor, rows: torch.Tensor, cert: Certificate):
@@ -496,6 +497,7 @@ def _exact_query_rows(call: _Call, out: torch.Tensor, rows: torch.Tensor, cert: 
         mask = km if mask is None else mask & km
     # the call's own statistics still bound these rows (their queries are a subset), and its eps applies
     sub = dataclasses.replace(call, q=qh, attn_mask=mask, key_mask=None, is_causal=False,
+                              stats=dataclasses.replace(call.stats, rows=None),  # per-row norms: of the full q
                               batch=torch.broadcast_shapes(qh.shape[:-2], k.shape[:-2], v.shape[:-2],
                                                            *(() if mask is None else (mask.shape[:-2],))))
     oh, ch = _run_exact(sub, "exact")

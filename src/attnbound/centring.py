@@ -12,10 +12,10 @@ and the certificate formula is unchanged. The centres are the means (queries: al
 that take part), per batch entry: O(n·d).
 
 **Heavy tokens** (docs/theory.md §3). Let H_k be the h keys of largest centred norm (among those that
-take part) and H_q the h queries of largest centred norm. Pairs with j ∈ H_k are computed exactly and
-join the polynomial's row sums on the same scale (each row's sums are relative to a log-weight the
-engine reports, and both parts are rescaled by a per-row maximum so neither overflows); rows i ∈ H_q
-are computed exactly outright. The rest is the polynomial at
+take part; ranked by the upper bounds :func:`centred_norms` gives) and H_q the h queries likewise.
+Pairs with j ∈ H_k are computed exactly and join the polynomial's row sums on the same scale (each
+row's sums are relative to a log-weight the engine reports, and both parts are rescaled by a per-row
+maximum so neither overflows); rows i ∈ H_q are computed exactly outright. The rest is the polynomial at
 R_light = s_eff·max_{i∉H_q}‖q_i − c_q‖·max_{j∉H_k}‖k_j − c_k‖. Exact weights carry only rounding, so
 the certificate holds with η(R_light). Cost: O(h·(n_q + n_k)·(d + d_v)) on top of the polynomial.
 """
@@ -49,7 +49,9 @@ def centred_norms(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     |δ| ≤ u = 2⁻²⁴ (a difference that falls below float32's normals is exact), so
     ‖x_i − c‖ ≤ ‖fl32(x_i − c')‖/(1 − u) + ‖c' − c‖ (c' − c is exact in float64), and ‖fl64(x_i − c)‖ ≤
     ‖x_i − c‖(1 + 2⁻⁵³); √d·2⁻¹²⁶ more covers differences flushed to zero where subnormals are disabled.
-    No n×d float64 copy is made. Other dtypes are centred in float64 directly."""
+    The factor 1 + 2⁻⁵⁰ covers that and the float64 roundings of this formula itself. No n×d float64
+    copy is made unless a difference leaves float32's range (then, and for other dtypes, the rows are
+    centred in float64 directly)."""
     x = x.detach()
     if x.dtype != torch.float32:
         return row_norms(x.double() - c)
@@ -60,7 +62,7 @@ def centred_norms(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     n32 = row_norms(x - c32)
     if not bool(torch.isfinite(n32).all()):  # a difference beyond float32's range: centre in float64
         return row_norms(x.double() - c)
-    return (n32 / (1.0 - u) + gap + flushed) * (1.0 + 2.0**-52)
+    return (n32 / (1.0 - u) + gap + flushed) * (1.0 + 2.0**-50)
 
 
 def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +79,7 @@ def centres(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None) -> tupl
 def splits(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None, *, centre: bool,
            heavies: list[int], rows: tuple | None = None) -> dict[int, Split]:
     """Centre (or not) once, then for every h in ``heavies`` the h keys and queries of largest norm and the
-    norms the rest reach: one norm pass and one top-k (of the largest h) for all of them. ``rows`` are the
+    norms the rest reach: the norms once (centred: :func:`centred_norms`) and one top-k (of the largest h) for all of them. ``rows`` are the
     plain per-row norms (q, k) if the caller has them (:attr:`attnbound.stats.InputStats.rows`)."""
     with torch.no_grad():
         c_q, c_k = centres(q, k, keys) if centre else (None, None)

@@ -14,9 +14,10 @@ over what the call actually computes:
   b' = b − max_j b_ij (see :func:`shift_mask`); the exact certificate charges the rounding of
   the logits of the keys within the span and bounds the weight of keys beyond it.
 
-:func:`input_stats` computes them in one pass in float64 (O(inputs) work, no n_q×n_k
-allocation unless the mask already is one); :func:`attnbound.distributed` reduces the same
-quantities across ranks with one ``all_reduce(MAX)`` of :meth:`InputStats.as_tensor`'s pieces.
+:func:`input_stats` computes them with a few O(inputs) reductions in the input dtype (norms in
+float32 or float64, extremes exactly, no float64 copy of the inputs, no n_q×n_k allocation unless
+the mask already is one); :func:`attnbound.distributed` reduces the same quantities across ranks
+with one ``all_reduce(MAX)``.
 """
 
 from __future__ import annotations
@@ -61,27 +62,39 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     computed norm of a row is within a factor (1 ± γ_{d+2}) of the real one for any summation order,
     up to squares below float32's smallest normal (each lost square is < 2^-126, i.e. a relative
     d·2^-126/‖x‖² < d·2^-59 once ‖x‖ ≥ 1e-10); rounding up by 1 + γ_{d+2} + d·2^-50 covers both, and
-    norms in [1e-10, 1e15] keep every square inside float32's range. Other rows (and float64 inputs)
-    are reduced in float64, scaled like BLAS nrm2 so that no square underflows or overflows, and
-    rounded up by (1 + γ_{d+2}) with u = 2^-53."""
+    norms in [1e-10, 1e15] keep every square inside float32's range. The rows outside that range (and
+    float64 inputs) take :func:`_row_norms64`, only those rows."""
     d = x.shape[-1]
     x = x.detach()
-    if x.dtype != torch.float64 and x.numel():
-        u32 = 2.0**-24
-        up32 = 1.0 + (d + 2) * u32 / (1.0 - (d + 2) * u32) + d * 2.0**-50
-        fast32 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-        if bool(((fast32 >= 1e-10) & (fast32 <= 1e15)).all()):
-            return fast32.double() * up32
+    if x.dtype == torch.float64 or x.numel() == 0:
+        return _row_norms64(x)
+    u32 = 2.0**-24
+    up32 = 1.0 + (d + 2) * u32 / (1.0 - (d + 2) * u32) + d * 2.0**-50
+    fast32 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    ok = (fast32 >= 1e-10) & (fast32 <= 1e15)
+    out = fast32.double() * up32
+    if not bool(ok.all()):
+        out[~ok] = _row_norms64(x[~ok])
+    return out
+
+
+def _row_norms64(x: torch.Tensor) -> torch.Tensor:
+    """Row norms reduced in float64 and rounded up by (1 + γ_{d+2}), u = 2^-53; rows whose norm leaves about
+    [1e-140, 1e140] (squares that could underflow or overflow, exact zeros) are scaled by their largest
+    entry first, like BLAS nrm2, and a row holding ±inf has norm inf."""
+    d = x.shape[-1]
     up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
     fast = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
-    # squares leave float64's range only for norms outside about [1e-150, 1e150] (or exact zeros): rescale then
-    if fast.numel() == 0 or bool(((fast > 1e-140) & (fast < 1e140)).all()):
-        return fast * up
-    xd = x.double()
-    top = xd.abs().amax(-1, keepdim=True)
+    ok = (fast > 1e-140) & (fast < 1e140)
+    out = fast * up
+    if fast.numel() == 0 or bool(ok.all()):
+        return out
+    xb = x[~ok].double()  # (m, d): only the rows that need it
+    top = xb.abs().amax(-1, keepdim=True)
     safe = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
-    scaled = torch.linalg.vector_norm(xd / safe, dim=-1) * safe.squeeze(-1) * up
-    return torch.where(torch.isposinf(top.squeeze(-1)), top.squeeze(-1), scaled)  # a row with ±inf: norm inf
+    scaled = torch.linalg.vector_norm(xb / safe, dim=-1) * safe.squeeze(-1) * up
+    out[~ok] = torch.where(torch.isposinf(top.squeeze(-1)), top.squeeze(-1), scaled)
+    return out
 
 
 def key_participation(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
