@@ -234,6 +234,7 @@ def test_fused_items_cover_every_monomial_once_and_join_parents_to_first_childre
     assert seen == [int(x) for x in idx]  # the walk's order is kept
     pos = {int(a): m for m, a in enumerate(idx)}
     for a, j, i, a2, i2, b, ib, b2, ib2 in items.tolist():
+        assert b >= 0 or j == degree  # every interior monomial travels with its first child
         if b >= 0:
             assert a2 < 0 and j < degree
             assert pos[b] == pos[a] + 1 and dep[pos[b]] == j + 1 and var[pos[b]] == ib == i

@@ -169,6 +169,8 @@ def fused_items(d: int, degree: int) -> np.ndarray:
             rows.append((a, j, i, -1, 0, b, ib, b2, ib2))
             m += 2
         else:
+            if j < degree:  # the kernels have no pass for an interior monomial on its own
+                raise AssertionError(f"interior monomial {a} not followed by its first child")
             rows.append((a, j, i, a2, i2, -1, 0, -1, 0))
             m += 1
     return np.array(rows, dtype=np.int64).reshape(-1, 9)
@@ -286,12 +288,7 @@ def _lines_keys(C: int) -> list[str]:
         "                        h = fp * kt[i2, t]",
         *upd2,
         *store2,
-        "                elif j < g:",
-        "                    for t in range(tl):",
-        "                        f = stack[j - 1, t] * kt[i, t]",
-        "                        stack[j, t] = f",
-        *upd,
-        "                else:",
+        "                else:",  # a lone leaf: an interior monomial always travels with its first child
         "                    for t in range(tl):",
         "                        f = stack[j - 1, t] * kt[i, t]",
         *upd,
@@ -368,12 +365,7 @@ def _lines_readout(C: int) -> list[str]:
         "                    f = fp * qt[i, t]",
         "                    h = fp * qt[i2, t]",
         *upd2,
-        "            elif j < g:",
-        "                for t in range(tl):",
-        "                    f = stack[j - 1, t] * qt[i, t]",
-        "                    stack[j, t] = f",
-        *upd,
-        "            else:",
+        "            else:",  # a lone leaf: an interior monomial always travels with its first child
         "                for t in range(tl):",
         "                    f = stack[j - 1, t] * qt[i, t]",
         *upd,
@@ -513,16 +505,7 @@ def _lines_causal(C: int) -> list[str]:
         *sumk2,
         "                    wa2 = w[a2]",
         *store2,
-        "                elif j < g:",  # two loops (queries, keys): each vectorises like the kernels above
-        "                    for t in range(tl):",
-        "                        fq = sq[j - 1, t] * qt[i, t]",
-        "                        sq[j, t] = fq",
-        *readq,
-        "                    for t in range(tl):",
-        "                        fk = sk[j - 1, t] * kt[i, t]",
-        "                        sk[j, t] = fk",
-        *sumk,
-        "                else:",
+        "                else:",  # a lone leaf: an interior monomial always travels with its first child
         "                    for t in range(tl):",
         "                        fq = sq[j - 1, t] * qt[i, t]",
         *readq,
