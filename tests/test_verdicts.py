@@ -456,6 +456,11 @@ def test_minilm_radii_verdict():
     heads[1]["R_recomputed"] = 10.5  # the probe's statistics disagree with the certificates'
     assert minilm.verdict_radii(heads)[0] == "FAIL"
     heads = _centred_heads()
+    heads[1]["R_recomputed"] = 11.0 * (1 + 1e-4)  # beyond any rounding of the two reductions
+    assert minilm.verdict_radii(heads)[0] == "FAIL"
+    heads[1]["R_recomputed"] = 11.0 * (1 + 2e-6)  # float32-level rounding of the norms: the same radius
+    assert minilm.verdict_radii(heads)[0] == "PASS"
+    heads = _centred_heads()
     heads[2]["R_heavy8"] = 9.0  # more heavy tokens exact cannot enlarge the radius
     assert minilm.verdict_radii(heads)[0] == "FAIL"
     assert minilm.verdict_radii([{"R": 1.0}])[0] == "FAIL"  # nothing recorded

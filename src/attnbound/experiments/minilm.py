@@ -293,11 +293,12 @@ def _run_eps(run: dict) -> float:
 
 def verdict_radii(heads: list[dict]) -> tuple[str, str]:
     """Checks that can fail: the plain radius recomputed from the probed q, k equals the data radius the
-    certificates used (to 1e-9, relative), and more heavy tokens never give a larger radius
-    (R_heavy8 ≤ R_heavy2 ≤ R_centred)."""
+    certificates used (to 1e-5, relative: both are norms rounded up past their reduction's rounding,
+    by up to 2γ_{d+2} in float32, through different reductions), and more heavy tokens never give a
+    larger radius (R_heavy8 ≤ R_heavy2 ≤ R_centred)."""
     if not heads or "R_centred" not in heads[0]:
         return "FAIL", "no centred radii recorded"
-    off = [h for h in heads if abs(h["R_recomputed"] - h["R"]) > 1e-9 * max(h["R"], 1e-300)]
+    off = [h for h in heads if abs(h["R_recomputed"] - h["R"]) > 1e-5 * max(h["R"], 1e-300)]
     keys = ["R_centred"] + [f"R_heavy{x}" for x in HEAVY]
     unordered = [h for h in heads if any(h[b] > h[a] * (1 + 1e-12) for a, b in zip(keys, keys[1:]))]
     why = (f"recomputed plain R equals the certificates' data radius for {len(heads) - len(off)}/{len(heads)} heads; "
