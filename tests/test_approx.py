@@ -98,8 +98,9 @@ def test_measured_error_within_certificate_random(n_q, n_k, d, d_v, radius, meth
     eps = [1e-1, 1e-3, 1e-5, 1e-8][level]
     try:
         out, cert = attnbound.attention(q, k, v, method=method, eps=eps, kind=kind, return_certificate=True)
-    except ValueError as exc:  # Taylor cannot reach every eps at large radius: it must say so
-        assert "cannot be certified" in str(exc)
+    except ValueError as exc:  # no degree reaches eps at this radius, or the chosen one's rounding on this
+        # input misses it (a degree taken on its approximation term alone): either way the call must say so
+        assert "cannot be certified" in str(exc) or "rounding bound on this input" in str(exc), str(exc)
         return
     err = measured(out, q, k, v, scale, kind)
     assert err <= cert.output_error_bound <= eps
