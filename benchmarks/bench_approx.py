@@ -431,12 +431,9 @@ def run_scaling(log2ns, repeats, peak, threads):
 
 
 def fit_exponent(rows, method, d, radius, causal):
-    pts = [(math.log(r["n"]), math.log(r[method]["seconds"])) for r in rows
+    pts = [(r["n"], r[method]["seconds"]) for r in rows
            if r["d"] == d and r["R"] == radius and r["causal"] == causal and "seconds" in r.get(method, {})]
-    if len(pts) < 2:
-        return None
-    x, y = np.array(pts).T
-    return float(np.polyfit(x, y, 1)[0])
+    return slope(*zip(*pts)) if len(pts) >= 2 else None
 
 
 def main():

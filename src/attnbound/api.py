@@ -433,17 +433,21 @@ def _run_features(call: _Call, method: str, cert: Certificate, var: Variant, sp:
                                       bound=call.bound if cert.radius_source == "bound" else None,
                                       norms=(sp.q_norm, sp.k_norm))
     # float64 copies where they are computed with; otherwise _scaled converts q and k in its one copy
-    exact_pairs = var.centre or sp.heavy_k is not None
-    q1, k1 = (q.double(), k.double()) if exact_pairs else (q, k)
+    # one float64 copy of k where it is computed with; otherwise _scaled converts q and k in its one copy
+    k64 = k.double() if (var.centre or call.kind == "l2" or sp.heavy_k is not None) else None
     if var.centre:  # s⟨q,k⟩ = s⟨q−c_q, k−c_k⟩ + (row term, cancels) + s⟨c_q, k⟩ (a per-key log-weight)
-        q1, k1 = q1 - sp.c_q, k1 - sp.c_k
+        q1, k1 = q - sp.c_q, k64 - sp.c_k  # float64 (c is): the same values as q.double() − c_q
+    elif sp.heavy_k is not None:
+        q1, k1 = q.double(), k64
+    else:
+        q1, k1 = q, k
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
     vd = _times_pow2(v.to(torch.float64, copy=True), -vexp, fresh=True)  # |v| ≤ 1: exact but below 2^-1074·2^e
     log_w = None
     if call.kind == "l2":
-        log_w = -call.scale * (k.double() * k.double()).sum(-1)
+        log_w = -call.scale * (k64 * k64).sum(-1)
     if var.centre:
-        cw = s_eff * (k.double() @ sp.c_q.transpose(-1, -2)).squeeze(-1)
+        cw = s_eff * (k64 @ sp.c_q.transpose(-1, -2)).squeeze(-1)
         log_w = cw if log_w is None else log_w + cw
     minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
     if call.key_mask is not None:

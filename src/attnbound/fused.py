@@ -202,19 +202,23 @@ def polynomial_of_weights(weights: np.ndarray, d: int, degree: int) -> np.ndarra
 # kernel generation (one set per column count; the column sums are named locals)
 
 
+def _column_sums(C: int, terms: list[tuple[str, str]], indent: int) -> list[str]:
+    """Per column c of [V, 1]: load v = vvt[c, t] once and add name·v into each accumulator ``acc``{c}."""
+    pad = " " * indent
+    return ["\n".join([f"{pad}v = vvt[{c}, t]"] + [f"{pad}{acc}{c} += {name} * v" for acc, name in terms])
+            for c in range(C)]
+
+
 def _lines_keys(C: int) -> list[str]:
     init = "; ".join(f"x{c} = 0.0" for c in range(C))
     init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
     upd = [f"                        x{c} += f * vvt[{c}, t]" for c in range(C)]
-    upd2 = [f"                        v = vvt[{c}, t]\n                        x{c} += f * v\n                        y{c} += h * v"
-            for c in range(C)]
+    upd2 = _column_sums(C, [("x", "f"), ("y", "h")], 24)
     store = [f"                part[p, a, {c}] += x{c}" for c in range(C)]
     store2 = [f"                    part[p, a2, {c}] += y{c}" for c in range(C)]
     init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
-    updb = [f"                            v = vvt[{c}, t]\n                            x{c} += f * v\n"
-            f"                            y{c} += h * v" for c in range(C)]
-    updb2 = [f"                            v = vvt[{c}, t]\n                            x{c} += f * v\n"
-             f"                            y{c} += h * v\n                            z{c} += e * v" for c in range(C)]
+    updb = _column_sums(C, [("x", "f"), ("y", "h")], 28)
+    updb2 = _column_sums(C, [("x", "f"), ("y", "h"), ("z", "e")], 28)
     storeb = [f"                    part[p, ab, {c}] += y{c}" for c in range(C)]
     storeb2 = [f"                        part[p, ab2, {c}] += z{c}" for c in range(C)]
     return [
@@ -384,8 +388,7 @@ def _lines_causal(C: int) -> list[str]:
     load2 = "; ".join(f"u{c} = S[a2, {c}]" for c in range(C))
     init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
     readq2 = [f"                        acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
-    sumk2 = [f"                        v = vvt[{c}, t]\n                        x{c} += fk * v\n                        y{c} += hk * v"
-             for c in range(C)]
+    sumk2 = _column_sums(C, [("x", "fk"), ("y", "hk")], 24)
     store2 = [f"                    S[a2, {c}] = u{c} + wa2 * y{c}" for c in range(C)]
     # an interior monomial a joined to its first child ab (and the child's sibling leaf ab2): fused_items
     loadb = "; ".join(f"u{c} = S[ab, {c}]" for c in range(C))
@@ -393,10 +396,8 @@ def _lines_causal(C: int) -> list[str]:
     init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
     readqb = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
     readqb2 = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c} + eq * o{c}" for c in range(C)]
-    sumkb = [f"                            v = vvt[{c}, t]\n                            x{c} += fk * v\n"
-             f"                            y{c} += hk * v" for c in range(C)]
-    sumkb2 = [f"                            v = vvt[{c}, t]\n                            x{c} += fk * v\n"
-              f"                            y{c} += hk * v\n                            z{c} += ek * v" for c in range(C)]
+    sumkb = _column_sums(C, [("x", "fk"), ("y", "hk")], 28)
+    sumkb2 = _column_sums(C, [("x", "fk"), ("y", "hk"), ("z", "ek")], 28)
     storeb = [f"                    S[ab, {c}] = u{c} + wb * y{c}" for c in range(C)]
     storeb2 = [f"                        S[ab2, {c}] = o{c} + wb2 * z{c}" for c in range(C)]
     return [
