@@ -12,7 +12,7 @@ peak:   the float64 GEMM rate of this process (best of 5 products of 2048×2048 
         The flop floor of a feature method of rank r is 2·2·n·r·(d_v + 1) flops (key state and
         readout, each an n × r by r × (d_v + 1) product) at that rate.
 kernel: the feature engine itself at fixed (d, degree, d_v = 8): the pure-torch engine
-        (attnbound.features.feature_attention with its fused dispatch switched off) against the fused kernels (attnbound.fused, through
+        (attnbound.engines.features.feature_attention with its fused dispatch switched off) against the fused kernels (attnbound.engines.fused, through
         a small wrapper), non-causal and causal, with their multiples of the flop floor and their
         largest difference.
 grid:   d ∈ {8, 16}, data radius R ∈ {0.5, 1, 2, 4, 8}, eps = 1e-3, n = 2^12 … 2^17, one head, without and
@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 
 import attnbound
-from attnbound import features, fused
-from attnbound.api import certified_degree
+from attnbound.engines import features, fused, monomials
+from attnbound.families import certified_degree
 from attnbound.experiments.common import timed
 from attnbound.experiments.radii import radii as call_radii
 
@@ -137,7 +137,7 @@ def fused_feature_attention(q, k, v, coeffs, is_causal):
     """The fused kernels behind the engine's normalisation: what a dispatch from
     ``features.feature_attention`` (without key weights) computes."""
     degree, d, d_v = len(coeffs) - 1, q.shape[-1], v.shape[-1]
-    w = torch.as_tensor(features.monomial_weights(coeffs, d))
+    w = torch.as_tensor(monomials.monomial_weights(coeffs, d))
     vv = features.weighted_values(v)
     if is_causal:
         num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
@@ -159,7 +159,7 @@ def torch_engine(q, k, v, coeffs, is_causal):
 def run_kernel(cases, n, d_v, peak, repeats):
     rows = []
     for d, degree in cases:
-        rank = features.feature_rank(d, degree)
+        rank = monomials.feature_rank(d, degree)
         g = torch.Generator().manual_seed(d * 100 + degree)
         q, k = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2))
         q, k = q / q.norm(dim=-1).max(), k / k.norm(dim=-1).max()  # |<q, k>| <= 1, where P is certified

@@ -6,7 +6,7 @@ For each R and each target, the smallest degree whose *proved* relative weight e
 
 * Taylor (even orders only): η = taylor_remainder(R, p)·e^R (Lagrange remainder, SPEC §2);
 * Chebyshev truncation ("polynomial"): η = chebyshev_error(R, g)·e^R (Bessel tail);
-* relative minimax ("relative"): η = relative_eta(R, g) (proved per table entry, attnbound.relative).
+* relative minimax ("relative"): η = relative_eta(R, g) (proved per table entry, attnbound.families.relative).
 
 The target is the η with η/(1−η)·range = eps, i.e. η = eps/(range + eps) — the approximation term of
 the certificate alone (the float64 rounding term is tabulated beside it, for n keys:
@@ -24,9 +24,9 @@ import pathlib
 
 import numpy as np
 
-from attnbound.chebyshev import chebyshev_coefficients, chebyshev_error
-from attnbound.relative import relative_coefficients, relative_eta
-from attnbound.taylor import taylor_coefficients, taylor_remainder
+from attnbound.families.chebyshev import chebyshev_coefficients, chebyshev_error
+from attnbound.families.relative import relative_coefficients, relative_eta
+from attnbound.families.taylor import taylor_coefficients, taylor_remainder
 
 RADII = (0.5, 1.0, 2.0, 4.0, 8.0)
 

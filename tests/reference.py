@@ -1,19 +1,22 @@
-"""Independent references for the contract tests: never attnbound's own code.
+"""References for the contract tests: the long-double and mpmath ones independent of attnbound.
 
 ``long_double_attention`` computes attention of the inputs *as given* in numpy's long double
 (64-bit mantissa on x86: 2^11 times finer than float64), from the explicit n_q × n_k weight
 matrix: softmax or ℓ2 (direct ‖q − k‖², no key-shift identity), bool masks (True = take part),
 additive masks, causal. Rows that see no key return zeros.
 
-``dense_feature_reference`` is the explicit form of what the feature engine computes: weights
-P(⟨q_i, k_j⟩)·exp(b_j − max_{j' visible} b_{j'}) over the visible keys, normalised — the small
-dense reference each fast path is compared with at tile and chunk boundaries.
+``dense_feature_reference`` is the package's naive feature reference
+(:func:`attnbound.engines.naive.feature_attention`), the explicit form of what the feature engines
+compute: weights P(⟨q_i, k_j⟩)·exp(b_j − max_{j' visible} b_{j'}) over the visible keys, normalised —
+the small dense reference each fast path is compared with at tile and chunk boundaries.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from attnbound.engines.naive import feature_attention as dense_feature_reference  # noqa: F401
 
 LD = np.longdouble
 
@@ -64,26 +67,6 @@ def max_error(out: torch.Tensor, ref: np.ndarray) -> float:
     o = _ld(out)
     assert o.shape == ref.shape, (o.shape, ref.shape)
     return float(np.abs(o - ref).max()) if o.size else 0.0
-
-
-def dense_feature_reference(q, k, v, coeffs, *, key_log_weight=None, is_causal=False) -> torch.Tensor:
-    """Σ_j P(⟨q_i,k_j⟩)·exp(b_j − m_i)·v_j / Σ_j P(⟨q_i,k_j⟩)·exp(b_j − m_i) over visible j, in float64."""
-    x = q.double() @ k.double().transpose(-1, -2)
-    p = sum(float(c) * x**j for j, c in enumerate(coeffs))
-    n_q, n_k = x.shape[-2], x.shape[-1]
-    b = torch.zeros(x.shape[:-2] + (1, n_k), dtype=torch.float64) if key_log_weight is None else \
-        key_log_weight.double().unsqueeze(-2).expand(*x.shape[:-2], 1, n_k)
-    b = b.expand(*x.shape)
-    visible = torch.ones(x.shape, dtype=torch.bool)
-    if is_causal:
-        visible = visible & torch.ones(n_q, n_k, dtype=torch.bool).tril()
-    visible = visible & torch.isfinite(b)
-    bm = torch.where(visible, b, torch.tensor(-torch.inf, dtype=torch.float64))
-    m = bm.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.where(visible, p * torch.exp(bm - m), torch.zeros_like(p))
-    den = w.sum(-1, keepdim=True)
-    return (w @ v.double()) / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def mpmath_attention(q, k, v, scale, *, attn_mask=None, is_causal=False, dps=80) -> np.ndarray:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnbound
-from attnbound.features import monomial_exponents, monomial_weights
+from attnbound.engines.monomials import monomial_exponents, monomial_weights
 from conftest import reference_l2, reference_softmax
 
 METHODS = [("polynomial", "degree"), ("taylor", "order")]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import attnbound
 from attnbound.certificate import exact_certificate, feature_certificate
-from attnbound.features import CAUSAL_TILE, feature_attention
+from attnbound.engines.features import CAUSAL_TILE, feature_attention
 from attnbound.planner import plan
 from reference import dense_feature_reference, long_double_attention, max_error
 
@@ -402,7 +402,7 @@ def test_posterior_rounding_known_answer():
 
 @pytest.mark.parametrize("radius, target", [(1.0, 5), (2.0, 7), (4.0, 11), (8.0, 17)])
 def test_relative_family_meets_the_degree_targets(radius, target):
-    from attnbound.api import certified_degree
+    from attnbound.families import certified_degree
 
     kw = dict(d=8, n_k=2**16, value_range=8.0, max_abs_value=4.0)
     c = certified_degree("relative", radius, 1e-3, **kw) or \

@@ -8,7 +8,7 @@ import torch
 
 from attnbound import attention
 from attnbound.decoding import DecodingState
-from attnbound.features import feature_rank
+from attnbound.engines.monomials import feature_rank
 
 from conftest import reference_softmax
 
@@ -215,11 +215,10 @@ def test_bad_arguments_raise_naming_them():
 
 @pytest.mark.parametrize("d,degree", [(1, 0), (1, 4), (3, 1), (3, 5), (8, 3)])
 def test_few_row_features_equal_the_engine_features(rng, d, degree):
-    from attnbound.decoding import _feature_plan, few_row_features
-    from attnbound.features import monomial_features
+    from attnbound.engines.monomials import few_row_features, gather_plan, monomial_features
 
     x = torch.randn(2, 5, d, generator=rng, dtype=torch.float64)
-    got = few_row_features(x, _feature_plan(d, degree, x.device))
+    got = few_row_features(x, gather_plan(d, degree, x.device))
     assert got.shape == (2, feature_rank(d, degree), 5)
     assert torch.equal(got, monomial_features(x, degree))
 

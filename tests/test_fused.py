@@ -1,4 +1,4 @@
-"""The fused feature kernels against the pure-torch engine (attnbound.features), at every tile boundary.
+"""The fused feature kernels against the pure-torch engine (attnbound.engines.features), at every tile boundary.
 
 Every kernel output is allocated NaN-filled (fused._POISON) so an entry the kernel forgets to write
 shows up as NaN. All tests use d_v + 1 = 3 columns so only one set of kernels is compiled.
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnbound import features, fused
+from attnbound.engines import features, fused, monomials
 
 C = 3  # columns of [V, 1]: d_v = 2
 TILES = (fused.KEY_TILE, fused.QUERY_TILE, fused.CAUSAL_TILE)
@@ -26,7 +26,7 @@ def make(n, d, degree, batch=(), seed=0, scale=0.5):
     k = scale * torch.randn(*batch, n, d, generator=g, dtype=torch.float64)
     vv = features.weighted_values(torch.randn(*batch, n, C - 1, generator=g, dtype=torch.float64))
     coeffs = np.random.default_rng(seed).standard_normal(degree + 1)  # signs mixed on purpose
-    w = torch.as_tensor(features.monomial_weights(coeffs, d))
+    w = torch.as_tensor(monomials.monomial_weights(coeffs, d))
     return q, k, vv, w
 
 
@@ -44,9 +44,9 @@ def test_poison_fills_nan():
 
 @pytest.mark.parametrize("d,degree", [(1, 4), (3, 0), (3, 1), (2, 6), (5, 3)])
 def test_dfs_order_is_the_engine_monomials(d, degree):
-    idx, dep, var = fused.dfs_order(d, degree)
-    alpha = features.monomial_exponents(d, degree)
-    r = features.feature_rank(d, degree)
+    idx, dep, var = monomials.dfs_order(d, degree)
+    alpha = monomials.monomial_exponents(d, degree)
+    r = monomials.feature_rank(d, degree)
     assert sorted(idx.tolist()) == list(range(1, r))  # every non-constant monomial exactly once
     last = {0: 0}  # degree -> engine index of the latest entry of that degree
     for a, j, i in zip(idx, dep, var):
@@ -55,7 +55,7 @@ def test_dfs_order_is_the_engine_monomials(d, degree):
         assert np.array_equal(np.delete(alpha[a], i), np.delete(parent, i))
         assert not alpha[a][i + 1:].any()  # i is the largest variable, so the parent's is ≤ i
         last[j] = a
-    items = fused.dfs_items(d, degree)
+    items = monomials.dfs_items(d, degree)
     paired = items[items[:, 3] >= 0]
     assert sorted(items[:, 0].tolist() + paired[:, 3].tolist()) == list(range(1, r))
     assert (paired[:, 1] == degree).all()
@@ -114,7 +114,7 @@ def test_batch_broadcasting():
     q = 0.5 * torch.randn(3, n, d, generator=g, dtype=torch.float64)
     k = 0.5 * torch.randn(2, 1, n, d, generator=g, dtype=torch.float64)
     vv = torch.randn(1, 3, n, C, generator=g, dtype=torch.float64)
-    w = torch.as_tensor(features.monomial_weights(np.array([1.0, -0.5, 0.25, 0.125]), d))
+    w = torch.as_tensor(monomials.monomial_weights(np.array([1.0, -0.5, 0.25, 0.125]), d))
     ref = features.key_state(k, vv, degree=degree, weights=w, chunk=32)
     close(fused.key_state(k, vv, degree=degree, weights=w), ref)
     close(fused.state_readout(q, ref, degree=degree), features.state_readout(q, ref, degree=degree, chunk=32))
@@ -137,22 +137,23 @@ def test_column_groups(monkeypatch, width):
           features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=64))
 
 
-def test_weights_of_a_polynomial_and_fallback():
+def test_weights_of_a_polynomial_and_refusal():
     d, degree = 3, 4
     coeffs = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
-    got = fused.polynomial_of_weights(features.monomial_weights(coeffs, d), d, degree)
+    got = monomials.polynomial_of_weights(monomials.monomial_weights(coeffs, d), d, degree)
     assert np.array_equal(got, coeffs)
     q, k, vv, _ = make(130, d, degree, seed=5)
-    r = features.feature_rank(d, degree)
+    r = monomials.feature_rank(d, degree)
     w = torch.rand(r, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # no polynomial behind it
-    assert fused.polynomial_of_weights(w.numpy(), d, degree) is None
-    close(fused.causal_readout(q, k, vv, degree=degree, weights=w),
-          features.causal_readout(q, k, vv, degree=degree, weights=w, chunk=64))
+    assert monomials.polynomial_of_weights(w.numpy(), d, degree) is None
+    # the causal triangle is Horner's rule in ⟨q, k⟩: other weights are the torch engine's (it takes any)
+    with pytest.raises(ValueError, match="weights"):
+        fused.causal_readout(q, k, vv, degree=degree, weights=w)
 
 
 def test_empty_inputs():
     q, k, vv, w = make(0, 3, 2)
-    r = features.feature_rank(3, 2)
+    r = monomials.feature_rank(3, 2)
     assert torch.equal(fused.key_state(k, vv, degree=2, weights=w), torch.zeros(r, C, dtype=torch.float64))
     assert fused.state_readout(q, torch.ones(r, C, dtype=torch.float64), degree=2).shape == (0, C)
     assert fused.causal_readout(q, k, vv, degree=2, weights=w).shape == (0, C)
@@ -227,8 +228,8 @@ def test_causal_zero_one_key_weights_take_the_fused_kernel(monkeypatch, n, lead)
 def test_fused_items_cover_every_monomial_once_and_join_parents_to_first_children(d, degree):
     """The joined item list visits the same monomials as the depth-first order, each once, and a joined
     child is the next monomial of the walk, one degree deeper, on the same variable (its first child)."""
-    idx, dep, var = fused.dfs_order(d, degree)
-    items = fused.fused_items(d, degree)
+    idx, dep, var = monomials.dfs_order(d, degree)
+    items = monomials.fused_items(d, degree)
     seen = [int(x) for row in items for x in (row[0], row[3], row[5], row[7]) if x >= 0]
     assert sorted(seen) == sorted(int(x) for x in idx) and len(seen) == len(idx)
     assert seen == [int(x) for x in idx]  # the walk's order is kept

@@ -1,7 +1,7 @@
 """The relative-error family: the shipped table and the verifier that proved it, checked independently.
 
 The independent check (``independent_max``) finds the true max_{|u|≤1} |P(u)e^{−Ru} − 1| a different
-way from :func:`attnbound.relative.relative_error_bound`: the interior extrema of r(u) = P(u)e^{−Ru} − 1
+way from :func:`attnbound.families.relative_table.relative_error_bound`: the interior extrema of r(u) = P(u)e^{−Ru} − 1
 are the real roots of the polynomial Q = P' − R·P (r' = e^{−Ru}·Q), which sympy isolates exactly in
 rational arithmetic (intervals of width ≤ 1e−30); r is evaluated at the interval ends and at ±1 with
 mpmath at 300 bits, plus the Lipschitz margin width·e^R·Σ|q_j| — so it is the maximum to ~1e−30.
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import sympy
 
-from attnbound import relative as rel
-from attnbound.chebyshev import chebyshev_error
-from attnbound.taylor import taylor_coefficients
+from attnbound.families import relative as rel
+from attnbound.families import relative_table as build
+from attnbound.families.chebyshev import chebyshev_error, chebyshev_to_monomial
+from attnbound.families.taylor import taylor_coefficients
 
 
 def _eval(coeffs, x):
@@ -79,8 +80,8 @@ def _stress_polynomials():
     """Polynomials with known trouble: low-degree Taylor (large error), a minimax one, and a perturbed one."""
     cases = [(taylor_coefficients(1.0, 2), 1.0), (np.array([1.0]), 1.0),  # e^{-u} − 1: max e − 1
              (taylor_coefficients(3.0, 6), 3.0)]
-    cheb, _, _ = rel.remez(2.0, 6)
-    a = rel.chebyshev_to_monomial(cheb)
+    cheb, _, _ = build.remez(2.0, 6)
+    a = chebyshev_to_monomial(cheb)
     cases.append((a, 2.0))
     b = a.copy()
     b[3] *= 1 + 1e-3
@@ -96,7 +97,7 @@ def test_verifier_bounds_the_true_maximum(case, config):
     sampled maximum would fall below the true maximum), and tight (≤ 3.5 %) with the defaults."""
     coeffs, radius = _stress_polynomials()[case]
     true_lo, true_hi = independent_max(coeffs, radius)
-    upper, lower = rel.relative_error_bound(coeffs, radius, **config)
+    upper, lower = build.relative_error_bound(coeffs, radius, **config)
     assert lower <= true_hi
     assert upper >= true_lo
     if not config:
@@ -106,7 +107,7 @@ def test_verifier_bounds_the_true_maximum(case, config):
 def test_verifier_flags_a_polynomial_that_goes_negative():
     """1 + x on [−2, 2] (u-coefficients [1, 2]) is negative at x = −2: the bound must be ≥ 1 there."""
     coeffs = np.array([1.0, 2.0])
-    upper, _ = rel.relative_error_bound(coeffs, 2.0)
+    upper, _ = build.relative_error_bound(coeffs, 2.0)
     assert upper >= 1.0
     lo, hi = independent_max(coeffs, 2.0)
     assert upper >= lo and hi == pytest.approx(1.0 + math.exp(2.0), rel=1e-12)
@@ -114,11 +115,11 @@ def test_verifier_flags_a_polynomial_that_goes_negative():
 
 def test_verifier_rejects_bad_input():
     with pytest.raises(ValueError, match="coefficients"):
-        rel.relative_error_bound([], 1.0)
+        build.relative_error_bound([], 1.0)
     with pytest.raises(ValueError, match="coefficients"):
-        rel.relative_error_bound([1.0, float("nan")], 1.0)
+        build.relative_error_bound([1.0, float("nan")], 1.0)
     with pytest.raises(ValueError, match="radius"):
-        rel.relative_error_bound([1.0], -1.0)
+        build.relative_error_bound([1.0], -1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Exact attention through torch SDPA (attnbound.sdpa): same function as the project's kernels, the
+"""Exact attention through torch SDPA (attnbound.engines.sdpa): same function as the project's kernels, the
 any-order rounding certificate (known answers, measured error vs a long-double reference on
 adversarial inputs), and the exponential accuracy the certificate assumes of SDPA."""
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import attnbound
 from attnbound.certificate import underflow_unit, unit_roundoff
-from attnbound.exact import blockwise_attention, dense_attention
-from attnbound.sdpa import SDPA_EXP_ULPS, sdpa_attention, sdpa_candidate, sdpa_certificate
+from attnbound.engines.reference import blockwise_attention, dense_attention
+from attnbound.engines.sdpa import SDPA_EXP_ULPS, sdpa_attention, sdpa_candidate, sdpa_certificate
 from attnbound.stats import shift_mask
 from reference import long_double_attention, max_error
 

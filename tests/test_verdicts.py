@@ -30,7 +30,7 @@ def test_count_ops_known_answers():
 
 def test_count_ops_sees_the_feature_engine_products():
     import attnbound
-    from attnbound import fused
+    from attnbound.engines import fused
 
     q, k, v = (torch.randn(1024, 4, dtype=torch.float64) * 0.3 for _ in range(3))
     before = fused.available
@@ -163,7 +163,7 @@ def test_head_ratio_is_one_for_independent_heads():
 
 
 def test_log_tail_matches_the_certified_tail():
-    from attnbound.chebyshev import chebyshev_error
+    from attnbound.families.chebyshev import chebyshev_error
 
     for radius in (0.5, 3.0, 10.0):
         for g in (2, 8, 20):
@@ -467,7 +467,7 @@ def test_minilm_radii_verdict():
 
 
 def test_minilm_relative_need_is_the_certified_degree():
-    from attnbound.api import certified_degree
+    from attnbound.families import certified_degree
 
     stats = dict(d=32, n=40, value_range=6.0, max_abs_value=3.0)
     g, lr, how = minilm.relative_need(2.0, **stats)

@@ -38,6 +38,12 @@ import torch
 U64 = 2.0**-53
 
 
+class CertificateMiss(ValueError):
+    """A run chosen on its a-priori terms whose a-posteriori certificate (measured on the input) misses eps.
+
+    ``method="auto"`` moves on to its next candidate; a fixed method raises it (a ValueError saying why)."""
+
+
 def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2.0
 
@@ -73,6 +79,7 @@ class Certificate:
     output_error_bound: float = 0.0
     eps: float | None = None
     compute_dtype: str | None = None
+    engine: str | None = None  # which engine computed the output (attnbound.engines.registry)
 
     @property
     def certified(self) -> bool:
@@ -250,4 +257,5 @@ def exact_certificate(
     rounding = _finite_or_inf(rounding)
     return Certificate(method="exact", kind=kind, eta=eta, value_range=value_range, max_abs_value=max_abs_value,
                        approximation_bound=0.0, rounding_bound=rounding, output_error_bound=rounding, eps=eps,
-                       compute_dtype=str(compute_dtype).replace("torch.", ""))
+                       compute_dtype=str(compute_dtype).replace("torch.", ""),
+                       engine="dense" if block is None else "blockwise")

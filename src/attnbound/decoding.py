@@ -1,4 +1,4 @@
-"""Autoregressive decoding with a certified constant-size state (SPEC §2, §3, §6).
+"""Autoregressive decoding with a certified constant-size state (docs/theory.md §2, §3, §6).
 
 With P(x) = Σ_j a_j (x/R)^j approximating exp on [−R, R] (an approximation family of
 :mod:`attnbound.families`), the feature engine writes P(s⟨q, k⟩) = ⟨φ(q'), w ⊙ φ(k')⟩ with q' = α_q·q,
@@ -50,47 +50,21 @@ query see every appended key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from . import validation as val
-from .api import attention, certified_degree, degree_certificate, polynomial_setup
+from .api import attention
 from .certificate import Certificate
-from .families import MAX_FEATURE_RADIUS, family
-from .features import (CAUSAL_TILE, chunk_rows, causal_readout, feature_rank, key_state, monomial_weights,
-                       normalize_readout, state_readout, weighted_values)
+from .engines.monomials import feature_rank, few_row_features, gather_plan, monomial_weights
+from .families import MAX_FEATURE_RADIUS, certified_degree, degree_certificate, family, polynomial_setup
+from .engines.features import (CAUSAL_TILE, causal_readout_on, chunk_rows, engine_for, key_state_on,
+                               normalize_readout, readout_on, weighted_values)
 
 VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the largest |v| seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
-
-
-def _feature_plan(d: int, degree: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per degree j ≥ 1: (parent rows, variables) such that φ_m = φ_parent(m)·x_var(m) for the block of degree j.
-
-    The engine's order (:func:`attnbound.features.monomial_features`): the degree-j monomials whose largest
-    variable is i are x_i times the first C(i+j−1, j−1) monomials of degree j−1.
-    """
-    plan, prev_off, off = [], 0, 1
-    for j in range(1, degree + 1):
-        parents, variables = [], []
-        for i in range(d):
-            c = math.comb(i + j - 1, j - 1)
-            parents += range(prev_off, prev_off + c)
-            variables += [i] * c
-        plan.append((torch.tensor(parents, device=device), torch.tensor(variables, device=device)))
-        prev_off, off = off, off + len(parents)
-    return plan
-
-
-def few_row_features(x: torch.Tensor, plan) -> torch.Tensor:
-    """The engine's monomial features of a few rows x (..., t, d) as (..., r, t): one gather and one multiply
-    per degree instead of d small multiplies (a decoding step's features are launch-bound, not flop-bound)."""
-    xt = x.transpose(-1, -2)
-    feats = torch.ones_like(xt[..., :1, :])
-    for parents, variables in plan:
-        feats = torch.cat([feats, feats.index_select(-2, parents) * xt.index_select(-2, variables)], -2)
-    return feats
 
 
 class DecodingState:
@@ -343,7 +317,7 @@ class DecodingState:
         coeffs, aq, ak = polynomial_setup(method, self.radius, g, d=self.d, bound=self.bound, norms=self.norms)
         w = torch.as_tensor(monomial_weights(coeffs, self.d), dtype=torch.float64, device=self.device)
         self._fixed = (method, len(coeffs) - 1, w, aq, ak, chunk_rows(max(1, math.prod(self.batch_shape)), r))
-        self._rows = _feature_plan(self.d, len(coeffs) - 1, self.device)
+        self._rows = gather_plan(self.d, len(coeffs) - 1, self.device)
         self._state = torch.zeros((*self.batch_shape, r, self.d_v + 1), dtype=torch.float64, device=self.device)
         if self.n:
             self._add_keys(self._k[..., : self.n, :], self._v[..., : self.n, :])
@@ -351,7 +325,8 @@ class DecodingState:
 
     def _add_keys(self, k: torch.Tensor, v: torch.Tensor) -> None:
         _, g, w, _, ak, chunk = self._fixed
-        self._state += key_state(k.double() * ak, weighted_values(v.double()), degree=g, weights=w, chunk=chunk)
+        kd, vv = k.double() * ak, weighted_values(v.double())
+        self._state += key_state_on(engine_for(kd, vv, is_causal=False), kd, vv, degree=g, weights=w, chunk=chunk)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add t keys ``(*batch_shape, t, d)`` and values ``(*batch_shape, t, d_v)``.
@@ -401,7 +376,10 @@ class DecodingState:
                              method="exact", eps=self.eps, return_certificate=True)
         cert = self._certificate(q.dtype, self.n, self._hi, self._lo)
         _, g, _, aq, _, chunk = self._fixed
-        return self._finish(state_readout(q.double() * aq, self._state, degree=g, chunk=chunk)), cert
+        qd = q.double() * aq
+        engine = engine_for(qd, self._state, is_causal=False)
+        out = self._finish(readout_on(engine, qd, self._state, degree=g, chunk=chunk))
+        return out, dataclasses.replace(cert, engine=engine)
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, Certificate]:
         """Causal decoding of t new tokens: append their keys and values, answer their t queries.
@@ -446,12 +424,15 @@ class DecodingState:
             fkw = few_row_features(kd, self._rows) * w.unsqueeze(-1)
             num = torch.tril(fq @ fkw) @ vv + fq @ self._state
             self._state += fkw @ vv
+            engine = "torch"
         else:
-            num = causal_readout(q.double() * aq, kd, vv, degree=g, weights=w, chunk=chunk,
-                                 state=self._state if n0 else None)
-            self._state += key_state(kd, vv, degree=g, weights=w, chunk=chunk)
+            qd = q.double() * aq
+            engine = engine_for(qd, kd, vv, is_causal=True)
+            num = causal_readout_on(engine, qd, kd, vv, degree=g, weights=w, chunk=chunk,
+                                    state=self._state if n0 else None)
+            self._state += key_state_on(engine, kd, vv, degree=g, weights=w, chunk=chunk)
         self.n += t
-        return self._finish(num), cert
+        return self._finish(num), dataclasses.replace(cert, engine=engine)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch entries ``index`` (along the first batch dim, as beam search reorders its beams).

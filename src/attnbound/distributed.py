@@ -32,21 +32,22 @@ and no ``attn_mask`` (use ``is_causal``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 
 from . import validation as val
-from .families import family, fixed_degree
-from .api import _finish, _scaled, _times_pow2, choose_certificate, degree_certificate, polynomial_setup
 from .certificate import exact_certificate
-from .planner import exact_candidate, exact_eps_reason
-from .exact import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
-from .planner import default_memory_budget
+from .engines.features import (causal_readout_on, chunk_rows, engine_for, feature_memory_bytes, key_state_on,
+                               normalize_readout, readout_on, weighted_values)
+from .engines.monomials import feature_rank, monomial_weights
+from .engines.reference import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
+from .families import choose_certificate, degree_certificate, family, fixed_degree, polynomial_setup
+from .numerics import finish, normalised, scale_values, times_pow2
+from .planner import default_memory_budget, exact_candidate, exact_eps_reason
 from .stats import InputStats, row_norms, value_extremes
-from .features import (causal_readout, chunk_rows, feature_memory_bytes, feature_rank, key_state,
-                         monomial_weights, normalize_readout, state_readout, weighted_values)
 
 METHODS = ("exact",) + val.FEATURE_METHODS
 _LAST = {"bytes_sent": 0, "bytes_received": 0, "messages": 0}
@@ -187,13 +188,13 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
     cert = exact_certificate(kind="softmax", logit_bound=logit, d=d, n_k=n, blocks=sum(-(-x // block) for x in lengths),
                              block=block, value_range=st.value_range, max_abs_value=st.max_abs_value,
                              compute_dtype=getattr(torch, cert.compute_dtype), out_dtype=q.dtype, scale=s, eps=eps)
+    cert = dataclasses.replace(cert, engine="blockwise ring")
     if max(logit, st.q_norm * st.k_norm) * 8.0 > float(torch.finfo(torch.float64).max):
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64")
     if eps is not None and not cert.output_error_bound <= eps:
         raise ValueError(exact_eps_reason(cert, eps, q.dtype))
     cd = getattr(torch, cert.compute_dtype)
-    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value * n * 4.0 > float(torch.finfo(cd).max) else 0
-    v = _times_pow2(v.to(cd), -vexp)
+    v, vexp = scale_values(v, st.max_abs_value, n, cd)
     qc = q.to(cd)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     d, d_v, n_r = q.shape[-1], v.shape[-1], q.shape[-2]
@@ -229,7 +230,7 @@ def _ring(q, k, v, *, s, is_causal, lengths, me, world, group, block, eps, retur
             for work in pending:
                 work.wait()
             kv = incoming
-    out = _finish(_times_pow2(finish_online_softmax(l, acc), vexp), st.max_abs_value, q.dtype)
+    out = finish(times_pow2(finish_online_softmax(l, acc), vexp), st.max_abs_value, q.dtype)
     return (out, cert) if return_certificate else out
 
 
@@ -256,24 +257,25 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
         raise ValueError(f"memory_budget: {method} degree {g} needs rank r={r}; " + "; ".join(
             f"rank {i} needs about {nd / 2**20:.1f} MiB (budget {b / 2**20:.1f} MiB)" for i, nd, b in over))
     coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(st.q_norm, st.k_norm))
-    qd = _scaled(q, aq).expand(*batch, *q.shape[-2:])
-    kd = _scaled(k, ak).expand(*batch, *k.shape[-2:])
+    qd = normalised(q, aq).expand(*batch, *q.shape[-2:])
+    kd = normalised(k, ak).expand(*batch, *k.shape[-2:])
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
-    vv = weighted_values(_times_pow2(v.double(), -vexp).expand(*batch, *v.shape[-2:]))  # |v| ≤ 1, exactly
+    vv = weighted_values(times_pow2(v.double(), -vexp).expand(*batch, *v.shape[-2:]))  # |v| ≤ 1, exactly
     deg = len(coeffs) - 1
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=torch.float64, device=q.device)
-    state = key_state(kd, vv, degree=deg, weights=w, chunk=chunk).contiguous()
+    engine = engine_for(qd, kd, vv, is_causal=is_causal)
+    state = key_state_on(engine, kd, vv, degree=deg, weights=w, chunk=chunk).contiguous()
     nbytes = state.numel() * 8
     if not is_causal:
         dist.all_reduce(state, op=dist.ReduceOp.SUM, group=group)
         _count(nbytes, nbytes, world=world)
-        num = state_readout(qd, state, degree=deg, chunk=chunk)
+        num = readout_on(engine, qd, state, degree=deg, chunk=chunk)
     else:
         states = [torch.empty_like(state) for _ in range(world)]
         dist.all_gather(states, state, group=group)
         _count(nbytes, nbytes * world, world=world)
         prefix = sum(states[:me]) if me > 0 else None
-        num = causal_readout(qd, kd, vv, degree=deg, weights=w, chunk=chunk, state=prefix)
+        num = causal_readout_on(engine, qd, kd, vv, degree=deg, weights=w, chunk=chunk, state=prefix)
     # the a-posteriori rounding bound divides by the smallest row sum of the whole sequence: one all_reduce(MIN)
     den = num[..., d_v]
     low = torch.tensor([float(den.min()) if den.numel() else math.inf], dtype=torch.float64, device=q.device)
@@ -282,9 +284,10 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     cert = degree_certificate(method, radius, g, d=d, n_k=n, value_range=st.value_range,
                               max_abs_value=st.max_abs_value, radius_source=source, out_dtype=q.dtype, eps=eps,
                               min_denominator=float(low))
+    cert = dataclasses.replace(cert, engine=engine)
     if eps is not None and not cert.output_error_bound <= eps:
         raise ValueError(f"eps: {method} {family(method).degree_name} {g}: the float64 rounding bound measured on this "
                          f"input is {cert.rounding_bound:.3g}, so the bound {cert.output_error_bound:.3g} misses "
                          f"eps={eps:g}; pass a larger eps or use method='exact'")
-    out = _finish(_times_pow2(normalize_readout(num, d_v), vexp), st.max_abs_value, q.dtype)
+    out = finish(times_pow2(normalize_readout(num, d_v), vexp), st.max_abs_value, q.dtype)
     return (out, cert) if return_certificate else out

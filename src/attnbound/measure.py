@@ -3,7 +3,7 @@
     error = max_{b, i, c} |out_bic − Att(Q, K, V)_bic|,   Att = D⁻¹ exp(s·QKᵀ + M) V
 
 over every query row i that sees at least one key. The reference Att is computed in float64 by
-online softmax over key blocks (:func:`attnbound.exact.blockwise_attention`): Θ(n_q·n_k·(d + d_v))
+online softmax over key blocks (:func:`attnbound.engines.reference.blockwise_attention`): Θ(n_q·n_k·(d + d_v))
 operations per batch entry, and O((n_q + n_k)·(d + d_v)) memory for the float64 copies plus
 O(block·(block + n_k)) per batch entry for the tiles and the row-visibility check — never an
 n_q × n_k matrix. The float64 reference itself is within a few hundred units of float64 rounding
@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import validation as val
-from .exact import blockwise_attention
+from .engines.reference import blockwise_attention
 
 LAYOUTS = ("bhnd", "bnhd")
 LAYOUT_SHAPES = {"bhnd": "(batch, heads, n, d)", "bnhd": "(batch, n, heads, d)"}

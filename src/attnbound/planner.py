@@ -11,7 +11,7 @@ engine would allocate, and a predicted time from a cost model:
 
 The constants are *measured*, not guessed: :func:`calibrate` times the calls ``method="auto"``
 would make — ``attention(method="exact")`` (torch's fused SDPA kernel on the CPU,
-:mod:`attnbound.sdpa`) at two head dims and ``attention(method="polynomial")`` at two value
+:mod:`attnbound.engines.sdpa`) at two head dims and ``attention(method="polynomial")`` at two value
 widths — and solves for them. ``attnbound calibrate`` writes them to a JSON file
 (:func:`cost_model_path`: ``$ATTNBOUND_COST_MODEL``, else ``~/.cache/attnbound/cost_model.json``)
 that :func:`default_cost_model` reads whenever :func:`plan` gets no ``cost_model``; without a
@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pathlib
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
@@ -41,9 +40,11 @@ import torch
 
 from . import validation as val
 from .certificate import Certificate, exact_certificate, unit_roundoff
-from .exact import DEFAULT_BLOCK, use_dense
+from .engines import registry
+from .engines.reference import DEFAULT_BLOCK, use_dense
+from .engines.monomials import feature_rank
+from .engines.features import CAUSAL_TILE, chunk_rows, feature_memory_bytes
 from .families import FAMILIES, degree_certificate
-from .features import CAUSAL_TILE, chunk_rows, feature_memory_bytes, feature_rank
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class Candidate:
     certificate: Certificate | None = None
     provisional: bool = False  # approximation ≤ eps/2; the run's own a-posteriori rounding bound must do the rest
     variant: str = ""  # how the radius was shrunk (centring, heavy tokens exact), for feature candidates
+    engine: str | None = None  # the engine that would run it (attnbound.engines.registry)
+    rejected: dict = field(default_factory=dict)  # faster engines passed over: name -> reasons
 
 
 # measured (n = 2^17, d = 8, rank 3003, one thread): the torch causal engine 4.5 s against the fused kernel's 0.53 s
@@ -281,8 +284,9 @@ def plan(
     key_log_weight: float | None = None,
     radius_source: str = "data",
     variants: list[Variant] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Plan:
-    """Plan the ``method="auto"`` run: every candidate's real certificate, rank and predicted cost.
+    """Plan the ``method="auto"`` run: every candidate's real certificate, rank, engine and predicted cost.
 
     ``radius`` bounds |s⟨q,k⟩| over all pairs; ``value_range``/``max_abs_value`` describe V
     (defaults: entries in [−1, 1]); ``logit_bound`` bounds |logit| for the exact candidate's
@@ -290,125 +294,131 @@ def plan(
     ``key_log_weight`` the ℓ2 key log-weights (s·max‖k‖²). Returns a :class:`Plan` whose ``choice``
     is the cheapest candidate with error ≤ eps that fits ``memory_budget`` bytes. Exact is computed
     in float64 when the input precision's rounding bound would exceed eps (and costs twice as
-    much); when no candidate is certified, raises ValueError saying why.
+    much); when no candidate is certified, raises ValueError saying why. Each candidate names the
+    engine that would run it and why faster engines were passed over (:mod:`attnbound.engines.registry`).
     """
-    for name, v in (("n_q", n_q), ("n_k", n_k), ("d", d), ("d_v", d_v), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    for name, v in (("radius", radius), ("value_range", value_range), ("max_abs_value", max_abs_value)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be positive and finite, got {eps!r}")
+    _check_plan_args(n_q=n_q, n_k=n_k, d=d, d_v=d_v, batch=batch, radius=radius, value_range=value_range,
+                     max_abs_value=max_abs_value, eps=eps)
     if logit_bound is None:
         if kind == "l2":
             raise ValueError("logit_bound: ℓ2 attention needs the exact logit bound s·(max‖q‖ + max‖k‖)²")
         logit_bound = radius
+    shape = _Shape(batch, n_q, n_k, d, d_v, is_causal, kind, str(torch.device(device).type), requires_grad)
     cm = cost_model or default_cost_model()
     budget = memory_budget if memory_budget is not None else default_memory_budget()
-    radius = float(radius)
-    dense = use_dense(batch, n_q, n_k)
-    block = None if dense else DEFAULT_BLOCK
-    from .sdpa import sdpa_candidate, sdpa_memory_bytes  # method="exact" runs SDPA on the CPU when it meets eps
-
-    common = dict(kind=kind, logit_bound=float(logit_bound), mask_span=mask_span, d=d, n_k=n_k,
-                  scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
-                  max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
-    ex = sdpa_candidate(**common)
-    on_sdpa = ex.output_error_bound <= eps
-    if not on_sdpa:  # then the blockwise kernel, whose bound is tighter
-        ex = exact_candidate(block=block, **common)
-    item = 8 if ex.compute_dtype == "float64" else 4
-    slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
-    mem = sdpa_memory_bytes(batch, n_q, n_k, d_v, item) if on_sdpa else exact_memory_bytes(batch, n_q, n_k, d_v,
-                                                                                            block, item)
-    exact = Candidate("exact", None, None, ex.output_error_bound,
-                      slow * cm.exact_seconds(batch, n_q, n_k, d, d_v, is_causal), mem,
-                      ex.output_error_bound <= eps, mem <= budget, ex)
+    exact = _exact_candidate(shape, cm, budget, eps=eps, logit_bound=float(logit_bound), mask_span=mask_span,
+                             scale=scale, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype)
     candidates = [exact]
-    for var in variants or [Variant("plain", radius, key_log_weight=key_log_weight)]:
-        feasible = var.radius <= 700.0 and var.radius + math.log(n_k + 1.0) + 4.0 < 709.0
-        # heavy tokens: h key columns for every query row and h query rows against every key, exactly
-        extra = (cm.exact_seconds(batch, n_q, var.heavy, d, d_v) + cm.exact_seconds(batch, var.heavy, n_k, d, d_v)
-                 if var.heavy else 0.0) + (cm.c_op * 8 if var.centre else 0.0)
-        for fam in FAMILIES.values():
-            if not feasible:
-                break
-            for g in fam.degrees():
-                r = feature_rank(d, g)
-                mem = feature_memory_bytes(batch, n_q, n_k, d, d_v, r, chunk_rows(batch, r),
-                                           is_causal=is_causal, requires_grad=requires_grad)
-                cert = degree_certificate(fam.name, var.radius, g, d=d, n_k=n_k, value_range=value_range,
-                                          max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
-                                          out_dtype=out_dtype, eps=eps, key_log_weight=var.key_log_weight,
-                                          exact_eta=var.exact_eta)
-                err = cert.output_error_bound
-                provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
-                secs = cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal)
-                if is_causal and (var.centre or var.key_log_weight is not None):
-                    secs *= CAUSAL_WEIGHTED_SLOWDOWN  # per-key weights under is_causal: the torch reference engine
-                secs += extra
-                cand = Candidate(fam.name, g, r, err, secs, mem, err <= eps, mem <= budget, cert, provisional,
-                                 var.label)
-                candidates.append(cand)
-                if cand.certified or provisional or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
-                    break
+    for var in variants or [Variant("plain", float(radius), key_log_weight=key_log_weight)]:
+        candidates += _feature_candidates(shape, cm, budget, var, exact, eps=eps, value_range=value_range,
+                                          max_abs_value=max_abs_value, out_dtype=out_dtype,
+                                          radius_source=radius_source)
     usable = [c for c in candidates if (c.certified or c.provisional) and c.fits_memory]
     if not usable:
-        dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)
-        if dtype_why:
-            raise ValueError(dtype_why)
-        why = (f"exact attention's worst-case rounding bound is {exact.error_bound:.3g} even in "
-               f"{ex.compute_dtype}" if not exact.certified else
-               f"exact attention needs about {exact.memory_bytes / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
-        raise ValueError(f"eps={eps:g}: no candidate is certified within the memory budget: {why}, and no "
-                         f"approximation up to the degree caps meets eps at radius R={radius:.4g}; pass a larger "
-                         f"eps or memory_budget")
+        raise ValueError(_nothing_certified(exact, eps, budget, float(radius), max_abs_value, out_dtype))
     choice = min(usable, key=lambda c: (c.seconds, c.provisional))
     return Plan(choice=choice, candidates=candidates, eps=float(eps), radius=float(radius))
 
 
-def calibrate(repeats: int = 5) -> CostModel:
-    """Measure the cost-model constants on this machine (a few seconds): the public calls ``auto`` chooses
-    between, so validation, statistics and certificates are in the figures. :meth:`CostModel.save`
-    (or ``attnbound calibrate``) stores them where :func:`plan` finds them.
+@dataclass(frozen=True)
+class _Shape:
+    batch: int
+    n_q: int
+    n_k: int
+    d: int
+    d_v: int
+    is_causal: bool
+    kind: str
+    device: str
+    requires_grad: bool
 
-    Each pair of runs that a constant is solved from is timed alternately (a, b, a, b, …; best of
-    ``repeats`` each), so a change of load on a shared machine hits both sides of the difference.
-    """
 
-    def best_pair(fa, fb):
-        fa(), fb()  # warm-up (a compiled kernel may build here)
-        ta = tb = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fa()
-            t1 = time.perf_counter()
-            fb()
-            t2 = time.perf_counter()
-            ta, tb = min(ta, t1 - t0), min(tb, t2 - t1)
-        return ta, tb
+def _check_plan_args(*, eps, **sizes) -> None:
+    for name in ("n_q", "n_k", "d", "d_v", "batch"):
+        v = sizes[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name in ("radius", "value_range", "max_abs_value"):
+        v = sizes[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be positive and finite, got {eps!r}")
 
-    from .api import attention
 
-    gen = torch.Generator().manual_seed(0)
-    n, (d1, d2) = 2048, (16, 128)
-    # exact (torch SDPA): two head dims separate the per-pair cost from the per-multiply-add cost
-    qkv = [[torch.randn(1, 1, n, d, generator=gen) for _ in range(3)] for d in (d1, d2)]
-    t1, t2 = best_pair(lambda: attention(*qkv[0]), lambda: attention(*qkv[1]))
-    (x1, y1), (x2, y2) = (2 * d1, t1 / (n * n)), (2 * d2, t2 / (n * n))
-    c_mac = max((y2 - y1) / (x2 - x1), 1e-13)
-    c_pair = max(y1 - c_mac * x1, 1e-13)
-    # dispatch overhead per torch op
-    small = torch.randn(8, 8, dtype=torch.float64)
-    c_op = min(best_pair(lambda: [small * small for _ in range(200)], lambda: None)[0] / 200, 1e-4)
-    # polynomial attention at two value widths: the slope is the GEMM cost, the intercept the features
-    n_f, g = 4096, 6
-    r = feature_rank(8, g)
-    x = torch.randn(n_f, 8, dtype=torch.float64, generator=gen) / 3
-    vs = [torch.randn(n_f, d_v, dtype=torch.float64, generator=gen) for d_v in (1, 64)]
-    t1, t2 = best_pair(*(lambda v=v: attention(x, x, v, method="polynomial", degree=g, strict=False) for v in vs))
-    (x1, y1), (x2, y2) = (2, t1 / (2 * n_f * r)), (65, t2 / (2 * n_f * r))
-    c_mac_feat = max((y2 - y1) / (x2 - x1), 1e-13)
-    c_feat = max(y1 - c_mac_feat * x1, 1e-13)
-    return CostModel(c_pair=c_pair, c_mac=c_mac, c_feat=c_feat, c_mac_feat=c_mac_feat, c_op=c_op)
+def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bound, mask_span, scale,
+                     value_range, max_abs_value, out_dtype) -> Candidate:
+    """The exact candidate: SDPA with its any-order certificate when that meets eps, else the blockwise (or
+    dense) kernel, whose bound is tighter, in the input precision or float64."""
+    from .engines.sdpa import sdpa_candidate, sdpa_memory_bytes  # method="exact" runs SDPA when it meets eps
+
+    b, n_q, n_k, d, d_v = shape.batch, shape.n_q, shape.n_k, shape.d, shape.d_v
+    common = dict(kind=shape.kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k,
+                  scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
+                  max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
+    ex = sdpa_candidate(**common)
+    req = registry.Request("exact", shape.device, val.compute_dtype(out_dtype), "none", shape.is_causal,
+                           shape.requires_grad)
+    rejected = {"sdpa": registry.ENGINES["sdpa"].not_supported_reasons(req)}
+    if not ex.output_error_bound <= eps:
+        rejected["sdpa"].append(f"its any-order bound {ex.output_error_bound:.3g} > eps={eps:g}")
+    on_sdpa = not rejected["sdpa"]
+    if not on_sdpa:  # then the blockwise kernel, whose bound is tighter
+        ex = exact_candidate(block=None if use_dense(b, n_q, n_k) else DEFAULT_BLOCK, **common)
+    item = 8 if ex.compute_dtype == "float64" else 4
+    slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
+    mem = sdpa_memory_bytes(b, n_q, n_k, d_v, item) if on_sdpa else exact_memory_bytes(
+        b, n_q, n_k, d_v, None if use_dense(b, n_q, n_k) else DEFAULT_BLOCK, item)
+    return Candidate("exact", None, None, ex.output_error_bound, slow * cm.exact_seconds(b, n_q, n_k, d, d_v,
+                                                                                           shape.is_causal),
+                     mem, ex.output_error_bound <= eps, mem <= budget, ex, engine=ex.engine,
+                     rejected={} if on_sdpa else rejected)
+
+
+def _feature_candidates(shape: _Shape, cm: CostModel, budget: int, var: Variant, exact: Candidate, *, eps,
+                        value_range, max_abs_value, out_dtype, radius_source) -> list[Candidate]:
+    """Each family's degrees on one variant, from 0 up to the first certified (or provisional) one, one over
+    the budget, or one predicted 10× slower than exact."""
+    b, n_q, n_k, d, d_v, causal = shape.batch, shape.n_q, shape.n_k, shape.d, shape.d_v, shape.is_causal
+    if not (var.radius <= 700.0 and var.radius + math.log(n_k + 1.0) + 4.0 < 709.0):
+        return []
+    mask = "none" if var.key_log_weight is None and not var.centre else "key weights"
+    engine, rejected = registry.choose(registry.Request("features", shape.device, torch.float64, mask, causal,
+                                                        shape.requires_grad))
+    # heavy tokens: h key columns for every query row and h query rows against every key, exactly
+    extra = (cm.exact_seconds(b, n_q, var.heavy, d, d_v) + cm.exact_seconds(b, var.heavy, n_k, d, d_v)
+             if var.heavy else 0.0) + (cm.c_op * 8 if var.centre else 0.0)
+    out = []
+    for fam in FAMILIES.values():
+        for g in fam.degrees():
+            r = feature_rank(d, g)
+            mem = feature_memory_bytes(b, n_q, n_k, d, d_v, r, chunk_rows(b, r), is_causal=causal,
+                                       requires_grad=shape.requires_grad)
+            cert = degree_certificate(fam.name, var.radius, g, d=d, n_k=n_k, value_range=value_range,
+                                      max_abs_value=max_abs_value, kind=shape.kind, radius_source=radius_source,
+                                      out_dtype=out_dtype, eps=eps, key_log_weight=var.key_log_weight,
+                                      exact_eta=var.exact_eta)
+            err = cert.output_error_bound
+            provisional = not err <= eps and cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0
+            secs = cm.feature_seconds(b, n_q, n_k, d, d_v, g, causal)
+            if causal and (var.centre or var.key_log_weight is not None):
+                secs *= CAUSAL_WEIGHTED_SLOWDOWN  # per-key weights under is_causal: the torch engine's weighted walk
+            cand = Candidate(fam.name, g, r, err, secs + extra, mem, err <= eps, mem <= budget, cert, provisional,
+                             var.label, engine=engine, rejected=rejected)
+            out.append(cand)
+            if cand.certified or provisional or not cand.fits_memory or cand.seconds > 10 * exact.seconds:
+                break
+    return out
+
+
+def _nothing_certified(exact: Candidate, eps: float, budget: int, radius: float, max_abs_value: float,
+                       out_dtype: torch.dtype) -> str:
+    dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)
+    if dtype_why:
+        return dtype_why
+    why = (f"exact attention's worst-case rounding bound is {exact.error_bound:.3g} even in "
+           f"{exact.certificate.compute_dtype}" if not exact.certified else
+           f"exact attention needs about {exact.memory_bytes / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
+    return (f"eps={eps:g}: no candidate is certified within the memory budget: {why}, and no "
+            f"approximation up to the degree caps meets eps at radius R={radius:.4g}; pass a larger "
+            f"eps or memory_budget")

@@ -5,7 +5,8 @@ import sys
 import torch
 
 import attnbound
-from attnbound.features import chunk_rows, feature_memory_bytes, feature_rank
+from attnbound.engines.features import chunk_rows, feature_memory_bytes
+from attnbound.engines.monomials import feature_rank
 
 
 def status(field):

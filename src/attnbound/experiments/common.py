@@ -99,10 +99,10 @@ def count_ops(fn) -> tuple[OpCount, object]:
     """(operations executed by ``fn()``, its result). Deterministic: depends on shapes and the
     code path only. Counts forward and backward passes alike (CPU autograd runs in this thread).
 
-    The feature engine's fused kernels (:mod:`attnbound.fused`) do their arithmetic outside torch, where
+    The feature engine's fused kernels (:mod:`attnbound.engines.fused`) do their arithmetic outside torch, where
     no counter sees it; while counting they are switched off, so the engine runs its reference torch path
     (the same products, in torch operations)."""
-    from .. import fused
+    from ..engines import fused
 
     flops = FlopCounterMode(display=False)
     elem = _ElementwiseCounter()

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..api import certified_degree
+from ..families import certified_degree
 from ..families import family as _family
 from .common import Result, combine, new_figure
 

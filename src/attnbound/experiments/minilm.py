@@ -32,7 +32,7 @@ import os
 import numpy as np
 import torch
 
-from ..api import certified_degree
+from ..families import certified_degree
 from .common import Result, combine, new_figure
 from .radii import radii as call_radii
 from .transition import log_rank, needed_degree

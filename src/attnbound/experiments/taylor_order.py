@@ -23,7 +23,7 @@ import torch
 import attnbound
 
 from .common import Result, combine, count_ops, new_figure
-from ..exact import dense_attention
+from ..engines.reference import dense_attention
 
 SIZES = {"test": (128, 10), "small": (1024, 12), "medium": (2048, 12), "large": (4096, 14)}
 D, RADIUS, DV = 4, 1.0, 4

@@ -6,7 +6,7 @@ like √(ln n). Only B = o(√log n) (e.g. B = 1 or B = (ln n)^{1/4}) gives log 
 Pure arithmetic, no timing: R = s·d·B² = B² (s = 1/d), and g is the smallest degree whose
 certificate 2η/(1−η) ≤ 1/n (values in [−1, 1]) holds, η = δ_g·e^R, with the Chebyshev tail
 δ_g ≤ 2 Σ_{k>g} I_k(R) summed in log space (:func:`log_tail_all`). attnbound's own
-:func:`attnbound.chebyshev.chebyshev_error` stops at degree 40; at log₂ n = 16384 the degrees run
+:func:`attnbound.families.chebyshev.chebyshev_error` stops at degree 40; at log₂ n = 16384 the degrees run
 into the thousands, so this module sums the same Bessel series itself (scipy's scaled ``ive``,
 continued past its underflow by Amos' ratio bound, closed by a geometric remainder) and checks it
 against ``chebyshev_error`` wherever both apply.
@@ -32,10 +32,10 @@ import math
 import numpy as np
 from scipy import special
 
-from ..chebyshev import MAX_DEGREE, chebyshev_degree
-from ..relative import MAX_DEGREE as RELATIVE_MAX_DEGREE
-from ..relative import max_radius as relative_max_radius
-from ..relative import relative_eta
+from ..families.chebyshev import MAX_DEGREE, chebyshev_degree
+from ..families.relative import MAX_DEGREE as RELATIVE_MAX_DEGREE
+from ..families.relative import max_radius as relative_max_radius
+from ..families.relative import relative_eta
 from .common import Result, combine, fit_slope, new_figure
 
 LOG2NS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -184,7 +184,7 @@ def verdict_decay(families: dict, keep: float = 0.75) -> tuple[str, str]:
 
 
 def crosscheck(points: list[tuple[float, float, int]]) -> tuple[str, str, int]:
-    """Compare our degrees with attnbound.chebyshev.chebyshev_degree where it applies (g ≤ 40)."""
+    """Compare our degrees with attnbound.families.chebyshev.chebyshev_degree where it applies (g ≤ 40)."""
     checked, off = 0, []
     for radius, log_eps, g in points:
         if g > MAX_DEGREE or radius <= 0:

@@ -50,6 +50,24 @@ def _cheb_monomial_table(g: int) -> tuple[tuple[int, ...], ...]:
     return tuple(rows[: g + 1])
 
 
+def exact_monomial(cheb) -> list[Fraction]:
+    """The monomial coefficients of Σ_k c_k T_k(u) for the float64 values c_k, exactly (rationals)."""
+    g = len(cheb) - 1
+    rows = _cheb_monomial_table(max(g, 1))
+    exact = [Fraction(0)] * (g + 1)
+    for k, ck in enumerate(cheb):
+        fk = Fraction(float(ck))
+        for j, t in enumerate(rows[k]):
+            if t:
+                exact[j] += fk * t
+    return exact
+
+
+def chebyshev_to_monomial(cheb) -> np.ndarray:
+    """Monomial coefficients of Σ c_k T_k(u): computed exactly in rationals, rounded to nearest float64."""
+    return np.array([float(e) for e in exact_monomial(cheb)])
+
+
 def chebyshev_series(radius: float, degree: int) -> np.ndarray:
     """Chebyshev coefficients c_0..c_g of exp(R·u) on [−1, 1] (c_0 = I_0(R), c_k = 2 I_k(R))."""
     k = np.arange(degree + 1)
@@ -73,14 +91,7 @@ def _coefficients_and_delta(radius: float, degree: int) -> tuple[np.ndarray, flo
         a = npcheb.cheb2poly(c)
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(a))):  # e^R or the conversion left float64
         return a, math.inf
-    # exact rational conversion of the float Chebyshev coefficients, to bound the rounding of a
-    table = _cheb_monomial_table(degree)
-    exact = [Fraction(0)] * (degree + 1)
-    for kk, ck in enumerate(c):
-        fk = Fraction(float(ck))
-        for j, t in enumerate(table[kk]):
-            if t:
-                exact[j] += fk * t
+    exact = exact_monomial(c)  # the float Chebyshev coefficients converted exactly, to bound the rounding of a
     conversion = float(sum(abs(Fraction(float(aj)) - e) for aj, e in zip(a, exact)))
     # truncation tail 2 Σ_{k>g} I_k(R), summed then closed geometrically
     k_stop = degree + 64 + int(math.ceil(radius))

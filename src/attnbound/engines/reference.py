@@ -8,8 +8,8 @@ query factor cancels in D⁻¹A, so it is dot-product attention with scale 2s an
 b_j = −s‖k_j‖² (the key-shift identity; no n_q×n_k×d difference tensor is ever formed).
 
 Three implementations, same function to rounding. ``method="exact"`` on the CPU calls torch's
-fused kernel through :func:`attnbound.sdpa.sdpa_attention` (with its own any-order rounding
-certificate, :func:`attnbound.sdpa.sdpa_certificate`); the project's two kernels below serve
+fused kernel through :func:`attnbound.engines.sdpa.sdpa_attention` (with its own any-order rounding
+certificate, :func:`attnbound.engines.sdpa.sdpa_certificate`); the project's two kernels below serve
 ``method="dense"``/``"blockwise"``, other devices, and the cases SDPA cannot take within the memory
 budget or eps, and are the reference it is tested against:
 

@@ -1,6 +1,6 @@
 """Exact attention through torch's fused kernel, and a rounding certificate valid for any kernel order.
 
-:func:`sdpa_attention` computes the exact-attention function of :mod:`attnbound.exact`,
+:func:`sdpa_attention` computes the exact-attention function of :mod:`attnbound.engines.reference`,
 
     out_i = Σ_j exp(x_ij) v_j / Σ_j exp(x_ij),   x_ij = s·⟨q_i, k_j⟩ + b'_ij,
 
@@ -88,7 +88,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .certificate import FAR_MARGIN, Certificate, _gamma, output_bound, underflow_unit, unit_roundoff
+from ..certificate import FAR_MARGIN, Certificate, _gamma, output_bound, underflow_unit, unit_roundoff
 
 SDPA_EXP_ULPS = 20  # torch's exp_u20: "a faster version of exp with ULP=20"
 SDPA_DTYPES = (torch.float32, torch.float64)
@@ -151,7 +151,7 @@ def sdpa_certificate(
         rounding = math.inf
     return Certificate(method="exact", kind=kind, eta=eta, value_range=value_range, max_abs_value=max_abs_value,
                        approximation_bound=0.0, rounding_bound=rounding, output_error_bound=rounding, eps=eps,
-                       compute_dtype=str(compute_dtype).replace("torch.", ""))
+                       compute_dtype=str(compute_dtype).replace("torch.", ""), engine="sdpa")
 
 
 def sdpa_candidate(*, kind: str, logit_bound: float, mask_span: float, d: int, n_k: int, value_range: float,
@@ -213,7 +213,7 @@ def merged_mask_numel(attn_mask: torch.Tensor | None, is_causal: bool, n_q: int,
 def sdpa_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: bool = False, attn_mask=None):
     """Exact attention by one SDPA call (inputs validated, float32/float64, additive masks row-shifted).
 
-    Returns (..., n_q, d_v) in q's dtype. Same function as :func:`attnbound.exact.dense_attention`.
+    Returns (..., n_q, d_v) in q's dtype. Same function as :func:`attnbound.engines.reference.dense_attention`.
     """
     if q.dtype not in SDPA_DTYPES:
         raise TypeError(f"q: sdpa_attention computes in float32 or float64, got {q.dtype}")

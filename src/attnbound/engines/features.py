@@ -26,100 +26,13 @@ multiplies per degree into a (r, chunk) buffer, then two thin GEMMs for BLAS.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import numpy as np
 import torch
 
-from . import fused  # the fused float64 CPU kernels; this module stays the reference and the autograd path
+from . import fused, registry  # the fused float64 CPU kernels; this module is their reference and the autograd path
+from .monomials import feature_rank, monomial_features, monomial_weights
 
 FEATURE_CHUNK_BYTES = 24 << 20  # target size of one (batch, r, chunk) float64 feature block (measured best ~1024 rows at r=3003)
-
-
-def feature_rank(d: int, degree: int) -> int:
-    """r(d, g) = C(d+g, g): the number of monomials of degree ≤ g in d variables."""
-    return math.comb(d + degree, degree)
-
-
-@lru_cache(maxsize=8)
-def monomial_exponents(d: int, degree: int) -> np.ndarray:
-    """Exponent vectors α (r, d) of the engine's monomials, in the order the features use."""
-    blocks = [np.zeros((1, d), dtype=np.int64)]
-    for j in range(1, degree + 1):
-        prev = blocks[-1]
-        parts = []
-        for i in range(d):
-            part = prev[: math.comb(i + j - 1, j - 1)].copy()
-            part[:, i] += 1
-            parts.append(part)
-        blocks.append(np.concatenate(parts))
-    return np.concatenate(blocks)
-
-
-@lru_cache(maxsize=16)
-def _multinomials(d: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
-    """(|α|!/α!, |α|) for every monomial, in O(r) memory (never the r × d exponent table).
-
-    Built as the features are: a degree-j monomial with largest variable i is x_i times a degree-(j−1)
-    monomial α' whose largest variable is ≤ i, so |α|!/α! = |α'|!/α'! · j / (α'_i + 1), where α'_i is
-    α''s exponent of x_i (its top exponent when its largest variable is i, else 0).
-    """
-    multi = [np.ones(1)]
-    top_var = [np.full(1, -1, dtype=np.int64)]  # largest variable of each monomial (−1 for the constant)
-    top_exp = [np.zeros(1, dtype=np.int64)]  # its exponent
-    for j in range(1, degree + 1):
-        pm, pv, pe = multi[-1], top_var[-1], top_exp[-1]
-        m_parts, v_parts, e_parts = [], [], []
-        for i in range(d):
-            c = math.comb(i + j - 1, j - 1)
-            e = np.where(pv[:c] == i, pe[:c], 0) + 1
-            m_parts.append(np.rint(pm[:c] * j / e))
-            v_parts.append(np.full(c, i, dtype=np.int64))
-            e_parts.append(e)
-        multi.append(np.concatenate(m_parts))
-        top_var.append(np.concatenate(v_parts))
-        top_exp.append(np.concatenate(e_parts))
-    total = np.concatenate([np.full(len(m), j, dtype=np.int64) for j, m in enumerate(multi)])
-    return np.concatenate(multi), total
-
-
-def monomial_weights(coeffs: np.ndarray, d: int) -> np.ndarray:
-    """w_α = a_{|α|}·|α|!/α! for every monomial of the engine order."""
-    degree = len(coeffs) - 1
-    multi, total = _multinomials(d, degree)
-    return np.asarray(coeffs, dtype=np.float64)[total] * multi
-
-
-def monomial_features(x: torch.Tensor, degree: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Bare monomials of the rows of x (..., n, d), returned transposed as (..., r, n).
-
-    ``out`` (..., r, ≥ n), if given, is a buffer reused across chunks (no-grad path): the features are
-    written into its first n columns, so a long sequence allocates one feature block, not one per chunk.
-    """
-    d = x.shape[-1]
-    xt = x.transpose(-1, -2)
-    if torch.is_grad_enabled() and x.requires_grad:
-        blocks = [torch.ones_like(xt[..., :1, :])]
-        for j in range(1, degree + 1):
-            prev = blocks[-1]
-            blocks.append(torch.cat([prev[..., : math.comb(i + j - 1, j - 1), :] * xt[..., i : i + 1, :] for i in range(d)], -2))
-        return torch.cat(blocks, -2)
-    xt = xt.contiguous()
-    r = feature_rank(d, degree)
-    if out is None:
-        out = torch.empty((*x.shape[:-2], r, x.shape[-2]), dtype=x.dtype, device=x.device)
-    else:
-        out = out[..., : x.shape[-2]]
-    out[..., 0, :] = 1.0
-    prev_off, off = 0, 1
-    for j in range(1, degree + 1):
-        start = off
-        for i in range(d):
-            c = math.comb(i + j - 1, j - 1)
-            torch.mul(out[..., prev_off : prev_off + c, :], xt[..., i : i + 1, :], out=out[..., off : off + c, :])
-            off += c
-        prev_off = start
-    return out
 
 
 def chunk_rows(batch_numel: int, rank: int, itemsize: int = 8, target_bytes: int = FEATURE_CHUNK_BYTES) -> int:
@@ -156,6 +69,7 @@ def feature_attention(
     is_causal: bool = False,
     chunk: int | None = None,
     return_parts: bool = False,
+    engine: str | None = None,
 ) -> torch.Tensor:
     """D̃⁻¹ Ã V for Ã_ij = P(⟨q_i, k_j⟩)·exp(b_j), never forming an n_q×n_k matrix.
 
@@ -168,6 +82,8 @@ def feature_attention(
     return zeros. ``return_parts=True`` returns the unnormalised ``(num, ref)`` instead: num (..., n_q, d_v + 1) holds
     Σ_j P·exp(b_j − ref_i)·[v_j, 1], ref (..., n_q | 1, 1) the log-weight each row was normalised by (0
     without ``key_log_weight``), so that exactly computed terms can join the same row sums.
+    ``engine``: "fused" or "torch" (default: :func:`registry.choose`, the fused kernels where they apply).
+    The naive reference is :func:`attnbound.engines.naive.feature_attention`.
     """
     degree = len(coeffs) - 1
     d, d_v = q.shape[-1], v.shape[-1]
@@ -176,10 +92,16 @@ def feature_attention(
     chunk = chunk or chunk_rows(math.prod(batch), rank)
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
     vv = weighted_values(v)
-    use_fused = fused.available(q, k, vv)[0]  # float64 CPU without autograd: the fused kernels
+    req = feature_request(q, key_log_weight, is_causal=is_causal, requires_grad=_records_grad(q, k, v))
+    if engine is None:
+        engine = registry.choose(req)[0]
+    elif registry.ENGINES[engine].not_supported_reasons(req):
+        raise ValueError(f"engine: {engine} cannot take this call: "
+                         f"{', '.join(registry.ENGINES[engine].not_supported_reasons(req))}")
+    use_fused = engine == "fused" and fused.available(q, k, vv)[0]
     ref = torch.zeros((1, 1), dtype=q.dtype, device=q.device)
     if is_causal:
-        if use_fused and key_log_weight is not None and _only_zero_or_minus_inf(key_log_weight):
+        if use_fused and key_log_weight is not None:
             # weights 1 or 0 (key padding, heavy keys): the running maximum is 0 from a row's first visible
             # key on (rows before it have no weight at all), so each row's sums are relative to ref = 0 and
             # the weighting is the zeroing of the [v, 1] rows of the keys that do not count
@@ -197,14 +119,56 @@ def feature_attention(
         if key_log_weight is not None:
             ref = _safe_max(key_log_weight, -1).unsqueeze(-1)
             vv = vv * torch.exp(key_log_weight.unsqueeze(-1) - ref)
-        if use_fused:
-            num = fused.state_readout(q, fused.key_state(k, vv, degree=degree, weights=w), degree=degree)
-        else:
-            num = state_readout(q, key_state(k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
-                                chunk=chunk)
+        eng = "fused" if use_fused else "torch"
+        num = readout_on(eng, q, key_state_on(eng, k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
+                         chunk=chunk)
     if return_parts:
         return num, ref
     return normalize_readout(num, d_v)
+
+
+def key_state_on(engine: str, k, vv, *, degree: int, weights: torch.Tensor, chunk: int) -> torch.Tensor:
+    """S = diag(w)·φ(K)ᵀ[V, 1] on ``engine`` ("fused" or "torch"; see :func:`registry.choose`)."""
+    if engine == "fused":
+        return fused.key_state(k, vv, degree=degree, weights=weights)
+    return key_state(k, vv, degree=degree, weights=weights, chunk=chunk)
+
+
+def readout_on(engine: str, q, state, *, degree: int, chunk: int) -> torch.Tensor:
+    """φ(Q)·S on ``engine``."""
+    if engine == "fused":
+        return fused.state_readout(q, state, degree=degree)
+    return state_readout(q, state, degree=degree, chunk=chunk)
+
+
+def causal_readout_on(engine: str, q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int,
+                      state=None) -> torch.Tensor:
+    """Row i: φ(q_i)·(S_in + Σ_{j ≤ i} diag(w) φ(k_j)[v_j, 1]ᵀ) on ``engine`` (no key log-weights)."""
+    if engine == "fused":
+        return fused.causal_readout(q, k, vv, degree=degree, weights=weights, state=state)
+    return causal_readout(q, k, vv, degree=degree, weights=weights, chunk=chunk, state=state)
+
+
+def engine_for(q: torch.Tensor, *tensors: torch.Tensor, is_causal: bool) -> str:
+    """The feature engine for unweighted keys on these float64 tensors (fused where it applies)."""
+    req = feature_request(q, None, is_causal=is_causal, requires_grad=_records_grad(q, *tensors))
+    name = registry.choose(req)[0]
+    return name if name != "fused" or fused.available(q, *tensors)[0] else "torch"
+
+
+def key_weight_kind(key_log_weight: torch.Tensor | None, is_causal: bool) -> str:
+    """The mask a feature engine is asked to take: "none", "0/1 key weights" or "key weights" (the 0/1
+    test, a pass over the weights, only where it decides something: under ``is_causal``)."""
+    if key_log_weight is None:
+        return "none"
+    return "0/1 key weights" if is_causal and _only_zero_or_minus_inf(key_log_weight) else "key weights"
+
+
+def feature_request(q: torch.Tensor, key_log_weight: torch.Tensor | None, *, is_causal: bool,
+                    requires_grad: bool) -> registry.Request:
+    """What a feature call asks of the engines (:mod:`attnbound.engines.registry`)."""
+    return registry.Request.of("features", q, mask=key_weight_kind(key_log_weight, is_causal), causal=is_causal,
+                               requires_grad=requires_grad)
 
 
 def _only_zero_or_minus_inf(x: torch.Tensor) -> bool:

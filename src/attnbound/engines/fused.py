@@ -1,7 +1,7 @@
 """Fused, cache-resident feature kernels (float64, CPU): the key state, its readout and the causal pass.
 
-They compute what :mod:`attnbound.features` computes — with φ the bare monomials of degree ≤ g in
-the engine order (``features.monomial_exponents``) and w the monomial weights,
+They compute what :mod:`attnbound.engines.features` computes — with φ the bare monomials of degree ≤ g in
+the engine order (:mod:`attnbound.engines.monomials`) and w the monomial weights,
 
     key_state(K, [V, 1])       S = diag(w)·φ(K)ᵀ[V, 1]                      (…, r, d_v + 1)
     state_readout(Q, S)        φ(Q)·S                                        (…, n_q, d_v + 1)
@@ -26,7 +26,7 @@ causal tile the exact lower triangle (keys j ≤ i of the same tile) is evaluate
 P(⟨q_i, k_j⟩) = Σ_{|α| ≤ g} w_α q_i^α k_j^α by Horner's rule in u = ⟨q_i, k_j⟩ (a_j recovered from w:
 the weight of x_0^j is a_j), which is the same real number as the monomial sum and costs
 O(T·(d + g + d_v)) per row instead of O(T·r). Weights not of the form w_α = a_{|α|}·|α|!/α! (the only
-form the engine builds) fall back to the reference :func:`attnbound.features.causal_readout`.
+form the engine builds) are refused; the reference :func:`attnbound.engines.features.causal_readout` takes them.
 
 Rounding: every output entry is a float64 sum of the same products as the reference, in a different
 order (and the causal triangle by Horner), so results agree with the reference to within the usual
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import features  # a module reference, so features.py may import this module at its top
+from .monomials import feature_rank, fused_items, polynomial_of_weights
 
 try:  # numba is a declared dependency; without it the pure-torch engine is used
     import numba
@@ -70,16 +70,24 @@ MAX_COLUMNS = 12  # per-column sums held in registers; more columns are processe
 _POISON = False  # tests: fill every fresh kernel output with NaN so a missed write shows
 
 
+def runtime_available() -> tuple[bool, str]:
+    """(True, "") when numba is importable and no torch dispatch mode is active; else (False, why not)."""
+    if numba is None:
+        return False, _NUMBA_ERROR
+    if _get_current_dispatch_mode() is not None:  # operation counting or tracing must see the torch engine
+        return False, "a torch dispatch mode is active (it sees only torch ops; the reference engine is used)"
+    return True, ""
+
+
 def available(*tensors: torch.Tensor) -> tuple[bool, str]:
     """(True, "") when the fused kernels can compute on ``tensors``; else (False, why not).
 
     Requirements: numba importable, every tensor a float64 strided CPU tensor, and none requiring
     grad while autograd is on (the kernels are forward only; use the reference engine for autograd).
     """
-    if numba is None:
-        return False, _NUMBA_ERROR
-    if _get_current_dispatch_mode() is not None:  # operation counting or tracing must see the torch engine
-        return False, "a torch dispatch mode is active (it sees only torch ops; the reference engine is used)"
+    ok, why = runtime_available()
+    if not ok:
+        return ok, why
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             return False, f"not a tensor: {type(t).__name__}"
@@ -92,110 +100,6 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
         if t.requires_grad and torch.is_grad_enabled():
             return False, "requires_grad (the fused kernels have no backward)"
     return True, ""
-
-
-# ----------------------------------------------------------------------------------------------
-# the depth-first monomial order
-
-
-@lru_cache(maxsize=16)
-def _dfs(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Depth-first walk: (engine index, degree, variable, |α|!/α!) per non-constant monomial.
-
-    No exponent table: the engine lists degree j by largest variable i, each block being x_i times
-    the first C(i + j − 1, j − 1) monomials of degree j − 1, so the child m·x_i of a degree-(j − 1)
-    monomial at position p of its degree sits at position C(i + j − 1, j) + p of degree j, i.e. at
-    index C(d + j − 1, j − 1) + C(i + j − 1, j) + p. Its multinomial is the parent's times
-    j / (e + 1), e the parent's exponent of x_i.
-    """
-    comb = math.comb
-    order = []
-    work = [(0, 0, 0, 0, 1)]  # (position in its degree, largest variable, degree, its exponent, |α|!/α!)
-    while work:  # a stack: children pushed largest variable first, so the smallest is visited first
-        pos, maxvar, depth, top, multi = work.pop()
-        if depth:
-            order.append((comb(d + depth - 1, depth - 1) + pos, depth, maxvar, multi))
-        if depth < degree:
-            j = depth + 1
-            for i in range(d - 1, maxvar - 1, -1):
-                e = top if (i == maxvar and depth) else 0
-                work.append((comb(i + j - 1, j) + pos, i, j, e + 1, multi * j // (e + 1)))
-    arr = np.array([o[:3] for o in order], dtype=np.int64).reshape(-1, 3)
-    multi = np.array([float(o[3]) for o in order], dtype=np.float64)
-    return (np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1]), np.ascontiguousarray(arr[:, 2]),
-            multi)
-
-
-def dfs_order(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The non-constant monomials in depth-first order: (engine index, degree, variable multiplied in).
-
-    The parent of entry m (degree j, variable i) is the latest earlier entry of degree j − 1 (the
-    constant monomial for j = 1); the engine index is where ``features.monomial_features`` puts the
-    same monomial.
-    """
-    return _dfs(d, degree)[:3]
-
-
-@lru_cache(maxsize=64)
-def dfs_items(d: int, degree: int) -> np.ndarray:
-    """:func:`dfs_order` with consecutive sibling leaves paired: rows (index, degree, variable,
-    second index or −1, second variable). A pair shares its parent's vector and one pass over the tile."""
-    idx, dep, var = dfs_order(d, degree)
-    rows, m = [], 0
-    while m < len(idx):
-        if dep[m] == degree and m + 1 < len(idx) and dep[m + 1] == degree:  # siblings: same parent
-            rows.append((idx[m], dep[m], var[m], idx[m + 1], var[m + 1]))
-            m += 2
-        else:
-            rows.append((idx[m], dep[m], var[m], -1, 0))
-            m += 1
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
-
-
-@lru_cache(maxsize=64)
-def fused_items(d: int, degree: int) -> np.ndarray:
-    """:func:`dfs_items` with each interior monomial (degree < g) joined to the item right after it (its
-    first child, one monomial or a pair of sibling leaves): the two share one pass over the tile — in the
-    readout one read and write of the tile's (d_v + 1) × T outputs, in the key state one load of its
-    [V, 1] — where a lone interior monomial pays that pass for d_v + 1 multiply-adds. Rows (index, degree, variable,
-    second index or −1, second variable, child index or −1, child variable, child's second index or −1,
-    child's second variable); a child pair's parent vector is the interior monomial's own."""
-    base = dfs_items(d, degree)
-    rows, m = [], 0
-    while m < len(base):
-        a, j, i, a2, i2 = (int(x) for x in base[m])
-        if a2 < 0 and j < degree and m + 1 < len(base) and int(base[m + 1, 1]) == j + 1:
-            b, _, ib, b2, ib2 = (int(x) for x in base[m + 1])
-            rows.append((a, j, i, -1, 0, b, ib, b2, ib2))
-            m += 2
-        else:
-            if j < degree:  # the kernels have no pass for an interior monomial on its own
-                raise AssertionError(f"interior monomial {a} not followed by its first child")
-            rows.append((a, j, i, a2, i2, -1, 0, -1, 0))
-            m += 1
-    return np.array(rows, dtype=np.int64).reshape(-1, 9)
-
-
-@lru_cache(maxsize=16)
-def _degree_structure(d: int, degree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(|α|, |α|!/α!, engine index of x_0^j for j = 0..g) for the engine's monomials."""
-    idx, dep, _, multi_dfs = _dfs(d, degree)
-    r = features.feature_rank(d, degree)
-    total = np.zeros(r, dtype=np.int64)
-    multi = np.ones(r, dtype=np.float64)
-    total[idx], multi[idx] = dep, multi_dfs
-    first = np.array([math.comb(d + j - 1, j - 1) if j else 0 for j in range(degree + 1)], dtype=np.int64)
-    return total, multi, first
-
-
-def polynomial_of_weights(weights: np.ndarray, d: int, degree: int) -> np.ndarray | None:
-    """a_0..a_g when w_α = a_{|α|}·|α|!/α! (to 1e-14 relative), else None."""
-    total, multi, first = _degree_structure(d, degree)
-    a = weights[first]  # x_0^j has |α|!/α! = 1
-    expect = a[total] * multi
-    if np.all(np.abs(weights - expect) <= 1e-14 * np.abs(expect)):
-        return np.ascontiguousarray(a, dtype=np.float64)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,7 +565,7 @@ def _key_partials(kk: np.ndarray, vv: np.ndarray, degree: int, nseg: int, per: i
     """Unweighted φ(K)ᵀ[V, 1] of each (batch row, segment of ``per`` tiles of ``tile`` keys): (B·nseg, r, C)."""
     B, n, d = kk.shape
     C = vv.shape[-1]
-    r = features.feature_rank(d, degree)
+    r = feature_rank(d, degree)
     items = fused_items(d, degree)
     out = _alloc((B * nseg, r, C))
     kern = _kernels(_column_groups(C)[0])[0]
@@ -677,7 +581,7 @@ def key_state(k: torch.Tensor, vv: torch.Tensor, *, degree: int, weights: torch.
               segments: int | None = None) -> torch.Tensor:
     """S = diag(w)·φ(K)ᵀ[V, 1] of shape (…, r, C) for k (…, n, d), vv (…, n, C), w (r,).
 
-    The reference is :func:`attnbound.features.key_state`. Cost n·r·C multiply-adds plus n·r
+    The reference is :func:`attnbound.engines.features.key_state`. Cost n·r·C multiply-adds plus n·r
     multiplies, in tiles of ``KEY_TILE`` keys; ``segments`` (default: enough for every thread)
     splits each sequence into that many parallel partial sums, added at the end.
     """
@@ -686,7 +590,7 @@ def key_state(k: torch.Tensor, vv: torch.Tensor, *, degree: int, weights: torch.
     d, n, C = k.shape[-1], k.shape[-2], vv.shape[-1]
     if vv.shape[-2] != n:
         raise ValueError(f"vv must have as many rows as k ({n}), got {vv.shape[-2]}")
-    r = features.feature_rank(d, degree)
+    r = feature_rank(d, degree)
     w = _check_weights(weights, r)
     batch = torch.broadcast_shapes(k.shape[:-2], vv.shape[:-2])
     B = math.prod(batch)
@@ -705,13 +609,13 @@ def key_state(k: torch.Tensor, vv: torch.Tensor, *, degree: int, weights: torch.
 def state_readout(q: torch.Tensor, state: torch.Tensor, *, degree: int) -> torch.Tensor:
     """φ(Q)·S of shape (…, n, C) for q (…, n, d) and a key state S (…, r, C).
 
-    The reference is :func:`attnbound.features.state_readout`. Cost n·r·C multiply-adds plus n·r
+    The reference is :func:`attnbound.engines.features.state_readout`. Cost n·r·C multiply-adds plus n·r
     multiplies, in parallel tiles of ``QUERY_TILE`` queries.
     """
     _check("q", q), _check("state", state)
     degree = _check_degree(degree)
     d, n, C = q.shape[-1], q.shape[-2], state.shape[-1]
-    r = features.feature_rank(d, degree)
+    r = feature_rank(d, degree)
     if state.shape[-2] != r:
         raise ValueError(f"state must have {r} rows (the rank for d={d}, degree={degree}), got {state.shape[-2]}")
     batch = torch.broadcast_shapes(q.shape[:-2], state.shape[:-2])
@@ -732,7 +636,7 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
     """Row i: φ(q_i)·(S_in + Σ_{j ≤ i} diag(w) φ(k_j)[v_j, 1]ᵀ), shape (…, n, C).
 
     ``state`` S_in (…, r, C), already weighted, holds the keys before this sequence (None: none).
-    The reference is :func:`attnbound.features.causal_readout` (without ``key_log_weight``).
+    The reference is :func:`attnbound.engines.features.causal_readout` (without ``key_log_weight``).
     Cost: one key-state pass over all but the last segment (parallel), then per row
     2·r·C multiply-adds and 2·r multiplies plus O(CAUSAL_TILE·(d + g + C)) for the triangle.
     """
@@ -746,15 +650,14 @@ def causal_readout(q: torch.Tensor, k: torch.Tensor, vv: torch.Tensor, *, degree
     if k.shape[-2] != n or vv.shape[-2] != n:
         raise ValueError(f"causal attention needs as many keys and vv rows as queries ({n}), "
                          f"got k {k.shape[-2]}, vv {vv.shape[-2]}")
-    r = features.feature_rank(d, degree)
+    r = feature_rank(d, degree)
     if state is not None and (state.shape[-2] != r or state.shape[-1] != C):
         raise ValueError(f"state must have shape (..., {r}, {C}), got {tuple(state.shape)}")
     w = _check_weights(weights, r)
     coef = polynomial_of_weights(w, d, degree)
-    if coef is None:  # weights the engine never builds: the reference computes them
-        B0 = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], vv.shape[:-2]))
-        return features.causal_readout(q, k, vv, degree=degree, weights=torch.as_tensor(w), state=state,
-                                       chunk=features.chunk_rows(max(1, B0), r))
+    if coef is None:  # the triangle is evaluated by Horner's rule in ⟨q, k⟩, which needs the engine's weights
+        raise ValueError("weights: the fused causal kernel needs weights of the form w_α = a_{|α|}·|α|!/α! "
+                         "(monomials.monomial_weights); the reference engine (features.causal_readout) takes any")
     shapes = [q.shape[:-2], k.shape[:-2], vv.shape[:-2]] + ([state.shape[:-2]] if state is not None else [])
     batch = torch.broadcast_shapes(*shapes)
     B = math.prod(batch)

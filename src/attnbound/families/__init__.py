@@ -15,12 +15,12 @@ Members:
 * ``taylor`` (Keles et al.): T_p(x) = Σ_{j≤p} x^j/j!. Lagrange: eˣ − T_p(x) = e^ξ x^{p+1}/(p+1)! with
   ξ between 0 and x, so |T_p(x)/eˣ − 1| ≤ e^{max(0, −x)}·R^{p+1}/(p+1)! ≤ e^R R^{p+1}/(p+1)!.
 * ``polynomial`` (Alman–Song): the degree-g Chebyshev truncation of e^{Ru}; its absolute error δ
-  (Bessel tail, :mod:`attnbound.chebyshev`) gives η = δ·e^R since eˣ ≥ e^{−R} on the interval.
-* ``relative``: near-minimax polynomials in relative error (:mod:`attnbound.relative`), tabulated
+  (Bessel tail, :mod:`attnbound.families.chebyshev`) gives η = δ·e^R since eˣ ≥ e^{−R} on the interval.
+* ``relative``: near-minimax polynomials in relative error (:mod:`attnbound.families.relative`), tabulated
   for radii up to 16 with a proved η; at the same degree η is 3× (R = 1) to 10⁴× (R = 8) smaller
   than Chebyshev's δ·e^R, so the certified degree and rank drop.
 
-Both also report Σ|a_j|, which the float64 rounding term of the certificate needs.
+Each also reports Σ|a_j|, which the float64 rounding term of the certificate needs.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import numpy as np
 
 import torch
 
-from .certificate import Certificate, feature_certificate
+from ..certificate import Certificate, feature_certificate
+from ..engines.monomials import feature_rank
 from .chebyshev import MAX_DEGREE as CHEBYSHEV_MAX_DEGREE
 from .chebyshev import chebyshev_coefficients, chebyshev_error
 from .relative import MAX_DEGREE as RELATIVE_MAX_DEGREE
-from .features import feature_rank
 from .relative import relative_coefficients, relative_delta, relative_eta
-from .taylor import taylor_coefficients, taylor_remainder
+from .taylor import coefficient_rounding, taylor_coefficients, taylor_remainder, taylor_tail
 
 MAX_TAYLOR_ORDER = 20
 MAX_FEATURE_RADIUS = 700.0  # e^R must stay representable in float64 for the engine and its certificate
@@ -88,9 +88,7 @@ def _taylor_eta(radius: float, degree: int) -> float:
         return math.inf
     if radius == 0.0:
         return 0.0
-    log_tail = radius + (degree + 1) * math.log(radius) - math.lgamma(degree + 2)
-    coeff_rounding = 2.0**-52 * float(np.abs(taylor_coefficients(radius, degree)).sum())
-    return _exp_or_inf(log_tail) + coeff_rounding * _exp_or_inf(radius)
+    return taylor_tail(radius, degree) + coefficient_rounding(radius, degree) * _exp_or_inf(radius)
 
 
 def _taylor_delta(radius: float, degree: int) -> float:
@@ -152,3 +150,93 @@ def degree_certificate(method: str, radius: float, degree: int, *, d: int, n_k: 
                                d=d, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype,
                                key_log_weight=key_log_weight, min_denominator=min_denominator,
                                exact_eta=exact_eta, eps=eps)
+
+
+def polynomial_setup(method: str, radius: float, degree: int, *, d: int, bound: float | None,
+                     norms: tuple[float, float] | None):
+    """(monomial coefficients of P in u = x/R, query scale, key scale) such that ⟨a_q·q, a_k·k⟩ = x/R ∈ [−1, 1].
+
+    With a declared ``bound`` the scales are 1/(√d·B); otherwise 1/max‖q‖ and 1/max‖k‖ from ``norms``.
+    """
+    coeffs = family(method).coefficients(radius, degree)
+    if radius == 0.0:
+        coeffs = coeffs[:1]
+    if bound is not None:
+        aq = ak = 1.0 / (math.sqrt(d) * float(bound))
+    else:
+        mq, mk = norms
+        aq, ak = (1.0 / mq if mq > 0 else 1.0), (1.0 / mk if mk > 0 else 1.0)
+    return coeffs, aq, ak
+
+
+def certified_degree(method: str, radius: float, eps: float, *, d: int, n_k: int, value_range: float,
+                     max_abs_value: float, kind: str = "softmax", radius_source: str = "data",
+                     out_dtype: torch.dtype = torch.float32, rounding: bool = True,
+                     key_log_weight: float | None = None, exact_eta: float = 0.0) -> Certificate | None:
+    """The certificate of the smallest degree (even order for Taylor) meeting ``eps``, or None if none ≤ the cap.
+
+    Costs nothing but scalar arithmetic; use it to ask what an input would need before running.
+    ``rounding=False`` asks the approximation term alone to meet ``eps`` (what the mathematics
+    needs before the float64 rounding term, which grows with the rank, is counted).
+    ``rounding="posterior"`` asks the approximation term to meet eps/2, leaving the other half to
+    the a-posteriori rounding bound the run itself will measure (see :func:`feature_certificate`).
+    """
+    if rounding == "posterior":
+        return certified_degree(method, radius, eps / 2.0, d=d, n_k=n_k, value_range=value_range,
+                                max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
+                                out_dtype=out_dtype, rounding=False, key_log_weight=key_log_weight,
+                                exact_eta=exact_eta)
+    for g in family(method).degrees():
+        c = degree_certificate(method, radius, g, d=d, n_k=n_k, value_range=value_range,
+                               max_abs_value=max_abs_value, kind=kind, radius_source=radius_source,
+                               out_dtype=out_dtype, eps=eps, key_log_weight=key_log_weight, exact_eta=exact_eta)
+        if not math.isfinite(c.eta):
+            continue
+        if c.eta < 1.0 and (c.output_error_bound if rounding else c.approximation_bound) <= eps:
+            return c
+    return None
+
+
+def choose_certificate(method: str, radius: float, radius_source: str = "data", *, eps: float | None,
+                       degree: int | None, d: int, n_k: int, value_range: float, max_abs_value: float,
+                       kind: str = "softmax", out_dtype: torch.dtype = torch.float32, strict: bool = True,
+                       key_log_weight: float | None = None, exact_eta: float = 0.0) -> Certificate:
+    """The certificate a taylor/polynomial run will carry: the smallest degree meeting ``eps``, or the
+    fixed ``degree`` (even order for Taylor). Raises when neither is given, when no degree up to the
+    cap meets ``eps``, when the fixed degree's bound exceeds ``eps``, or (``strict``) when the fixed
+    degree cannot be certified (η ≥ 1)."""
+    fam = family(method)
+    common = dict(d=d, n_k=n_k, value_range=value_range, max_abs_value=max_abs_value, kind=kind,
+                  radius_source=radius_source, out_dtype=out_dtype, key_log_weight=key_log_weight,
+                  exact_eta=exact_eta)
+    if radius > MAX_FEATURE_RADIUS or radius + math.log(n_k + 1.0) + 4.0 >= 709.0:
+        raise ValueError(f"radius R = {radius:.4g} is beyond what float64 features can represent "
+                         f"(e^R·n_k overflows); use method='exact'")
+    if degree is None:
+        if eps is None:
+            raise ValueError(f"method={method!r} needs eps (target error) or {fam.degree_name} (fixed)")
+        cert = certified_degree(method, radius, eps, **common) or \
+            certified_degree(method, radius, eps, rounding="posterior", **common)
+        if cert is None:
+            last = degree_certificate(method, radius, fam.max_degree, eps=eps, **common)
+            raise ValueError(
+                f"eps={eps:g} cannot be certified by method={method!r} up to {fam.degree_name} {fam.max_degree} "
+                f"at radius R={radius:.4g} (best bound {last.output_error_bound:.3g}); use method='exact' or "
+                f"shrink the inputs' norms"
+            )
+        return cert
+    fam.check_degree(degree)
+    cert = degree_certificate(method, radius, degree, eps=eps, **common)
+    if strict and not cert.eta < 1.0:
+        raise ValueError(
+            f"cannot certify {method} {fam.degree_name} {degree} at radius R={radius:.4g}: the relative weight "
+            f"error η = {cert.eta:.3g} ≥ 1, so weights could vanish or change sign; raise the "
+            f"{fam.degree_name} or use method='exact'"
+        )
+    if eps is not None and not cert.approximation_bound <= eps:
+        raise ValueError(
+            f"eps: {method} {fam.degree_name} {degree} at radius R={radius:.4g} carries the bound "
+            f"{cert.output_error_bound:.3g} > eps={eps:g}; drop the fixed {fam.degree_name} (eps alone picks "
+            f"the smallest that meets it) or pass a larger eps"
+        )
+    return cert

@@ -1,0 +1,130 @@
+"""One record per engine: what it supports and, when it declines a call, why.
+
+An *engine* computes a method's numbers; a *family* (:mod:`attnbound.families`) says which polynomial
+and what certificate. Each record below states its dtypes, devices, masks, causal support and
+autograd, and the naive reference its tests compare it with; :meth:`Engine.not_supported_reasons`
+answers a :class:`Request` with the list of reasons it cannot take the call (empty: it can). The
+planner and the run stage ask :func:`choose` — the first engine of a kind, in order of preference,
+with no reason against it — instead of copying these rules, and the certificate records the engine
+that ran (``Certificate.engine``); :func:`attnbound.plan` shows each candidate's engine and the
+reasons the faster ones were passed over.
+
+Exact engines, fastest first: ``sdpa`` (torch's fused kernel, :mod:`attnbound.engines.sdpa`), then
+``dense`` and ``blockwise`` (:mod:`attnbound.engines.reference`). Whether SDPA's any-order certificate
+meets eps, and whether an engine fits the memory budget, depend on the input's statistics: the run
+stage adds those reasons (:func:`with_reason`). Feature engines, fastest first: ``fused`` (the numba
+kernels, :mod:`attnbound.engines.fused`) and ``torch`` (:mod:`attnbound.engines.features`, the
+autograd path and the reference of the fused kernels); both are compared with
+:func:`attnbound.engines.naive.feature_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import fused
+
+MASKS = ("none", "0/1 key weights", "key weights", "bool", "float")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call asks of an engine: where and in which dtype it computes, which mask, causal, gradients.
+
+    ``mask``: "none"; "0/1 key weights" (key padding, heavy keys left to an exact pass); "key weights"
+    (per-key log-weights: ℓ2, centring); "bool" or "float" (a general (n_q, n_k) mask)."""
+
+    computes: str  # "exact" or "features"
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    mask: str = "none"
+    causal: bool = False
+    requires_grad: bool = False
+
+    @classmethod
+    def of(cls, computes: str, x: torch.Tensor, *, dtype: torch.dtype | None = None, mask: str = "none",
+           causal: bool = False, requires_grad: bool = False) -> "Request":
+        return cls(computes, x.device.type, dtype or x.dtype, mask, causal, requires_grad)
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    computes: str  # "exact" or "features"
+    dtypes: tuple[torch.dtype, ...]
+    devices: tuple[str, ...] | None  # device types; None: any
+    masks: tuple[str, ...]
+    causal_masks: tuple[str, ...]  # the masks it also takes with is_causal
+    autograd: bool
+    reference: str  # what its tests compare it with
+    summary: str
+    available: object = field(default=None, compare=False)  # () -> (bool, why) for a runtime requirement
+
+    def not_supported_reasons(self, req: Request) -> list[str]:
+        """Why this engine cannot take ``req`` (empty when it can)."""
+        why = []
+        if req.computes != self.computes:
+            why.append(f"computes {self.computes}, not {req.computes}")
+        if req.dtype not in self.dtypes:
+            why.append(f"dtype {str(req.dtype).replace('torch.', '')} (takes "
+                       f"{', '.join(str(t).replace('torch.', '') for t in self.dtypes)})")
+        if self.devices is not None and req.device not in self.devices:
+            why.append(f"device {req.device} (runs on {', '.join(self.devices)})")
+        masks = self.causal_masks if req.causal else self.masks
+        if req.mask not in masks:
+            why.append(f"{req.mask} mask{' with is_causal' if req.causal else ''}")
+        if req.requires_grad and not self.autograd:
+            why.append("requires_grad (no backward)")
+        if self.available is not None:
+            ok, reason = self.available()
+            if not ok:
+                why.append(reason)
+        return why
+
+
+ALL_MASKS = MASKS
+KEY_WEIGHTS = ("none", "0/1 key weights", "key weights")
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("sdpa", "exact", (torch.float32, torch.float64), ("cpu",), ALL_MASKS, ALL_MASKS, True,
+           "engines.reference.dense_attention", "torch's fused scaled_dot_product_attention (any-order certificate)"),
+    Engine("dense", "exact", FLOATS, None, ALL_MASKS, ALL_MASKS, True,
+           "the long-double reference of the tests", "the explicit n_q × n_k softmax"),
+    Engine("blockwise", "exact", FLOATS, None, ALL_MASKS, ALL_MASKS, True,
+           "engines.reference.dense_attention", "query chunks × key blocks, online softmax"),
+    Engine("fused", "features", (torch.float64,), ("cpu",), KEY_WEIGHTS, ("none", "0/1 key weights"), False,
+           "engines.features (torch engine)", "numba kernels: key state, readout, causal pass",
+           available=fused.runtime_available),
+    Engine("torch", "features", FLOATS, None, KEY_WEIGHTS, KEY_WEIGHTS, True,
+           "engines.naive.feature_attention", "chunked torch feature engine (autograd)"),
+)}
+
+EXACT_ORDER = ("sdpa", "dense", "blockwise")
+FEATURE_ORDER = ("fused", "torch")
+
+
+def reasons(req: Request, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each named engine's reasons against ``req`` (empty list: it can take it)."""
+    return {n: ENGINES[n].not_supported_reasons(req) for n in names}
+
+
+def choose(req: Request, names: tuple[str, ...] | None = None) -> tuple[str, dict[str, list[str]]]:
+    """(the first engine of ``names`` — default: all of req's kind, fastest first — with no reason against
+    it, the reasons of each engine passed over before it). The last engine of each kind takes every request
+    of its kind, so there is always one."""
+    names = names or (EXACT_ORDER if req.computes == "exact" else FEATURE_ORDER)
+    passed = {}
+    for n in names:
+        why = ENGINES[n].not_supported_reasons(req)
+        if not why:
+            return n, passed
+        passed[n] = why
+    raise ValueError(f"no engine takes this call: " + "; ".join(f"{n}: {', '.join(w)}" for n, w in passed.items()))
+
+
+def with_reason(passed: dict[str, list[str]], name: str, why: str) -> dict[str, list[str]]:
+    """``passed`` with one more reason against ``name`` (a per-call check: eps, memory)."""
+    return {**passed, name: [*passed.get(name, []), why]}
