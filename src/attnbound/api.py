@@ -1,4 +1,34 @@
-"""The public, SDPA-shaped entry point: :func:`attention` and its two named approximations."""
+"""The public, SDPA-shaped entry point: :func:`attention` and its two named approximations.
+
+:func:`attention` is a short pipeline of named stages (:mod:`attnbound.pipeline`): validate → statistics
+→ plan (an explicit list of tries) → run → certify.
+
+**The contract.** ``out`` is finite, has shape ``(..., n_q, d_v)`` and q's dtype, and
+max|out − exact| ≤ ``certificate.output_error_bound``, where exact is the attention of the inputs as
+given (real arithmetic). With ``eps`` (any method, fixed degree/order included) the bound is ≤ eps, or
+the call raises ValueError saying why and what would meet it. ``certificate.certified`` is False
+whenever the bound is infinite; ``certificate.engine`` names the engine that ran. Empty outputs
+(n_q = 0, d_v = 0 or an empty batch) return an empty tensor.
+
+**Methods.** ``"exact"``: torch SDPA on the CPU with an any-order rounding certificate
+(:mod:`attnbound.engines.sdpa`), otherwise the project's dense kernel for small n, else blockwise
+(:mod:`attnbound.engines.reference`); ``"dense"``, ``"blockwise"``: that kernel. ``"taylor"`` (Keles et
+al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song Chebyshev; ``degree`` or ``eps``),
+``"relative"`` (relative-error minimax polynomials; ``degree`` or ``eps``): :mod:`attnbound.families`
+on the feature engines. ``"auto"``: the fastest certified for ``eps`` (:func:`attnbound.plan`); when
+that is exact and the input dtype's worst-case rounding bound would exceed ``eps``, exact runs in
+float64.
+
+**Masks.** ``attn_mask`` is bool (True = take part) or additive float, broadcastable to
+``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks (broadcastable to
+``(..., 1, n_k)``; masked keys do not count towards the radius); ``"auto"`` runs exact for any other
+mask. Rows with every key masked return zeros.
+
+**Raises** TypeError/ValueError naming the argument, before any large allocation: non-tensors,
+non-floating or mixed dtypes/devices, mismatched shapes, n_k = 0, NaN/Inf, bad scale, unknown
+kind/method, causal with n_q ≠ n_k, entries above ``bound``, an uncertifiable request (η ≥ 1, no
+degree meets ``eps``), or a feature memory need above the budget.
+"""
 
 from __future__ import annotations
 
@@ -12,86 +42,35 @@ from .pipeline import Options, execute, statistics, tries, validate
 from .planner import CostModel
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    kind: str = "softmax",
-    method: str = "exact",
-    block_size: int | None = None,
-    attn_mask: torch.Tensor | None = None,
-    eps: float | None = None,
-    bound: float | None = None,
-    degree: int | None = None,
-    order: int | None = None,
-    memory_budget: int | None = None,
-    cost_model: CostModel | None = None,
-    strict: bool = True,
-    enable_gqa: bool = False,
-    centre: bool | None = None,
-    heavy: int | None = None,
-    return_certificate: bool = False,
-):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              is_causal: bool = False, kind: str = "softmax", method: str = "exact", block_size: int | None = None,
+              attn_mask: torch.Tensor | None = None, eps: float | None = None, bound: float | None = None,
+              degree: int | None = None, order: int | None = None, memory_budget: int | None = None,
+              cost_model: CostModel | None = None, strict: bool = True, enable_gqa: bool = False,
+              centre: bool | None = None, heavy: int | None = None, return_certificate: bool = False):
     r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
 
-    Args:
-        q: queries ``(..., n_q, d)``; k: keys ``(..., n_k, d)``; v: values ``(..., n_k, d_v)``.
-            Leading dims broadcast as in :func:`torch.nn.functional.scaled_dot_product_attention`.
-            float16/bfloat16 are computed in float32 and returned in the input dtype.
-        scale: s; ``None`` means 1/√d (torch's default). Alman–Song's setting is ``1/d``.
-        is_causal: row i sees keys j ≤ i (needs n_q == n_k).
+    Args (the contract, methods and masks in detail: :mod:`attnbound.api`):
+        q, k, v: ``(..., n_q, d)``, ``(..., n_k, d)``, ``(..., n_k, d_v)``; leading dims broadcast as in
+            SDPA; float16/bfloat16 are computed in float32 and returned in the input dtype.
+        scale: s (``None``: 1/√d, torch's default; Alman–Song's setting is 1/d). is_causal: row i sees j ≤ i.
         kind: ``"softmax"`` (weights exp(s⟨q,k⟩)) or ``"l2"`` (weights exp(−s‖q−k‖²)).
-        method: ``"exact"`` (torch SDPA on the CPU with an any-order rounding certificate,
-            :mod:`attnbound.engines.sdpa`; otherwise dense for small n, else blockwise), ``"dense"``, ``"blockwise"``,
-            ``"taylor"`` (Keles et al.; ``order`` or ``eps``), ``"polynomial"`` (Alman–Song
-            Chebyshev; ``degree`` or ``eps``), ``"relative"`` (relative-error minimax polynomials;
-            ``degree`` or ``eps``) or ``"auto"`` (the fastest certified for ``eps``; see
-            :func:`attnbound.plan`; when that is exact and the input dtype's worst-case rounding
-            bound would exceed ``eps``, exact runs in float64).
-        block_size: key block (and query chunk) length of the blockwise method.
-        attn_mask: bool (True = take part) or additive float mask broadcastable to
-            ``(..., n_q, n_k)``. Approximate methods accept only boolean key-padding masks
-            (broadcastable to ``(..., 1, n_k)``; masked keys do not count towards the radius);
-            ``"auto"`` runs exact for any other mask. Rows with every key masked return zeros.
-        eps: the largest acceptable ‖out − exact‖∞; approximate methods pick the smallest
-            degree whose certificate meets it.
-        bound: a declared entry bound B on |q|, |k|; the certified radius becomes s·d·B²
-            instead of the data radius s·max‖q‖·max‖k‖. Entries above B raise.
-        degree, order: fixed Chebyshev degree / even Taylor order (instead of ``eps``).
-        memory_budget: bytes the feature engine may allocate (default: half the available RAM).
-        cost_model: the planner's constants (default: measured on the reference machine).
-        strict: with a fixed ``degree``/``order``, refuse (default) or, when False, run anyway a
-            degree that cannot be certified (η ≥ 1); its certificate then says ``inf``. For
-            demonstrations such as the hardness reductions.
-        enable_gqa: grouped-query attention as in SDPA: q ``(..., H_q, n_q, d)`` against k, v
-            ``(..., H_kv, n_k, ·)`` with H_kv dividing H_q; query head h uses key/value head
-            h // (H_q / H_kv). K and V are never copied per head.
-        centre: approximate methods: centre queries and keys (their means; the cross terms become an
-            exact per-key weight, :mod:`attnbound.centring`), which shrinks the radius of data with a
-            common offset. ``None``: not for a fixed method (so it equals the distributed and decoding
-            paths), weighed by the plan under ``auto``.
-        heavy: approximate methods: compute the ``heavy`` keys and queries of largest (centred) norm
-            exactly, so the polynomial covers the smaller radius of the rest. ``None``: 0 for a fixed
-            method, chosen by the plan (0, 2 or 8) under ``auto``.
+        method: ``"exact"`` (default), ``"dense"``, ``"blockwise"``, ``"taylor"``, ``"polynomial"``,
+            ``"relative"`` or ``"auto"``. block_size: the blockwise method's key block and query chunk.
+        attn_mask: bool (True = take part) or additive float mask; approximate methods: key padding only.
+        eps: the largest acceptable ‖out − exact‖∞ (families pick the smallest degree that meets it).
+        bound: a declared entry bound B on |q|, |k|: radius s·d·B² instead of s·max‖q‖·max‖k‖.
+        degree, order: a fixed Chebyshev/relative degree or even Taylor order (instead of ``eps``).
+        memory_budget: bytes a call may allocate (default: half the available RAM). cost_model: the planner's.
+        strict: with a fixed degree, refuse (default) or run anyway one that cannot be certified (η ≥ 1;
+            its certificate then says ``inf``), for demonstrations such as the hardness reductions.
+        enable_gqa: grouped-query attention as in SDPA (H_kv divides H_q; K and V never copied per head).
+        centre: families: centre q and k (:mod:`attnbound.centring`); ``None``: off, weighed under ``auto``.
+        heavy: families: the ``heavy`` keys and queries of largest norm exactly; ``None``: 0, planned under auto.
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:
         ``out`` of shape ``(..., n_q, d_v)``, or ``(out, certificate)``.
-
-    The contract: ``out`` is finite, has that shape and q's dtype, and max|out − exact| ≤
-    ``certificate.output_error_bound``, where exact is the attention of the inputs as given (real
-    arithmetic). With ``eps`` (any method, fixed degree/order included) the bound is ≤ eps, or the call
-    raises ValueError saying why and what would meet it. ``certificate.certified`` is False whenever the
-    bound is infinite. Empty outputs (n_q = 0, d_v = 0 or an empty batch) return an empty tensor.
-
-    Raises:
-        TypeError/ValueError naming the argument, before any large allocation: non-tensors,
-        non-floating or mixed dtypes/devices, mismatched shapes, n_k = 0, NaN/Inf, bad scale,
-        unknown kind/method, causal with n_q ≠ n_k, entries above ``bound``, an uncertifiable
-        request (η ≥ 1, no degree meets ``eps``), or a feature memory need above the budget.
     """
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")

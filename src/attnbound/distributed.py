@@ -46,6 +46,7 @@ from .engines.monomials import feature_rank, monomial_weights
 from .engines.reference import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .families import choose_certificate, degree_certificate, family, fixed_degree, polynomial_setup
 from .numerics import finish, normalised, scale_values, times_pow2
+from .pipeline import Options, check_options
 from .planner import default_memory_budget, exact_candidate, exact_eps_reason
 from .stats import InputStats, row_norms, value_extremes
 
@@ -103,37 +104,54 @@ def attention(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("attnbound.distributed.attention needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group, or launch with torchrun)")
-    world = dist.get_world_size(group)
-    me = dist.get_rank(group)
+    world, me = dist.get_world_size(group), dist.get_rank(group)
     _LAST.update(bytes_sent=0, bytes_received=0, messages=0)
-    error, meta = "", None
-    options = dict(method=method, scale=scale, is_causal=is_causal, eps=eps, degree=degree, order=order,
-                   bound=bound, block_size=block_size)
+    opts = Options(method=method, scale=scale, is_causal=is_causal, eps=eps, degree=degree, order=order, bound=bound,
+                   block_size=block_size, memory_budget=memory_budget)
+    lengths = _agree(_check_shard(q, k, v, opts), opts, group, world)
+    s = val.resolve_scale(scale, q.shape[-1])
+    if method == "exact":
+        return _ring(q, k, v, s=s, is_causal=is_causal, lengths=lengths, me=me, world=world, group=group,
+                     block=block_size or DEFAULT_BLOCK, eps=eps, return_certificate=return_certificate)
+    return _features(q, k, v, s=s, method=method, is_causal=is_causal, lengths=lengths, me=me, world=world,
+                     group=group, eps=eps, degree=fixed_degree(method, degree, order), bound=bound,
+                     memory_budget=memory_budget, return_certificate=return_certificate)
+
+
+def _check_shard(q, k, v, opts: Options) -> tuple[str, tuple | None]:
+    """(this rank's error message or "", its shard's metadata): the validate stage, without raising, so that
+    every rank learns of any rank's error (a rank that raised alone would leave the others waiting)."""
     try:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        val.check_qkv(q, k, v, is_causal=is_causal)
+        if opts.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+        val.check_qkv(q, k, v, is_causal=opts.is_causal)
         if q.shape[-2] != k.shape[-2]:
             raise ValueError(f"q and k must hold the same shard of the sequence: n_q={q.shape[-2]}, n_k={k.shape[-2]}")
-        if not isinstance(is_causal, bool):
-            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-        val.check_positive_int("block_size", block_size)
-        val.resolve_scale(scale, q.shape[-1])
-        val.check_eps(eps)
-        val.check_bound(bound)
-        if method in val.FEATURE_METHODS and fixed_degree(method, degree, order) is not None:
-            family(method).check_degree(fixed_degree(method, degree, order))
+        if not isinstance(opts.is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(opts.is_causal).__name__}")
+        val.check_positive_int("block_size", opts.block_size)
+        val.resolve_scale(opts.scale, q.shape[-1])
+        val.check_eps(opts.eps)
+        bound = val.check_bound(opts.bound)
+        check_options(opts)
         if bound is not None:
             for name, x in (("q", q), ("k", k)):
                 top = float(x.detach().abs().max()) if x.numel() else 0.0
                 if top > bound:
                     raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound={bound:g}")
-        meta = (tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]), q.shape[-1], v.shape[-1],
-                str(q.dtype), q.device.type, q.shape[-2])
+        return "", (tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]), q.shape[-1], v.shape[-1],
+                    str(q.dtype), q.device.type, q.shape[-2])
     except (ValueError, TypeError) as exc:
-        error = str(exc)
+        return str(exc), None
+
+
+def _agree(checked: tuple[str, tuple | None], opts: Options, group, world: int) -> list[int]:
+    """Every rank's check, gathered: raise on every rank if any rank failed or the ranks disagree; else the
+    shard lengths."""
+    options = dict(method=opts.method, scale=opts.scale, is_causal=opts.is_causal, eps=opts.eps,
+                   degree=opts.degree, order=opts.order, bound=opts.bound, block_size=opts.block_size)
     reports = [None] * world
-    dist.all_gather_object(reports, (error, meta, repr(sorted(options.items()))), group=group)
+    dist.all_gather_object(reports, (*checked, repr(sorted(options.items()))), group=group)
     bad = [(r, e) for r, (e, _, _) in enumerate(reports) if e]
     if bad:
         raise ValueError("; ".join(f"rank {r}: {e}" for r, e in bad))
@@ -145,14 +163,7 @@ def attention(
     if len({m[:-1] for m in metas}) > 1:
         raise ValueError("the ranks disagree on (q batch, k batch, v batch, d, d_v, dtype, device): "
                          + "; ".join(f"rank {r}: {m[:-1]}" for r, m in enumerate(metas)))
-    lengths = [m[-1] for m in metas]
-    s = val.resolve_scale(scale, q.shape[-1])
-    if method == "exact":
-        return _ring(q, k, v, s=s, is_causal=is_causal, lengths=lengths, me=me, world=world, group=group,
-                     block=block_size or DEFAULT_BLOCK, eps=eps, return_certificate=return_certificate)
-    return _features(q, k, v, s=s, method=method, is_causal=is_causal, lengths=lengths, me=me, world=world,
-                     group=group, eps=eps, degree=fixed_degree(method, degree, order), bound=bound,
-                     memory_budget=memory_budget, return_certificate=return_certificate)
+    return [m[-1] for m in metas]
 
 
 def _global_stats(q, k, v, group) -> InputStats:

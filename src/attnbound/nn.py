@@ -67,6 +67,68 @@ def _is_causal_keep(keep: torch.Tensor, n_q: int, n_k: int) -> bool:
     return bool((keep == tril).all())
 
 
+def _key_padding_keep(key_padding_mask, B: int, S: int, dtype: torch.dtype, unbatched: bool) -> torch.Tensor | None:
+    """Mask translation, step 1: ``key_padding_mask`` (already batched) in attnbound's convention,
+    shape-checked against (B, S) and viewed as (B, 1, 1, S); None when not given."""
+    kpm = _keep_or_additive(key_padding_mask, "key_padding_mask", dtype)
+    if kpm is None:
+        return None
+    if kpm.shape != (B, S):
+        want = f"({S},)" if unbatched else f"(batch, S) = ({B}, {S})"
+        raise ValueError(f"key_padding_mask must have shape {want}, got {tuple(key_padding_mask.shape)}")
+    return kpm.view(B, 1, 1, S)
+
+
+def _attn_mask_keep(attn_mask, B: int, H: int, L: int, S: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Mask translation, step 2: ``attn_mask`` in attnbound's convention, shape-checked; (L, S) stays
+    (L, S) and (B·H, L, S) becomes (B, H, L, S). None when not given."""
+    am = _keep_or_additive(attn_mask, "attn_mask", dtype)
+    if am is None or (am.dim() == 2 and am.shape == (L, S)):
+        return am
+    if am.dim() == 3 and am.shape == (B * H, L, S):
+        return am.view(B, H, L, S)
+    raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}) or (batch·num_heads, L, S) = "
+                     f"({B * H}, {L}, {S}), got {tuple(attn_mask.shape)}")
+
+
+def _resolve_causal(am: torch.Tensor | None, causal: bool, hint: bool, L: int, S: int):
+    """Mask translation, step 3: with the causal structure on (``causal``), an ``am`` that is exactly
+    the causal mask is dropped (the structure itself is passed on, which every method accepts); any
+    other ``am`` is an error when the per-call ``hint`` (torch's ``is_causal``) claimed it causal.
+    Returns ``(am, causal)``."""
+    if causal and am is not None:
+        if _is_causal_keep(am, L, S):
+            am = None
+        elif hint:
+            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask (as in "
+                             "torch.nn.MultiheadAttention), but attn_mask is not the causal mask; pass "
+                             "is_causal=False to apply attn_mask as given")
+    return am, causal
+
+
+def _attention_mask(kpm: torch.Tensor | None, am: torch.Tensor | None, causal: bool, extra: int, L: int, S: int,
+                    dtype: torch.dtype, device) -> tuple[torch.Tensor | None, bool]:
+    """Mask translation, step 4: the ``(attn_mask, is_causal)`` pair passed to
+    :func:`attnbound.attention`, from the translated masks of steps 1–3 and the ``extra`` keys
+    (``bias_k``, ``add_zero_attn``) appended after the S sequence keys, which every query sees.
+    An all-True bool mask becomes None; a bool mask whose rows are all equal becomes a key mask
+    (..., 1, S + extra)."""
+    mask = _combine(kpm, am, dtype)
+    if extra:
+        if causal:  # the extra keys sit after the sequence: the causal structure is now a mask
+            tril = torch.ones(L, S, dtype=torch.bool, device=device).tril()
+            mask = _combine(mask, tril, dtype)
+            causal = False
+        if mask is not None:
+            mask = F.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
+    if mask is not None and mask.dtype == torch.bool:
+        if bool(mask.all()):
+            mask = None
+        elif mask.shape[-2] > 1 and bool((mask == mask[..., :1, :]).all()):
+            mask = mask[..., :1, :]  # padding-like: a key mask (..., 1, S)
+    return mask, causal
+
+
 class Attention(nn.Module):
     """Multi-head attention with a pluggable attnbound method; a drop-in for
     ``torch.nn.MultiheadAttention(embed_dim, num_heads, ..., batch_first=True)``.
@@ -159,6 +221,74 @@ class Attention(nn.Module):
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
+    def _batch_first_inputs(self, query, key, value, key_padding_mask):
+        """Checks query/key/value (types, then shapes) and brings them, and an unbatched
+        ``key_padding_mask``, to the batched (batch, seq, feature) layout.
+
+        Returns ``(query, key, value, key_padding_mask, unbatched)``."""
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        unbatched = query.dim() == 2
+        dims = 2 if unbatched else 3
+        layout = "(seq, feature)" if unbatched else ("(batch, seq, feature)" if self.batch_first
+                                                      else "(seq, batch, feature)")
+        for name, x, f in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if x.dim() != dims or x.shape[-1] != f:
+                raise ValueError(f"{name} must have shape {layout} with feature = {f}, got {tuple(x.shape)} "
+                                 f"(query sets the layout: {query.dim()}-D)")
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None and isinstance(key_padding_mask, torch.Tensor):
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, S = query.shape[0], key.shape[1]
+        if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
+            raise ValueError(f"key and value must share query's batch ({B}) and one length S, got key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)} in layout {layout}")
+        return query, key, value, key_padding_mask, unbatched
+
+    def _project_heads(self, query, key, value):
+        """The input projections, the ``bias_k``/``bias_v`` key/value, the split into heads
+        (B, H, seq, head_dim), and the ``add_zero_attn`` zero key/value."""
+        B, H, hd = query.shape[0], self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        if self.bias_k is not None:  # one learned extra key/value that every query sees
+            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], 1)
+            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], 1)
+        q, k, v = (t.reshape(B, -1, H, hd).transpose(1, 2) for t in (q, k, v))
+        if self.add_zero_attn:  # one zero key/value per head that every query sees
+            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], 2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], 2)
+        return q, k, v
+
+    def _attend(self, q, k, v, mask, causal: bool, method: str | None, need_weights: bool, attention_kwargs):
+        """The one :func:`attnbound.attention` call for all heads (warning once about
+        ``need_weights``); its certificate is kept in ``last_certificate``."""
+        m = method or self.method
+        kw = {"is_causal": causal, "attn_mask": mask}
+        if m not in _EXACT:
+            kw |= {"eps": self.eps, "bound": self.bound}
+        kw |= attention_kwargs
+        if need_weights and not self._warned_weights:
+            self._warned_weights = True
+            # stacklevel: here, forward, Module._call_impl, Module._wrapped_call_impl, the caller
+            warnings.warn("attnbound.nn.Attention never forms attention weights and returns None for them; "
+                          "pass need_weights=False to silence this warning", UserWarning, stacklevel=5)
+        out, cert = attention(q, k, v, method=m, return_certificate=True, **kw)
+        self.last_certificate = cert
+        return out
+
+    def _merge_heads(self, out, B: int, L: int, unbatched: bool):
+        """Heads merged back to (B, L, E), the output projection, and the caller's layout restored."""
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+        if unbatched:
+            return out.squeeze(0)
+        if not self.batch_first:
+            return out.transpose(0, 1)
+        return out
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -190,94 +320,15 @@ class Attention(nn.Module):
         if self.dropout > 0 and self.training:
             raise ValueError(f"dropout={self.dropout:g} acts on attention weights, which attnbound never forms; "
                              "construct with dropout=0.0 or call .eval()")
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        unbatched = query.dim() == 2
-        dims = 2 if unbatched else 3
-        layout = "(seq, feature)" if unbatched else ("(batch, seq, feature)" if self.batch_first
-                                                      else "(seq, batch, feature)")
-        for name, x, f in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if x.dim() != dims or x.shape[-1] != f:
-                raise ValueError(f"{name} must have shape {layout} with feature = {f}, got {tuple(x.shape)} "
-                                 f"(query sets the layout: {query.dim()}-D)")
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None and isinstance(key_padding_mask, torch.Tensor):
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        B, L, _ = query.shape
-        S = key.shape[1]
-        if key.shape[0] != B or value.shape[0] != B or value.shape[1] != S:
-            raise ValueError(f"key and value must share query's batch ({B}) and one length S, got key "
-                             f"{tuple(key.shape)} and value {tuple(value.shape)} in layout {layout}")
-        H, hd = self.num_heads, self.head_dim
-
-        kpm = _keep_or_additive(key_padding_mask, "key_padding_mask", query.dtype)
-        if kpm is not None:
-            if kpm.shape != (B, S):
-                want = f"({S},)" if unbatched else f"(batch, S) = ({B}, {S})"
-                raise ValueError(f"key_padding_mask must have shape {want}, got {tuple(key_padding_mask.shape)}")
-            kpm = kpm.view(B, 1, 1, S)
-        am = _keep_or_additive(attn_mask, "attn_mask", query.dtype)
-        if am is not None:
-            if am.dim() == 2 and am.shape == (L, S):
-                pass
-            elif am.dim() == 3 and am.shape == (B * H, L, S):
-                am = am.view(B, H, L, S)
-            else:
-                raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}) or (batch·num_heads, L, S) = "
-                                 f"({B * H}, {L}, {S}), got {tuple(attn_mask.shape)}")
-        causal = bool(is_causal or self.is_causal)
-        if causal and am is not None:
-            if _is_causal_keep(am, L, S):
-                am = None  # the causal structure itself is passed on, which every method accepts
-            elif is_causal:
-                raise ValueError("is_causal=True is a hint that attn_mask is the causal mask (as in "
-                                 "torch.nn.MultiheadAttention), but attn_mask is not the causal mask; pass "
-                                 "is_causal=False to apply attn_mask as given")
-
-        q, k, v = self._project(query, key, value)
-        if self.bias_k is not None:  # one learned extra key/value that every query sees
-            k = torch.cat([k, self.bias_k.expand(B, 1, -1)], 1)
-            v = torch.cat([v, self.bias_v.expand(B, 1, -1)], 1)
-        q, k, v = (t.reshape(B, -1, H, hd).transpose(1, 2) for t in (q, k, v))
-        if self.add_zero_attn:  # one zero key/value per head that every query sees
-            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], 2)
-            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], 2)
-        extra = k.shape[2] - S
-        mask = _combine(kpm, am, q.dtype)
-        if extra:
-            if causal:  # the extra keys sit after the sequence: the causal structure is now a mask
-                tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-                mask = _combine(mask, tril, q.dtype)
-                causal = False
-            if mask is not None:
-                mask = F.pad(mask, (0, extra), value=True if mask.dtype == torch.bool else 0.0)
-        if mask is not None and mask.dtype == torch.bool:
-            if bool(mask.all()):
-                mask = None
-            elif mask.shape[-2] > 1 and bool((mask == mask[..., :1, :]).all()):
-                mask = mask[..., :1, :]  # padding-like: a key mask (..., 1, S)
-
-        m = method or self.method
-        kw = {"is_causal": causal, "attn_mask": mask}
-        if m not in _EXACT:
-            kw |= {"eps": self.eps, "bound": self.bound}
-        kw |= attention_kwargs
-        if need_weights and not self._warned_weights:
-            self._warned_weights = True
-            warnings.warn("attnbound.nn.Attention never forms attention weights and returns None for them; "
-                          "pass need_weights=False to silence this warning", UserWarning, stacklevel=4)
-        out, cert = attention(q, k, v, method=m, return_certificate=True, **kw)
-        self.last_certificate = cert
-        out = self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
-        if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        query, key, value, key_padding_mask, unbatched = self._batch_first_inputs(query, key, value, key_padding_mask)
+        (B, L, _), S = query.shape, key.shape[1]
+        kpm = _key_padding_keep(key_padding_mask, B, S, query.dtype, unbatched)
+        am = _attn_mask_keep(attn_mask, B, self.num_heads, L, S, query.dtype)
+        am, causal = _resolve_causal(am, bool(is_causal or self.is_causal), is_causal, L, S)
+        q, k, v = self._project_heads(query, key, value)
+        mask, causal = _attention_mask(kpm, am, causal, k.shape[2] - S, L, S, q.dtype, q.device)
+        out = self._attend(q, k, v, mask, causal, method, need_weights, attention_kwargs)
+        return self._merge_heads(out, B, L, unbatched), None
 
 
 class Block(nn.Module):
