@@ -175,14 +175,19 @@ def plan_cmd(n: int = typer.Option(..., help="sequence length (n_q = n_k)"),
     p = attnbound.plan(n, n, d, d_v or d, radius, eps, causal)
     table = Table(title=f"plan: n={n}, d={d}, R={radius:g}, eps={eps:g} (max-abs error){', causal' if causal else ''}")
     # "[s]" would be read as rich markup (strike-through) and vanish: headers are escaped
-    for col in ("method", "degree", "rank", "error bound\n‖Δout‖∞", "pred. time\n\\[s]", "memory\n\\[MiB]", "engine",
-                "ok"):
-        table.add_column(col, justify="left" if col in ("method", "engine", "ok") else "right", no_wrap=True)
+    for col in ("method", "degree", "rank", "error bound\n‖Δout‖∞", "pred. time\n\\[s]", "memory\n\\[MiB]", "ok"):
+        table.add_column(col, justify="left" if col in ("method", "ok") else "right", no_wrap=True)
     for c in p.candidates:
         mark = "choice" if c == p.choice else ("yes" if c.certified and c.fits_memory else "")
         table.add_row(c.method, str(c.degree if c.degree is not None else "-"), str(c.rank or "-"),
-                      f"{c.error_bound:.2g}", f"{c.seconds:.2g}", f"{c.memory_bytes / 2**20:.3g}", c.engine or "-", mark)
+                      f"{c.error_bound:.2g}", f"{c.seconds:.2g}", f"{c.memory_bytes / 2**20:.3g}", mark)
     console.print(table)
+    engines: dict[str, list[str]] = {}  # engine -> the methods that would run on it
+    for c in p.candidates:
+        methods = engines.setdefault(c.engine or "-", [])
+        if c.method not in methods:
+            methods.append(c.method)
+    console.print(escape("engines: " + "; ".join(f"{', '.join(ms)} on {e}" for e, ms in engines.items())))
     passed = {name: why for c in p.candidates for name, why in c.rejected.items()}
     for name, why in passed.items():  # the faster engines the candidates do not run on, and why
         console.print(escape(f"engine {name} not used: {'; '.join(why)}"))

@@ -9,7 +9,7 @@ engine would allocate, and a predicted time from a cost model:
     features    t = b·(n_q + n_k)·r·(c_feat + c_mac_feat·(d_v + 1))  [+ causal: b·n_q·(64·(r + d_v + 1) + 2r(d_v + 1))·c_mac_feat]
                   + c_op·(#chunks)·(g·d + 6)
 
-The constants are *measured*, not guessed: :func:`calibrate` times the calls ``method="auto"``
+The constants are *measured*, not guessed: :func:`attnbound.calibrate.calibrate` times the calls ``method="auto"``
 would make — ``attention(method="exact")`` (torch's fused SDPA kernel on the CPU,
 :mod:`attnbound.engines.sdpa`) at two head dims and ``attention(method="polynomial")`` at two value
 widths — and solves for them. ``attnbound calibrate`` writes them to a JSON file
@@ -25,6 +25,12 @@ a-priori float64 rounding bound misses eps but whose approximation term is ≤ e
 *provisional*: the run measures its row sums and the a-posteriori rounding bound
 (:func:`attnbound.certificate.feature_certificate`) decides; ``method="auto"`` falls back to exact
 when that misses eps, so the returned certificate always meets it.
+
+Engines are not the planner's to decide: each candidate asks :mod:`attnbound.engines.registry` which
+engine would run it (``Candidate.engine``) and records why faster ones were passed over
+(``Candidate.rejected``). The causal term models the torch engine's triangular tiles
+(``registry.ENGINES["torch"].causal_tile``); the fused kernels' Horner triangle is cheaper, so causal
+feature runs on them are over-estimated.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from .certificate import Certificate, exact_certificate, unit_roundoff
 from .engines import registry
 from .engines.reference import DEFAULT_BLOCK, use_dense
 from .engines.monomials import feature_rank
-from .engines.features import CAUSAL_TILE, chunk_rows, feature_memory_bytes
+from .engines.features import chunk_rows, feature_memory_bytes
 from .families import FAMILIES, degree_certificate
 
 
@@ -101,8 +107,8 @@ class CostModel:
         chunk = chunk_rows(batch, r)
         t = batch * (n_q + n_k) * r * (self.c_feat + self.c_mac_feat * (d_v + 1))
         ops = 0
-        if is_causal:  # triangular tiles of CAUSAL_TILE rows, plus the per-tile state readout and update
-            tile = min(CAUSAL_TILE, n_q)
+        if is_causal:  # triangular tiles, plus the per-tile state readout and update: the torch engine's
+            tile = min(registry.ENGINES["torch"].causal_tile, n_q)  # model (an over-estimate for the fused pass)
             t += batch * n_q * (tile * (r + d_v + 1) + 2 * r * (d_v + 1)) * self.c_mac_feat
             ops = 6 * math.ceil(n_q / tile)
         chunks = math.ceil(n_q / chunk) + math.ceil(n_k / chunk)

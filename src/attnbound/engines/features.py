@@ -237,7 +237,8 @@ def state_readout(q, state, *, degree: int, chunk: int) -> torch.Tensor:
     return out.transpose(-1, -2)
 
 
-CAUSAL_TILE = 64  # rows per triangular tile: the n·tile·r intra-tile cost against the n·r·d_v state cost
+CAUSAL_TILE = registry.ENGINES["torch"].causal_tile  # 64 rows per triangular tile: the n·tile·r intra-tile cost
+# against the n·r·d_v state cost (the fused kernels have their own, fused.CAUSAL_TILE)
 
 
 def causal_readout(q, k, vv, *, degree: int, weights: torch.Tensor, chunk: int, state=None,

@@ -61,6 +61,7 @@ class Engine:
     autograd: bool
     reference: str  # what its tests compare it with
     summary: str
+    causal_tile: int | None = None  # rows per causal tile (feature engines): its triangle's block
     available: object = field(default=None, compare=False)  # () -> (bool, why) for a runtime requirement
 
     def not_supported_reasons(self, req: Request) -> list[str]:
@@ -96,10 +97,10 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("blockwise", "exact", FLOATS, None, ALL_MASKS, ALL_MASKS, True,
            "engines.reference.dense_attention", "query chunks × key blocks, online softmax"),
     Engine("fused", "features", (torch.float64,), ("cpu",), KEY_WEIGHTS, ("none", "0/1 key weights"), False,
-           "engines.features (torch engine)", "numba kernels: key state, readout, causal pass",
-           available=fused.runtime_available),
+           "engines.features (torch engine)", "numba kernels: key state, readout, causal pass (Horner triangle)",
+           causal_tile=fused.CAUSAL_TILE, available=fused.runtime_available),
     Engine("torch", "features", FLOATS, None, KEY_WEIGHTS, KEY_WEIGHTS, True,
-           "engines.naive.feature_attention", "chunked torch feature engine (autograd)"),
+           "engines.naive.feature_attention", "chunked torch feature engine (autograd)", causal_tile=64),
 )}
 
 EXACT_ORDER = ("sdpa", "dense", "blockwise")
