@@ -48,7 +48,9 @@ import os
 import pathlib
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
@@ -104,343 +106,276 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------------------------
 # kernel generation (one set per column count; the column sums are named locals)
+#
+# Each kernel is a text frame (its loops over batch rows, tiles and columns, written as the generated code
+# reads) with the item walk spliced in where the frame says <items>. The walk over the rows of
+# :func:`fused_items` is written once, in :func:`_item_walk`: its five cases (:data:`_CASES`) build the item's
+# monomial vectors from the parent's, and the kernel says what happens around and inside each pass over
+# the tile — what it loads or zeroes before a monomial, what it does with the monomial vectors at each row
+# t (:class:`_Pass`), and what it stores after. Blocks are indented by :func:`_block` and spliced at the
+# indentation of their marker (:func:`_frame`); no piece knows its own depth.
+
+_TAB = "    "
 
 
-def _column_sums(C: int, terms: list[tuple[str, str]], indent: int) -> list[str]:
-    """Per column c of [V, 1]: load v = vvt[c, t] once and add name·v into each accumulator ``acc``{c}."""
-    pad = " " * indent
-    return ["\n".join([f"{pad}v = vvt[{c}, t]"] + [f"{pad}{acc}{c} += {name} * v" for acc, name in terms])
-            for c in range(C)]
+def _block(head: str, *parts: list[str]) -> list[str]:
+    """``head`` followed by the lines of ``parts``, in order, one level deeper."""
+    return [head] + [_TAB + line for part in parts for line in part]
+
+
+def _frame(text: str, C: int, **pieces: list[str]) -> list[str]:
+    """The lines of the kernel frame ``text`` with {C} the column count and each line that is only
+    ``<name>`` replaced by the lines of ``pieces[name]``, at that line's indentation."""
+    out = []
+    for line in text.strip("\n").split("\n"):
+        body = line.lstrip(" ")
+        if body.startswith("<") and body.endswith(">"):
+            pad = line[:len(line) - len(body)]
+            out += [pad + piece for piece in pieces[body[1:-1]]]
+        else:
+            out.append(line.replace("{C}", str(C)))
+    return out
+
+
+# The five item cases of a fused_items row (a, j, i, a2, i2, ab, ib, ab2, ib2), as the lines of one pass
+# over the tile that build the item's monomial vectors — named f, h, e for its first, second and third
+# monomial — from the parent's vector {S}[j − 1] and the tile's inputs {X}, and that keep on the stack
+# {S} the vectors later items start from.
+CHILD_PAIR = "interior monomial and its child pair"  # ab ≥ 0, ab2 ≥ 0: a, ab, ab2
+INTERIOR_CHILD = "interior monomial and its interior child"  # ab ≥ 0, j + 1 < g: a, ab (both kept)
+LEAF_CHILD = "interior monomial and its leaf child"  # ab ≥ 0, otherwise: a, ab
+LEAF_PAIR = "two sibling leaves"  # a2 ≥ 0: a, a2
+LONE_LEAF = "a lone leaf"  # otherwise: a
+_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    CHILD_PAIR: (("f", "h", "e"), ("{f} = {S}[j - 1, t] * {X}[i, t]", "{S}[j, t] = {f}",
+                                   "{h} = {f} * {X}[ib, t]", "{e} = {f} * {X}[ib2, t]")),
+    INTERIOR_CHILD: (("f", "h"), ("{f} = {S}[j - 1, t] * {X}[i, t]", "{S}[j, t] = {f}",
+                                  "{h} = {f} * {X}[ib, t]", "{S}[j + 1, t] = {h}")),
+    LEAF_CHILD: (("f", "h"), ("{f} = {S}[j - 1, t] * {X}[i, t]", "{S}[j, t] = {f}", "{h} = {f} * {X}[ib, t]")),
+    LEAF_PAIR: (("f", "h"), ("fp = {S}[j - 1, t]", "{f} = fp * {X}[i, t]", "{h} = fp * {X}[i2, t]")),
+    LONE_LEAF: (("f",), ("{f} = {S}[j - 1, t] * {X}[i, t]",)),
+}
+_ACC = "xyz"  # per-column accumulators of an item's first, second and third monomial (keys): x{c}, y{c}, z{c}
+_WEIGHT = {"a": "wa", "a2": "wa2", "ab": "wb", "ab2": "wb2"}  # causal: the local holding w[index]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One pass over the tile per item: the monomial vectors of ``rows`` (the tile's d × T inputs) built on
+    ``stack``, named with the suffix ``tag``, and ``use`` (the item's vector names, first monomial first)
+    giving the lines run with them at each row t."""
+
+    stack: str
+    rows: str
+    tag: str
+    use: Callable[[list[str]], list[str]]
+
+    def lines(self, case: str) -> list[str]:
+        names, build = _CASES[case]
+        vec = {name: name + self.tag for name in names}
+        return _block("for t in range(tl):", [line.format(S=self.stack, X=self.rows, **vec) for line in build],
+                      self.use([vec[name] for name in names]))
+
+
+def _item_walk(passes: list[_Pass], before: Callable[[int, str], list[str]],
+               after: Callable[[int, str], list[str]]) -> list[str]:
+    """The loop over the item rows: each of the five cases runs ``passes`` in order; ``before(slot, index)``
+    and ``after(slot, index)`` give the lines ahead of and behind the passes for the item's monomial in
+    ``slot`` (0, 1, 2: first, second, third), whose engine index is the local ``index``."""
+    def case(name: str) -> list[str]:
+        return [line for p in passes for line in p.lines(name)]
+
+    return _block(
+        "for m in range(items.shape[0]):",
+        ["a = items[m, 0]", "j = items[m, 1]", "i = items[m, 2]", "a2 = items[m, 3]"],
+        before(0, "a"),
+        ["ab = items[m, 5]"],
+        # an interior monomial and its first child (or child pair): one pass for both
+        _block("if ab >= 0:",
+               ["ib = items[m, 6]", "ab2 = items[m, 7]"],
+               before(1, "ab"),
+               _block("if ab2 >= 0:", ["ib2 = items[m, 8]"], before(2, "ab2"), case(CHILD_PAIR), after(2, "ab2")),
+               _block("elif j + 1 < g:", case(INTERIOR_CHILD)),
+               _block("else:", case(LEAF_CHILD)),
+               after(1, "ab")),
+        # two sibling leaves: one parent load and one pass for both
+        _block("elif a2 >= 0:", ["i2 = items[m, 4]"], before(1, "a2"), case(LEAF_PAIR), after(1, "a2")),
+        # a lone leaf: an interior monomial always travels with its first child
+        _block("else:", case(LONE_LEAF)),
+        after(0, "a"))
+
+
+def _zeros(C: int, acc: str) -> str:
+    return "; ".join(f"{acc}{c} = 0.0" for c in range(C))
+
+
+def _loads(C: int, name: str, source: str) -> str:
+    """``name``{c} = ``source`` (with {c} the column) for every column, on one line."""
+    return "; ".join(f"{name}{c} = " + source.format(c=c) for c in range(C))
+
+
+def _key_sums(C: int) -> Callable[[list[str]], list[str]]:
+    """Keys: add each monomial vector times the tile's [V, 1] column into its accumulator; with two or three
+    monomials each column v = vvt[c, t] is loaded once."""
+    def use(vecs: list[str]) -> list[str]:
+        if len(vecs) == 1:
+            return [f"{_ACC[0]}{c} += {vecs[0]} * vvt[{c}, t]" for c in range(C)]
+        return [line for c in range(C)
+                for line in [f"v = vvt[{c}, t]"] + [f"{acc}{c} += {vec} * v" for acc, vec in zip(_ACC, vecs)]]
+    return use
+
+
+def _query_sums(C: int, coef: str) -> Callable[[list[str]], list[str]]:
+    """Queries: add Σ vector·(its state row, loaded into ``coef[slot]``{c}) into the tile's outputs."""
+    def use(vecs: list[str]) -> list[str]:
+        return [f"acc[{c}, t] += " + " + ".join(f"{vec} * {k}{c}" for vec, k in zip(vecs, coef)) for c in range(C)]
+    return use
+
+
+# the lines the two segmented kernels (keys, causal) share: a work item per (batch row, segment), and its tiles
+_SEGMENTS = ["for p in prange(B * nseg):", _TAB + "b = p // nseg", _TAB + "sgi = p % nseg"]
+_SEGMENT_TILES = ["for tile in range(sgi * per, min(ntiles, (sgi + 1) * per)):", _TAB + "t0 = tile * T",
+                  _TAB + "tl = min(T, n - t0)"]
+
+
+_KEYS = """
+@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
+def key_partials(kk, vv, items, g, T, part, nseg, per):
+    B, n, d = kk.shape
+    r = part.shape[1]
+    ntiles = (n + T - 1) // T
+    <segments>
+        for a in range(r):
+            for c in range({C}):
+                part[p, a, c] = 0.0
+        kt = np.empty((d, T)); vvt = np.empty(({C}, T)); stack = np.empty((g + 1, T))
+        <segment_tiles>
+            for t in range(tl):
+                for i in range(d):
+                    kt[i, t] = kk[b, t0 + t, i]
+                for c in range({C}):
+                    vvt[c, t] = vv[b, t0 + t, c]
+                stack[0, t] = 1.0
+            for c in range({C}):
+                s = 0.0
+                for t in range(tl):
+                    s += vvt[c, t]
+                part[p, 0, c] += s
+            <items>
+"""
 
 
 def _lines_keys(C: int) -> list[str]:
-    init = "; ".join(f"x{c} = 0.0" for c in range(C))
-    init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
-    upd = [f"                        x{c} += f * vvt[{c}, t]" for c in range(C)]
-    upd2 = _column_sums(C, [("x", "f"), ("y", "h")], 24)
-    store = [f"                part[p, a, {c}] += x{c}" for c in range(C)]
-    store2 = [f"                    part[p, a2, {c}] += y{c}" for c in range(C)]
-    init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
-    updb = _column_sums(C, [("x", "f"), ("y", "h")], 28)
-    updb2 = _column_sums(C, [("x", "f"), ("y", "h"), ("z", "e")], 28)
-    storeb = [f"                    part[p, ab, {c}] += y{c}" for c in range(C)]
-    storeb2 = [f"                        part[p, ab2, {c}] += z{c}" for c in range(C)]
-    return [
-        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def key_partials(kk, vv, items, g, T, part, nseg, per):",
-        "    B, n, d = kk.shape",
-        "    r = part.shape[1]",
-        "    ntiles = (n + T - 1) // T",
-        "    for p in prange(B * nseg):",
-        "        b = p // nseg",
-        "        sgi = p % nseg",
-        "        for a in range(r):",
-        f"            for c in range({C}):",
-        "                part[p, a, c] = 0.0",
-        f"        kt = np.empty((d, T)); vvt = np.empty(({C}, T)); stack = np.empty((g + 1, T))",
-        "        for tile in range(sgi * per, min(ntiles, (sgi + 1) * per)):",
-        "            t0 = tile * T",
-        "            tl = min(T, n - t0)",
-        "            for t in range(tl):",
-        "                for i in range(d):",
-        "                    kt[i, t] = kk[b, t0 + t, i]",
-        f"                for c in range({C}):",
-        "                    vvt[c, t] = vv[b, t0 + t, c]",
-        "                stack[0, t] = 1.0",
-        f"            for c in range({C}):",
-        "                s = 0.0",
-        "                for t in range(tl):",
-        "                    s += vvt[c, t]",
-        "                part[p, 0, c] += s",
-        "            for m in range(items.shape[0]):",
-        "                a = items[m, 0]",
-        "                j = items[m, 1]",
-        "                i = items[m, 2]",
-        "                a2 = items[m, 3]",
-        f"                {init}",
-        "                ab = items[m, 5]",
-        "                if ab >= 0:",  # an interior monomial and its first child (or child pair): one [V, 1] load
-        "                    ib = items[m, 6]",
-        "                    ab2 = items[m, 7]",
-        f"                    {init2}",
-        "                    if ab2 >= 0:",
-        "                        ib2 = items[m, 8]",
-        f"                        {init3}",
-        "                        for t in range(tl):",
-        "                            f = stack[j - 1, t] * kt[i, t]",
-        "                            stack[j, t] = f",
-        "                            h = f * kt[ib, t]",
-        "                            e = f * kt[ib2, t]",
-        *updb2,
-        *storeb2,
-        "                    elif j + 1 < g:",
-        "                        for t in range(tl):",
-        "                            f = stack[j - 1, t] * kt[i, t]",
-        "                            stack[j, t] = f",
-        "                            h = f * kt[ib, t]",
-        "                            stack[j + 1, t] = h",
-        *updb,
-        "                    else:",
-        "                        for t in range(tl):",
-        "                            f = stack[j - 1, t] * kt[i, t]",
-        "                            stack[j, t] = f",
-        "                            h = f * kt[ib, t]",
-        *updb,
-        *storeb,
-        "                elif a2 >= 0:",  # two sibling leaves: one parent load, one [V, 1] load for both
-        "                    i2 = items[m, 4]",
-        f"                    {init2}",
-        "                    for t in range(tl):",
-        "                        fp = stack[j - 1, t]",
-        "                        f = fp * kt[i, t]",
-        "                        h = fp * kt[i2, t]",
-        *upd2,
-        *store2,
-        "                else:",  # a lone leaf: an interior monomial always travels with its first child
-        "                    for t in range(tl):",
-        "                        f = stack[j - 1, t] * kt[i, t]",
-        *upd,
-        *store,
-    ]
+    """key_partials: the unweighted φ(K)ᵀ[V, 1] of each (batch row, segment), summed into ``part``."""
+    walk = _item_walk([_Pass("stack", "kt", "", _key_sums(C))],
+                      before=lambda slot, idx: [_zeros(C, _ACC[slot])],
+                      after=lambda slot, idx: [f"part[p, {idx}, {c}] += {_ACC[slot]}{c}" for c in range(C)])
+    return _frame(_KEYS, C, items=walk, segments=_SEGMENTS, segment_tiles=_SEGMENT_TILES)
+
+
+_READOUT = """
+@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
+def readout(qq, state, items, g, T, out):
+    B, n, d = qq.shape
+    ntiles = (n + T - 1) // T
+    for p in prange(B * ntiles):
+        b = p // ntiles
+        tile = p % ntiles
+        qt = np.empty((d, T)); acc = np.empty(({C}, T)); stack = np.empty((g + 1, T))
+        t0 = tile * T
+        tl = min(T, n - t0)
+        for t in range(tl):
+            for i in range(d):
+                qt[i, t] = qq[b, t0 + t, i]
+            stack[0, t] = 1.0
+        for c in range({C}):
+            s = state[b, 0, c]
+            for t in range(tl):
+                acc[c, t] = s
+        <items>
+        for t in range(tl):
+            for c in range({C}):
+                out[b, t0 + t, c] = acc[c, t]
+"""
 
 
 def _lines_readout(C: int) -> list[str]:
-    load = "; ".join(f"s{c} = state[b, a, {c}]" for c in range(C))
-    load2 = "; ".join(f"u{c} = state[b, a2, {c}]" for c in range(C))
-    loadb = "; ".join(f"u{c} = state[b, ab, {c}]" for c in range(C))
-    loadb2 = "; ".join(f"w{c} = state[b, ab2, {c}]" for c in range(C))
-    upd = [f"                    acc[{c}, t] += f * s{c}" for c in range(C)]
-    upd2 = [f"                    acc[{c}, t] += f * s{c} + h * u{c}" for c in range(C)]
-    updb = [f"                        acc[{c}, t] += f * s{c} + h * u{c}" for c in range(C)]
-    updb2 = [f"                        acc[{c}, t] += f * s{c} + h * u{c} + e * w{c}" for c in range(C)]
-    return [
-        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def readout(qq, state, items, g, T, out):",
-        "    B, n, d = qq.shape",
-        "    ntiles = (n + T - 1) // T",
-        "    for p in prange(B * ntiles):",
-        "        b = p // ntiles",
-        "        tile = p % ntiles",
-        f"        qt = np.empty((d, T)); acc = np.empty(({C}, T)); stack = np.empty((g + 1, T))",
-        "        t0 = tile * T",
-        "        tl = min(T, n - t0)",
-        "        for t in range(tl):",
-        "            for i in range(d):",
-        "                qt[i, t] = qq[b, t0 + t, i]",
-        "            stack[0, t] = 1.0",
-        f"        for c in range({C}):",
-        "            s = state[b, 0, c]",
-        "            for t in range(tl):",
-        "                acc[c, t] = s",
-        "        for m in range(items.shape[0]):",
-        "            a = items[m, 0]",
-        "            j = items[m, 1]",
-        "            i = items[m, 2]",
-        "            a2 = items[m, 3]",
-        f"            {load}",
-        "            ab = items[m, 5]",
-        "            if ab >= 0:",  # an interior monomial and its first child (or child pair): one pass
-        "                ib = items[m, 6]",
-        "                ab2 = items[m, 7]",
-        f"                {loadb}",
-        "                if ab2 >= 0:",
-        "                    ib2 = items[m, 8]",
-        f"                    {loadb2}",
-        "                    for t in range(tl):",
-        "                        f = stack[j - 1, t] * qt[i, t]",
-        "                        stack[j, t] = f",
-        "                        h = f * qt[ib, t]",
-        "                        e = f * qt[ib2, t]",
-        *updb2,
-        "                elif j + 1 < g:",
-        "                    for t in range(tl):",
-        "                        f = stack[j - 1, t] * qt[i, t]",
-        "                        stack[j, t] = f",
-        "                        h = f * qt[ib, t]",
-        "                        stack[j + 1, t] = h",
-        *updb,
-        "                else:",
-        "                    for t in range(tl):",
-        "                        f = stack[j - 1, t] * qt[i, t]",
-        "                        stack[j, t] = f",
-        "                        h = f * qt[ib, t]",
-        *updb,
-        "            elif a2 >= 0:",  # two sibling leaves: one parent load and one pass over the outputs
-        "                i2 = items[m, 4]",
-        f"                {load2}",
-        "                for t in range(tl):",
-        "                    fp = stack[j - 1, t]",
-        "                    f = fp * qt[i, t]",
-        "                    h = fp * qt[i2, t]",
-        *upd2,
-        "            else:",  # a lone leaf: an interior monomial always travels with its first child
-        "                for t in range(tl):",
-        "                    f = stack[j - 1, t] * qt[i, t]",
-        *upd,
-        "        for t in range(tl):",
-        f"            for c in range({C}):",
-        "                out[b, t0 + t, c] = acc[c, t]",
-    ]
+    """readout: φ(Q)·S per tile of queries, the state rows of each item loaded once."""
+    coef = "suw"  # the state rows of an item's first, second and third monomial: s{c}, u{c}, w{c}
+    walk = _item_walk([_Pass("stack", "qt", "", _query_sums(C, coef))],
+                      before=lambda slot, idx: [_loads(C, coef[slot], f"state[b, {idx}, {{c}}]")],
+                      after=lambda slot, idx: [])
+    return _frame(_READOUT, C, items=walk)
+
+
+_CAUSAL = """
+@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
+def causal(qq, kk, vv, w, coef, items, g, T, sin, nseg, per, out):
+    B, n, d = qq.shape
+    r = w.shape[0]
+    ntiles = (n + T - 1) // T
+    <segments>
+        S = np.empty((r, {C}))
+        for a in range(r):
+            for c in range({C}):
+                S[a, c] = sin[p, a, c]
+        qt = np.empty((d, T)); kt = np.empty((d, T)); vvt = np.empty(({C}, T))
+        sq = np.empty((g + 1, T)); sk = np.empty((g + 1, T)); acc = np.empty(({C}, T)); pv = np.empty(T)
+        <segment_tiles>
+            for t in range(tl):
+                for i in range(d):
+                    qt[i, t] = qq[b, t0 + t, i]
+                    kt[i, t] = kk[b, t0 + t, i]
+                for c in range({C}):
+                    vvt[c, t] = vv[b, t0 + t, c]
+                sq[0, t] = 1.0
+                sk[0, t] = 1.0
+            for c in range({C}):
+                s = S[0, c]
+                x = 0.0
+                for t in range(tl):
+                    acc[c, t] = s
+                    x += vvt[c, t]
+                S[0, c] = s + w[0] * x
+            <items>
+            for t in range(tl):
+                for s in range(t + 1):
+                    pv[s] = 0.0
+                for i in range(d):
+                    qi = qt[i, t]
+                    for s in range(t + 1):
+                        pv[s] += qi * kt[i, s]
+                for s in range(t + 1):
+                    u = pv[s]
+                    h = coef[g]
+                    for jj in range(g - 1, -1, -1):
+                        h = h * u + coef[jj]
+                    pv[s] = h
+                for c in range({C}):
+                    x = 0.0
+                    for s in range(t + 1):
+                        x += pv[s] * vvt[c, s]
+                    acc[c, t] += x
+            for t in range(tl):
+                for c in range({C}):
+                    out[b, t0 + t, c] = acc[c, t]
+"""
 
 
 def _lines_causal(C: int) -> list[str]:
-    load = "; ".join(f"s{c} = S[a, {c}]" for c in range(C))
-    init = "; ".join(f"x{c} = 0.0" for c in range(C))
-    readq = [f"                        acc[{c}, t] += fq * s{c}" for c in range(C)]
-    sumk = [f"                        x{c} += fk * vvt[{c}, t]" for c in range(C)]
-    store = [f"                S[a, {c}] = s{c} + wa * x{c}" for c in range(C)]
-    load2 = "; ".join(f"u{c} = S[a2, {c}]" for c in range(C))
-    init2 = "; ".join(f"y{c} = 0.0" for c in range(C))
-    readq2 = [f"                        acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
-    sumk2 = _column_sums(C, [("x", "fk"), ("y", "hk")], 24)
-    store2 = [f"                    S[a2, {c}] = u{c} + wa2 * y{c}" for c in range(C)]
-    # an interior monomial a joined to its first child ab (and the child's sibling leaf ab2): fused_items
-    loadb = "; ".join(f"u{c} = S[ab, {c}]" for c in range(C))
-    loadb2 = "; ".join(f"o{c} = S[ab2, {c}]" for c in range(C))
-    init3 = "; ".join(f"z{c} = 0.0" for c in range(C))
-    readqb = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c}" for c in range(C)]
-    readqb2 = [f"                            acc[{c}, t] += fq * s{c} + hq * u{c} + eq * o{c}" for c in range(C)]
-    sumkb = _column_sums(C, [("x", "fk"), ("y", "hk")], 28)
-    sumkb2 = _column_sums(C, [("x", "fk"), ("y", "hk"), ("z", "ek")], 28)
-    storeb = [f"                    S[ab, {c}] = u{c} + wb * y{c}" for c in range(C)]
-    storeb2 = [f"                        S[ab2, {c}] = o{c} + wb2 * z{c}" for c in range(C)]
-    return [
-        "@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)",
-        "def causal(qq, kk, vv, w, coef, items, g, T, sin, nseg, per, out):",
-        "    B, n, d = qq.shape",
-        "    r = w.shape[0]",
-        "    ntiles = (n + T - 1) // T",
-        "    for p in prange(B * nseg):",
-        "        b = p // nseg",
-        "        sgi = p % nseg",
-        f"        S = np.empty((r, {C}))",
-        "        for a in range(r):",
-        f"            for c in range({C}):",
-        "                S[a, c] = sin[p, a, c]",
-        f"        qt = np.empty((d, T)); kt = np.empty((d, T)); vvt = np.empty(({C}, T))",
-        f"        sq = np.empty((g + 1, T)); sk = np.empty((g + 1, T)); acc = np.empty(({C}, T)); pv = np.empty(T)",
-        "        for tile in range(sgi * per, min(ntiles, (sgi + 1) * per)):",
-        "            t0 = tile * T",
-        "            tl = min(T, n - t0)",
-        "            for t in range(tl):",
-        "                for i in range(d):",
-        "                    qt[i, t] = qq[b, t0 + t, i]",
-        "                    kt[i, t] = kk[b, t0 + t, i]",
-        f"                for c in range({C}):",
-        "                    vvt[c, t] = vv[b, t0 + t, c]",
-        "                sq[0, t] = 1.0",
-        "                sk[0, t] = 1.0",
-        f"            for c in range({C}):",
-        "                s = S[0, c]",
-        "                x = 0.0",
-        "                for t in range(tl):",
-        "                    acc[c, t] = s",
-        "                    x += vvt[c, t]",
-        "                S[0, c] = s + w[0] * x",
-        "            for m in range(items.shape[0]):",
-        "                a = items[m, 0]",
-        "                j = items[m, 1]",
-        "                i = items[m, 2]",
-        "                a2 = items[m, 3]",
-        f"                {load}",
-        f"                {init}",
-        "                ab = items[m, 5]",
-        "                if ab >= 0:",  # an interior monomial and its first child, as in the kernels above
-        "                    ib = items[m, 6]",
-        "                    ab2 = items[m, 7]",
-        f"                    {loadb}",
-        f"                    {init2}",
-        "                    if ab2 >= 0:",
-        "                        ib2 = items[m, 8]",
-        f"                        {loadb2}",
-        f"                        {init3}",
-        "                        for t in range(tl):",
-        "                            fq = sq[j - 1, t] * qt[i, t]",
-        "                            sq[j, t] = fq",
-        "                            hq = fq * qt[ib, t]",
-        "                            eq = fq * qt[ib2, t]",
-        *readqb2,
-        "                        for t in range(tl):",
-        "                            fk = sk[j - 1, t] * kt[i, t]",
-        "                            sk[j, t] = fk",
-        "                            hk = fk * kt[ib, t]",
-        "                            ek = fk * kt[ib2, t]",
-        *sumkb2,
-        "                        wb2 = w[ab2]",
-        *storeb2,
-        "                    elif j + 1 < g:",
-        "                        for t in range(tl):",
-        "                            fq = sq[j - 1, t] * qt[i, t]",
-        "                            sq[j, t] = fq",
-        "                            hq = fq * qt[ib, t]",
-        "                            sq[j + 1, t] = hq",
-        *readqb,
-        "                        for t in range(tl):",
-        "                            fk = sk[j - 1, t] * kt[i, t]",
-        "                            sk[j, t] = fk",
-        "                            hk = fk * kt[ib, t]",
-        "                            sk[j + 1, t] = hk",
-        *sumkb,
-        "                    else:",
-        "                        for t in range(tl):",
-        "                            fq = sq[j - 1, t] * qt[i, t]",
-        "                            sq[j, t] = fq",
-        "                            hq = fq * qt[ib, t]",
-        *readqb,
-        "                        for t in range(tl):",
-        "                            fk = sk[j - 1, t] * kt[i, t]",
-        "                            sk[j, t] = fk",
-        "                            hk = fk * kt[ib, t]",
-        *sumkb,
-        "                    wb = w[ab]",
-        *storeb,
-        "                elif a2 >= 0:",  # two sibling leaves, as in the kernels above
-        "                    i2 = items[m, 4]",
-        f"                    {load2}",
-        f"                    {init2}",
-        "                    for t in range(tl):",
-        "                        fp = sq[j - 1, t]",
-        "                        fq = fp * qt[i, t]",
-        "                        hq = fp * qt[i2, t]",
-        *readq2,
-        "                    for t in range(tl):",
-        "                        fp = sk[j - 1, t]",
-        "                        fk = fp * kt[i, t]",
-        "                        hk = fp * kt[i2, t]",
-        *sumk2,
-        "                    wa2 = w[a2]",
-        *store2,
-        "                else:",  # a lone leaf: an interior monomial always travels with its first child
-        "                    for t in range(tl):",
-        "                        fq = sq[j - 1, t] * qt[i, t]",
-        *readq,
-        "                    for t in range(tl):",
-        "                        fk = sk[j - 1, t] * kt[i, t]",
-        *sumk,
-        "                wa = w[a]",
-        *store,
-        "            for t in range(tl):",  # the exact triangle: keys s <= t of this tile, P(<q_t, k_s>)
-        "                for s in range(t + 1):",
-        "                    pv[s] = 0.0",
-        "                for i in range(d):",
-        "                    qi = qt[i, t]",
-        "                    for s in range(t + 1):",
-        "                        pv[s] += qi * kt[i, s]",
-        "                for s in range(t + 1):",
-        "                    u = pv[s]",
-        "                    h = coef[g]",
-        "                    for jj in range(g - 1, -1, -1):",
-        "                        h = h * u + coef[jj]",
-        "                    pv[s] = h",
-        f"                for c in range({C}):",
-        "                    x = 0.0",
-        "                    for s in range(t + 1):",
-        "                        x += pv[s] * vvt[c, s]",
-        "                    acc[c, t] += x",
-        "            for t in range(tl):",
-        f"                for c in range({C}):",
-        "                    out[b, t0 + t, c] = acc[c, t]",
-    ]
+    """causal: per tile, each item's queries read the state (keys before the tile), then its keys update
+    it (the state row += w·φ(k)ᵀ[V, 1]); the exact triangle of the tile by Horner's rule at the end."""
+    coef = "suo"  # the state rows of an item's first, second and third monomial: s{c}, u{c}, o{c}
+
+    def store(slot: int, idx: str) -> list[str]:
+        wname = _WEIGHT[idx]
+        return [f"{wname} = w[{idx}]"] + [f"S[{idx}, {c}] = {coef[slot]}{c} + {wname} * {_ACC[slot]}{c}"
+                                          for c in range(C)]
+
+    walk = _item_walk([_Pass("sq", "qt", "q", _query_sums(C, coef)), _Pass("sk", "kt", "k", _key_sums(C))],
+                      before=lambda slot, idx: [_loads(C, coef[slot], f"S[{idx}, {{c}}]"), _zeros(C, _ACC[slot])],
+                      after=store)
+    return _frame(_CAUSAL, C, segments=_SEGMENTS, segment_tiles=_SEGMENT_TILES, items=walk)
 
 
 def _source(C: int) -> str:
