@@ -1,4 +1,4 @@
-"""The polynomial-feature engine shared by the Taylor and polynomial methods (docs/theory.md §2).
+"""The torch polynomial-feature engine every family runs on (docs/theory.md §2), and the autograd path.
 
 If P(u) = Σ_{j≤g} a_j u^j and u = ⟨q', k'⟩ with q' = α_q·q, k' = α_k·k (α_q α_k = s/R), then
 

@@ -23,8 +23,8 @@ by one call of :func:`torch.nn.functional.scaled_dot_product_attention` (SDPA):
 Inputs arrive in the compute dtype (float32 or float64; callers widen float16/bfloat16 to float32),
 so SDPA never rounds a logit or weight to half precision. The dispatch is CPU-only: on other
 devices SDPA may select kernels with reduced-precision matrix products (TF32) or approximate
-exponentials outside the model below, so :func:`sdpa_applies` says no there and the project's own
-blockwise kernel runs.
+exponentials outside the model below, so its engine record (:mod:`attnbound.engines.registry`) declines
+them and the project's own blockwise kernel runs.
 
 **The certificate** (:func:`sdpa_certificate`) assumes nothing about the order of SDPA's sums or
 its blocking. Model: every kernel that computes this function — a flash-style kernel that walks
@@ -92,11 +92,6 @@ from ..certificate import FAR_MARGIN, Certificate, _gamma, output_bound, underfl
 
 SDPA_EXP_ULPS = 20  # torch's exp_u20: "a faster version of exp with ULP=20"
 SDPA_DTYPES = (torch.float32, torch.float64)
-
-
-def sdpa_applies(device: torch.device) -> bool:
-    """True where :func:`sdpa_attention` may serve ``method="exact"`` (CPU tensors; see the module docstring)."""
-    return torch.device(device).type == "cpu"
 
 
 def sdpa_certificate(

@@ -116,7 +116,9 @@ FAMILIES: dict[str, Family] = {
     "taylor": Family("taylor", MAX_TAYLOR_ORDER, 2, _taylor_coefficients, _taylor_eta, _taylor_delta),
     "polynomial": Family("polynomial", CHEBYSHEV_MAX_DEGREE, 1, _chebyshev_coefficients, _chebyshev_eta,
                          _chebyshev_delta),
-    "relative": Family("relative", RELATIVE_MAX_DEGREE, 1, relative_coefficients, relative_eta, relative_delta),
+    "relative": Family("relative", RELATIVE_MAX_DEGREE, 1, relative_coefficients,
+                       lambda radius, degree: relative_eta(radius, degree) if _usable(radius) else math.inf,
+                       lambda radius, degree: relative_delta(radius, degree) if _usable(radius) else math.inf),
 }
 
 
@@ -201,7 +203,7 @@ def choose_certificate(method: str, radius: float, radius_source: str = "data", 
                        degree: int | None, d: int, n_k: int, value_range: float, max_abs_value: float,
                        kind: str = "softmax", out_dtype: torch.dtype = torch.float32, strict: bool = True,
                        key_log_weight: float | None = None, exact_eta: float = 0.0) -> Certificate:
-    """The certificate a taylor/polynomial run will carry: the smallest degree meeting ``eps``, or the
+    """The certificate a family's run will carry: the smallest degree meeting ``eps``, or the
     fixed ``degree`` (even order for Taylor). Raises when neither is given, when no degree up to the
     cap meets ``eps``, when the fixed degree's bound exceeds ``eps``, or (``strict``) when the fixed
     degree cannot be certified (η ≥ 1)."""
