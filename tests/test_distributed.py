@@ -124,3 +124,39 @@ def test_needs_a_process_group():
     q = torch.randn(4, 2)
     with pytest.raises(RuntimeError, match="process group"):
         distributed.attention(q, q, q)
+
+
+def _dying_worker(rank, world, port, timeout_s, queue):
+    """Rank 1 dies right after joining the group; rank 0 then calls attention and must not hang."""
+    import os
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    if rank == 1:
+        os._exit(0)  # a crash: no destroy_process_group, no goodbye
+    q = torch.randn(6, 4, dtype=torch.float64)
+    t0 = time.monotonic()
+    try:
+        distributed.attention(q, q, q)
+        queue.put(("returned", time.monotonic() - t0))
+    except Exception as exc:  # noqa: BLE001 - whichever error the process group raises is the point
+        queue.put((type(exc).__name__, time.monotonic() - t0))
+
+
+def test_a_dead_rank_makes_the_others_raise_within_the_group_timeout():
+    timeout_s = 5
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, timeout_s, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    what, seconds = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert what != "returned", "the surviving rank returned an answer without its peer"
+    assert seconds <= timeout_s + 30, (what, seconds)  # the group's timeout (plus start-up), never a hang

@@ -51,6 +51,7 @@ query see every appended key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -65,6 +66,24 @@ from .engines.features import (CAUSAL_TILE, causal_readout_on, chunk_rows, engin
 
 VALUE_MARGIN = 2.0  # without value_bound, the degree is chosen for this multiple of the largest |v| seen so far
 DECODING_METHODS = ("auto", "exact") + val.FEATURE_METHODS
+
+
+def _atomic(method):
+    """Compute, then commit: a call that raises leaves the state exactly as it was.
+
+    The attributes are restored from a shallow copy taken on entry; nothing here mutates a tensor the
+    state already holds (the key state is replaced, never added to in place; the cache writes only rows
+    past ``n``, which no answer reads until ``n`` moves), so the copy is the whole state."""
+    @functools.wraps(method)
+    def atomic(self, *args, **kwargs):
+        saved = dict(self.__dict__)
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+    return atomic
 
 
 class DecodingState:
@@ -326,8 +345,10 @@ class DecodingState:
     def _add_keys(self, k: torch.Tensor, v: torch.Tensor) -> None:
         _, g, w, _, ak, chunk = self._fixed
         kd, vv = k.double() * ak, weighted_values(v.double())
-        self._state += key_state_on(engine_for(kd, vv, is_causal=False), kd, vv, degree=g, weights=w, chunk=chunk)
+        self._state = self._state + key_state_on(engine_for(kd, vv, is_causal=False), kd, vv, degree=g, weights=w,
+                                                 chunk=chunk)
 
+    @_atomic
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add t keys ``(*batch_shape, t, d)`` and values ``(*batch_shape, t, d_v)``.
 
@@ -362,6 +383,7 @@ class DecodingState:
         out = torch.minimum(torch.maximum(out, self._lo.unsqueeze(-2)), self._hi.unsqueeze(-2))
         return out.to(self.dtype)
 
+    @_atomic
     def query(self, q: torch.Tensor) -> tuple[torch.Tensor, Certificate]:
         """Queries ``(..., t_q, d)`` (leading dims broadcast to batch_shape) attending to every key so far.
 
@@ -381,6 +403,7 @@ class DecodingState:
         out = self._finish(readout_on(engine, qd, self._state, degree=g, chunk=chunk))
         return out, dataclasses.replace(cert, engine=engine)
 
+    @_atomic
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, Certificate]:
         """Causal decoding of t new tokens: append their keys and values, answer their t queries.
 
@@ -397,14 +420,9 @@ class DecodingState:
         t, n0 = k.shape[-2], self.n
         if t == 0:
             raise ValueError("step needs at least one new token (k has 0 rows)")
-        before = (self._hi, self._lo)
         self._commit_values(hi, lo)
         if self._state is not None or self._state_is_smaller(n0 + t):
-            try:
-                cert = self._certificate(q.dtype, n0 + t, hi, lo)
-            except ValueError:
-                self._hi, self._lo = before
-                raise
+            cert = self._certificate(q.dtype, n0 + t, hi, lo)
             if self._state is None:
                 self._to_state()
         if self._state is None:
@@ -423,17 +441,18 @@ class DecodingState:
             fq = few_row_features(q.double() * aq, self._rows).transpose(-1, -2)
             fkw = few_row_features(kd, self._rows) * w.unsqueeze(-1)
             num = torch.tril(fq @ fkw) @ vv + fq @ self._state
-            self._state += fkw @ vv
+            self._state = self._state + fkw @ vv
             engine = "torch"
         else:
             qd = q.double() * aq
             engine = engine_for(qd, kd, vv, is_causal=True)
             num = causal_readout_on(engine, qd, kd, vv, degree=g, weights=w, chunk=chunk,
                                     state=self._state if n0 else None)
-            self._state += key_state_on(engine, kd, vv, degree=g, weights=w, chunk=chunk)
+            self._state = self._state + key_state_on(engine, kd, vv, degree=g, weights=w, chunk=chunk)
         self.n += t
         return self._finish(num), dataclasses.replace(cert, engine=engine)
 
+    @_atomic
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch entries ``index`` (along the first batch dim, as beam search reorders its beams).
 

@@ -244,10 +244,11 @@ def run_features(call: Call, method: str, cert: Certificate, var: Variant, sp: S
     x = _feature_inputs(call, var, sp)
     vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
     vd = times_pow2(v.to(torch.float64, copy=True), -vexp, fresh=True)  # |v| ≤ 1: exact but below 2^-1074·2^e
-    qn, kn = normalised(x.qd, aq), normalised(x.kd, ak)
-    engine = registry.choose(feature_request(qn, x.light_w, is_causal=call.is_causal,
-                                             requires_grad=call.requires_grad))[0]
-    num, ref = feature_attention(qn, kn, vd, coeffs=coeffs, key_log_weight=x.light_w, is_causal=call.is_causal,
+    engine = registry.choose(feature_request(x.qd, x.light_w, is_causal=call.is_causal,
+                                             requires_grad=call.requires_grad, dtype=torch.float64))[0]
+    # the normalised float64 copies live only as long as the engine's call (they are the call's largest temporaries)
+    num, ref = feature_attention(normalised(x.qd, aq), normalised(x.kd, ak), vd, coeffs=coeffs,
+                                 key_log_weight=x.light_w, is_causal=call.is_causal,
                                  chunk=chunk_rows(call.batch_numel, cert.rank), return_parts=True, engine=engine)
     if sp.heavy_k is not None:
         num = heavy_rows(num, ref, x.q1, x.k1, weighted_values(vd), x.log_w, sp.heavy_k, call.s_eff, call.is_causal)

@@ -165,10 +165,11 @@ def key_weight_kind(key_log_weight: torch.Tensor | None, is_causal: bool) -> str
 
 
 def feature_request(q: torch.Tensor, key_log_weight: torch.Tensor | None, *, is_causal: bool,
-                    requires_grad: bool) -> registry.Request:
-    """What a feature call asks of the engines (:mod:`attnbound.engines.registry`)."""
-    return registry.Request.of("features", q, mask=key_weight_kind(key_log_weight, is_causal), causal=is_causal,
-                               requires_grad=requires_grad)
+                    requires_grad: bool, dtype: torch.dtype | None = None) -> registry.Request:
+    """What a feature call asks of the engines (:mod:`attnbound.engines.registry`): ``dtype`` the one it
+    computes in (default q's)."""
+    return registry.Request.of("features", q, dtype=dtype, mask=key_weight_kind(key_log_weight, is_causal),
+                               causal=is_causal, requires_grad=requires_grad)
 
 
 def _only_zero_or_minus_inf(x: torch.Tensor) -> bool:

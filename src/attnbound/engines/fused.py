@@ -48,6 +48,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -395,31 +396,96 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "attnbound"
 
 
-@lru_cache(maxsize=None)
-def _kernels(C: int):
-    """The three kernels for C columns: imported from a generated file so numba can cache them."""
-    src = _source(C)
-    tag = hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:16]
-    name = f"attnbound_fused_c{C}_{tag}"
-    for where in (_cache_dir, lambda: pathlib.Path(tempfile.gettempdir()) / f"attnbound-{os.getuid()}"):
+def _module_name(C: int, src: str) -> str:
+    return f"attnbound_fused_c{C}_{hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:16]}"
+
+
+def _cache_roots() -> list[pathlib.Path]:
+    return [_cache_dir(), pathlib.Path(tempfile.gettempdir()) / f"attnbound-{os.getuid()}"]
+
+
+def _write_source(root: pathlib.Path, name: str, src: str) -> pathlib.Path:
+    """``root/name.py`` holding ``src``, rewritten atomically (a temporary file, then a rename) unless it
+    already holds exactly these bytes: several processes may write it at once, readers never see half."""
+    path = root / f"{name}.py"
+    try:
+        current = path.read_bytes()
+    except OSError:
+        current = None
+    if current != src.encode():
+        tmp = root / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(src.encode())
+        os.replace(tmp, path)
+    return path
+
+
+def _purge(root: pathlib.Path, name: str) -> None:
+    """Delete the generated file and every cache entry numba or Python made of it (``__pycache__``)."""
+    for path in [root / f"{name}.py", *(root / "__pycache__").glob(f"{name}*")]:
         try:
-            root = where()
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _load(C: int):
+    """The three kernels for C columns: imported from a generated file so numba can cache them on disk.
+    The first writable cache directory is used; without one they compile in memory, uncached."""
+    src = _source(C)
+    name = _module_name(C, src)
+    for root in _cache_roots():
+        try:
             root.mkdir(parents=True, exist_ok=True)
-            path = root / f"{name}.py"
-            if not path.exists() or path.read_text() != src:
-                tmp = root / f".{name}.{os.getpid()}.tmp"
-                tmp.write_text(src)
-                os.replace(tmp, path)
+            path = _write_source(root, name, src)
             spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)
             sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            return mod.key_partials, mod.readout, mod.causal
+            try:
+                spec.loader.exec_module(mod)
+            except (ValueError, EOFError, ImportError, SyntaxError):  # an unreadable bytecode cache: rebuild once
+                _purge(root, name)
+                path = _write_source(root, name, src)
+                spec.loader.exec_module(mod)
+            return (mod.key_partials, mod.readout, mod.causal), (root, name)
         except OSError:
             continue
     ns: dict = {}  # no writable directory: compile in memory, without a disk cache
     exec(compile(src.replace("CACHE = True", "CACHE = False"), f"<{name}>", "exec"), ns)
-    return ns["key_partials"], ns["readout"], ns["causal"]
+    return (ns["key_partials"], ns["readout"], ns["causal"]), None
+
+
+class _Healing:
+    """A kernel whose first call, should it raise, is retried once on a fresh compilation: a cache entry
+    that cannot be read (truncated or corrupted by a killed process or a full disk, or written by another
+    numba or CPU) is then discarded with one warning and rebuilt. An error the fresh kernel raises too is
+    the caller's, and propagates."""
+
+    def __init__(self, C: int, which: int, kern, where):
+        self.C, self.which, self.kern, self.where, self.checked = C, which, kern, where, False
+
+    def __call__(self, *args):
+        if self.checked:
+            return self.kern(*args)
+        try:
+            out = self.kern(*args)
+        except Exception as exc:  # noqa: BLE001 - decided below: only a fresh compile that succeeds heals
+            if self.where is None:
+                raise
+            _purge(*self.where)
+            fresh = _load(self.C)[0][self.which]
+            out = fresh(*args)  # raises (the caller's error) if the cache was not the cause
+            warnings.warn(f"attnbound: discarded an unreadable kernel cache entry {self.where[1]} in "
+                          f"{self.where[0]} ({type(exc).__name__}: {exc}); rebuilt it", RuntimeWarning, stacklevel=3)
+            self.kern = fresh
+        self.checked = True
+        return out
+
+
+@lru_cache(maxsize=None)
+def _kernels(C: int):
+    """The three kernels for C columns (key_partials, readout, causal), loaded once per process."""
+    kerns, where = _load(C)
+    return tuple(_Healing(C, i, k, where) for i, k in enumerate(kerns))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
         cos = (emb * ref).sum(-1)
         runs.append({"backend": label, "eps": kw.get("eps"), "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
                      "max_abs_diff": float((emb - ref).abs().max()), "worst_bound": log.worst_bound(),
-                     "head_calls": len(log.records),
+                     "head_calls": log.head_calls,
                      **{f"calls_{m}": c for m, c in sorted(log.methods().items())}})
         advance()
         return log

@@ -34,7 +34,7 @@ import torch
 
 from .. import validation as val
 from ..decoding import DecodingState
-from .huggingface import CertificateLog, HeadRecord, make_attention_function
+from .huggingface import DEFAULT_KEEP, CertificateLog, HeadRecord, make_attention_function
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -130,8 +130,8 @@ def _unmasked(mask, t: int) -> bool:
 class DecodingBackend:
     """What :func:`register_decoding` returns: the log, and :meth:`cache` to make a decoding cache."""
 
-    def __init__(self, name: str, method: str, eps: float | None, options: dict):
-        self.log = CertificateLog(name=name, method=method, eps=eps)
+    def __init__(self, name: str, method: str, eps: float | None, options: dict, keep: int = DEFAULT_KEEP):
+        self.log = CertificateLog(name=name, method=method, eps=eps, keep=keep)
         self.method, self.eps = method, eps
         self.fallback = make_attention_function(self.log, method=method, eps=eps, **options)
         self.active: DecodingCache | None = None
@@ -149,7 +149,13 @@ class DecodingBackend:
         if layer is None or layer.pending is None or layer.pending[0] is not key:
             return self.fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  is_causal=is_causal, **kwargs)
-        layer.pending = None
+        try:
+            return self._step(layer, module, query, key, value, attention_mask, dropout, scaling)
+        finally:  # answered, or refused: either way these keys are done with (refused, they never entered the state)
+            layer.pending = None
+
+    def _step(self, layer: DecodingLayer, module, query, key, value, attention_mask, dropout, scaling):
+        """One step of one layer: compute with the layer's state, then commit (a refusal changes nothing)."""
         if dropout:
             raise ValueError(f"dropout={dropout}: the attnbound backend computes attention without dropout")
         b, h, t, d = query.shape
@@ -159,26 +165,26 @@ class DecodingBackend:
         if not _unmasked(attention_mask, t):
             raise ValueError("attention_mask: DecodingCache supports unpadded batches only (a key, once in the "
                              "state, cannot be masked out); use the ordinary KV cache for padded batches")
-        if layer.state is None:
-            layer.state = DecodingState(d, d_v, scale=scaling, batch_shape=(b, h_kv, 1), dtype=query.dtype,
-                                        device=query.device, **layer.options)
-        st = layer.state
+        st = layer.state or DecodingState(d, d_v, scale=scaling, batch_shape=(b, h_kv, 1), dtype=query.dtype,
+                                          device=query.device, **layer.options)
         out, cert = st.step(query.reshape(b, h_kv, h // h_kv, t, d), key.unsqueeze(2), value.unsqueeze(2))
         entry = float(max(query.detach().abs().max(), key.detach().abs().max()))
-        for head in range(h):
-            self.log.records.append(HeadRecord(
-                layer=self.log.layer_of(module), head=head, n_q=t, n_k=st.n, scale=st.scale, max_entry=entry,
-                radius=cert.radius if cert.radius is not None else (st.radius or 0.0),
-                value_range=cert.value_range, max_abs_value=cert.max_abs_value, certificate=cert))
+        records = [HeadRecord(layer=self.log.layer_of(module), head=head, n_q=t, n_k=st.n, scale=st.scale,
+                              max_entry=entry, radius=cert.radius if cert.radius is not None else (st.radius or 0.0),
+                              value_range=cert.value_range, max_abs_value=cert.max_abs_value, certificate=cert)
+                   for head in range(h)]
+        layer.state = st  # commit: the state (its step is atomic) and the log
+        self.log.add(records)
         return out.reshape(b, h, t, d_v).transpose(1, 2).contiguous(), None
 
 
 def register_decoding(name: str = "attnbound-decoding", *, method: str = "auto", eps: float | None = 1e-3,
-                      **options) -> DecodingBackend:
+                      keep: int = DEFAULT_KEEP, **options) -> DecodingBackend:
     """Register ``name`` as a transformers attention implementation that decodes with :class:`DecodingCache`.
 
     ``method``/``eps`` are those of the states (and of the ordinary backend used for calls without
-    the cache); ``options`` go to the ordinary backend. Returns the :class:`DecodingBackend`.
+    the cache); ``options`` go to the ordinary backend; ``keep``: the head records its log keeps (the last
+    ones; the summaries cover every call). Returns the :class:`DecodingBackend`.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -186,7 +192,7 @@ def register_decoding(name: str = "attnbound-decoding", *, method: str = "auto",
     if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
         raise ValueError(f"name must be a new implementation name, got {name!r}")
     val.check_choice("method", method, val.METHODS)
-    backend = DecodingBackend(name, method, eps, options)
+    backend = DecodingBackend(name, method, eps, options, keep)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, sdpa_mask)
     return backend

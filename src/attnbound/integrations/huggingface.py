@@ -6,8 +6,8 @@
     log = register("attnbound", method="auto", eps=1e-3)
     model = AutoModel.from_pretrained(path, attn_implementation="attnbound")
     model(**batch)
-    log.records          # one HeadRecord per (layer, head) and forward call
-    log.worst_bound()    # the largest certified ‖out − exact‖∞ of any head
+    log.records          # one HeadRecord per (layer, head) and forward call: the last log.keep of them
+    log.worst_bound()    # the largest certified ‖out − exact‖∞ of any head, over every call
 
 :func:`register` adds an attention function to transformers' ``AttentionInterface`` (and the
 boolean-mask builder to ``AttentionMaskInterface``, so the model hands it SDPA-style masks).
@@ -77,29 +77,65 @@ class HeadRecord:
         return out
 
 
+DEFAULT_KEEP = 4096  # head records a log keeps (the summaries cover every call)
+
+
 @dataclass
 class CertificateLog:
-    """The records of every attention call made through one registered backend."""
+    """What every attention call made through one registered backend certified.
+
+    ``records`` holds the :class:`HeadRecord` s of the last ``keep`` head-calls only (a server or a long
+    ``generate()`` must not grow without bound); the summaries — :attr:`head_calls`, :meth:`methods`,
+    :meth:`worst_bound`, :attr:`radius_range`, :attr:`max_entry` — cover every call since the last
+    :meth:`clear`. Memory: O(keep) records, whatever the number of calls.
+    """
 
     name: str
     method: str
     eps: float | None
+    keep: int = DEFAULT_KEEP
     records: list[HeadRecord] = field(default_factory=list)
+    head_calls: int = 0
+    counts: dict = field(default_factory=dict)
+    worst: float = 0.0
+    radius_range: tuple[float, float] | None = None  # (smallest, largest) data radius R seen
+    max_entry: float = 0.0  # the largest |entry| of any head's queries and keys
     _layers: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
+            raise ValueError(f"keep must be a non-negative int, got {self.keep!r}")
+        self._trim()
+
+    def _trim(self) -> None:
+        if len(self.records) > self.keep:
+            del self.records[:len(self.records) - self.keep]
+
+    def add(self, records: list[HeadRecord]) -> None:
+        """Record one call's heads (all of them or, when the caller raised, none)."""
+        for r in records:
+            b = r.certificate.output_error_bound
+            self.head_calls += 1
+            self.counts[r.certificate.method] = self.counts.get(r.certificate.method, 0) + 1
+            self.worst = max(self.worst, b)
+            lo, hi = self.radius_range or (r.radius, r.radius)
+            self.radius_range = (min(lo, r.radius), max(hi, r.radius))
+            self.max_entry = max(self.max_entry, r.max_entry)
+        self.records.extend(records)
+        self._trim()
 
     def clear(self) -> None:
         self.records.clear()
+        self.head_calls, self.counts, self.worst, self.radius_range, self.max_entry = 0, {}, 0.0, None, 0.0
 
     def worst_bound(self) -> float:
-        """The largest certified output error of any recorded head (0 when all ran exact)."""
-        return max((r.certificate.output_error_bound for r in self.records), default=0.0)
+        """The largest certified output error of any head-call since the last clear (0 when all ran exact
+        with a zero bound, or none ran)."""
+        return self.worst
 
     def methods(self) -> dict[str, int]:
-        """How many head-calls ran each method."""
-        counts: dict[str, int] = {}
-        for r in self.records:
-            counts[r.certificate.method] = counts.get(r.certificate.method, 0) + 1
-        return counts
+        """How many head-calls ran each method since the last clear."""
+        return dict(self.counts)
 
     def layer_of(self, module) -> int:
         idx = getattr(module, "layer_idx", None)
@@ -197,16 +233,18 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                                  attn_mask=m, method=method, eps=eps, return_certificate=True, **options)
                 outs.append(o)
                 certs.append(c)
-        for h in range(n_heads):
-            kp = key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None
-            log.records.append(_head_record(layer, h, query[:, h], key[:, h // group], value[:, h // group], kp, scale,
-                                            certs[h]))
-        return torch.stack(outs, dim=2).contiguous(), None
+        records = [_head_record(layer, h, query[:, h], key[:, h // group], value[:, h // group],
+                                key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None, scale,
+                                certs[h]) for h in range(n_heads)]
+        out = torch.stack(outs, dim=2).contiguous()
+        log.add(records)  # every head computed: commit
+        return out, None
 
     return attnbound_attention_forward
 
 
-def register(name: str = "attnbound", *, method: str = "auto", eps: float | None = 1e-3, **options) -> CertificateLog:
+def register(name: str = "attnbound", *, method: str = "auto", eps: float | None = 1e-3, keep: int = DEFAULT_KEEP,
+             **options) -> CertificateLog:
     """Register attnbound as the transformers attention implementation ``name``.
 
     Args:
@@ -214,6 +252,7 @@ def register(name: str = "attnbound", *, method: str = "auto", eps: float | None
             ``model.set_attn_implementation``. Registering a name again replaces it.
         method, eps, options: as in :func:`attnbound.attention` (``bound``, ``degree``,
             ``order``, ``memory_budget``, ``block_size``, ``cost_model``).
+        keep: how many head records the log keeps (the last ones; its summaries cover every call).
 
     Returns:
         the :class:`CertificateLog` every call through ``name`` appends to.
@@ -227,7 +266,7 @@ def register(name: str = "attnbound", *, method: str = "auto", eps: float | None
     if not isinstance(name, str) or not name or name in ("sdpa", "eager") or name.startswith("flash"):
         raise ValueError(f"name must be a new implementation name, got {name!r}")
     val.check_choice("method", method, val.METHODS)
-    log = CertificateLog(name=name, method=method, eps=eps)
+    log = CertificateLog(name=name, method=method, eps=eps, keep=keep)
     AttentionInterface.register(name, make_attention_function(log, method=method, eps=eps, **options))
     AttentionMaskInterface.register(name, sdpa_mask)
     return log
