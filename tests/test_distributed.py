@@ -153,10 +153,12 @@ def test_a_dead_rank_makes_the_others_raise_within_the_group_timeout():
     procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, timeout_s, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    what, seconds = queue.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
+    try:
+        what, seconds = queue.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert what != "returned", "the surviving rank returned an answer without its peer"
     assert seconds <= timeout_s + 30, (what, seconds)  # the group's timeout (plus start-up), never a hang

@@ -75,12 +75,6 @@ def test_choose_exact_takes_sdpa_on_cpu_and_dense_elsewhere_with_the_reason():
     assert choose(Request("exact", "cuda", torch.float32), ("blockwise",)) == ("blockwise", {})
 
 
-def test_with_reason_adds_a_per_call_reason():
-    passed = registry.with_reason({"sdpa": ["device cuda (runs on cpu)"]}, "sdpa", "over the budget")
-    assert passed == {"sdpa": ["device cuda (runs on cpu)", "over the budget"]}
-    assert registry.with_reason({}, "dense", "x") == {"dense": ["x"]}
-
-
 # ---------------------------------------------------------------- attention() records the engine that ran
 def _qkv(n=64, d=8, dtype=torch.float32, seed=0, scale=0.1):
     gen = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ _EXPORTS = {
     "plan": ".planner",
     "Plan": ".planner",
     "CostModel": ".planner",
-    "calibrate": ".calibrate",
+    "calibrate": ".calibration",
     "feature_rank": ".engines.monomials",
     "monomial_features": ".engines.monomials",
     "chebyshev_coefficients": ".families.chebyshev",

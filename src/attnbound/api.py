@@ -38,10 +38,12 @@ import torch
 
 from . import validation as val
 from .certificate import Certificate
+from .eager import eager_only
 from .pipeline import Options, execute, statistics, tries, validate
 from .planner import CostModel
 
 
+@eager_only
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               is_causal: bool = False, kind: str = "softmax", method: str = "exact", block_size: int | None = None,
               attn_mask: torch.Tensor | None = None, eps: float | None = None, bound: float | None = None,

@@ -59,6 +59,7 @@ import torch
 from . import validation as val
 from .api import attention
 from .certificate import Certificate
+from .eager import eager_only
 from .engines.monomials import feature_rank, few_row_features, gather_plan, monomial_weights
 from .families import MAX_FEATURE_RADIUS, certified_degree, degree_certificate, family, polynomial_setup
 from .engines.features import (CAUSAL_TILE, causal_readout_on, chunk_rows, engine_for, key_state_on,
@@ -348,6 +349,7 @@ class DecodingState:
         self._state = self._state + key_state_on(engine_for(kd, vv, is_causal=False), kd, vv, degree=g, weights=w,
                                                  chunk=chunk)
 
+    @eager_only
     @_atomic
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add t keys ``(*batch_shape, t, d)`` and values ``(*batch_shape, t, d_v)``.
@@ -383,6 +385,7 @@ class DecodingState:
         out = torch.minimum(torch.maximum(out, self._lo.unsqueeze(-2)), self._hi.unsqueeze(-2))
         return out.to(self.dtype)
 
+    @eager_only
     @_atomic
     def query(self, q: torch.Tensor) -> tuple[torch.Tensor, Certificate]:
         """Queries ``(..., t_q, d)`` (leading dims broadcast to batch_shape) attending to every key so far.
@@ -403,6 +406,7 @@ class DecodingState:
         out = self._finish(readout_on(engine, qd, self._state, degree=g, chunk=chunk))
         return out, dataclasses.replace(cert, engine=engine)
 
+    @eager_only
     @_atomic
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, Certificate]:
         """Causal decoding of t new tokens: append their keys and values, answer their t queries.
@@ -452,6 +456,7 @@ class DecodingState:
         self.n += t
         return self._finish(num), dataclasses.replace(cert, engine=engine)
 
+    @eager_only
     @_atomic
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch entries ``index`` (along the first batch dim, as beam search reorders its beams).

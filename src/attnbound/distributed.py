@@ -45,7 +45,7 @@ from .engines.features import (causal_readout_on, chunk_rows, engine_for, featur
 from .engines.monomials import feature_rank, monomial_weights
 from .engines.reference import DEFAULT_BLOCK, _causal_block_mask, finish_online_softmax, online_softmax_step
 from .families import choose_certificate, degree_certificate, family, fixed_degree, polynomial_setup
-from .numerics import finish, normalised, scale_values, times_pow2
+from .numerics import finish, normalised, scale_values, times_pow2, unit_values
 from .pipeline import Options, check_options
 from .planner import default_memory_budget, exact_candidate, exact_eps_reason
 from .stats import InputStats, row_norms, value_extremes
@@ -270,8 +270,8 @@ def _features(q, k, v, *, s, method, is_causal, lengths, me, world, group, eps, 
     coeffs, aq, ak = polynomial_setup(method, radius, g, d=d, bound=bound, norms=(st.q_norm, st.k_norm))
     qd = normalised(q, aq).expand(*batch, *q.shape[-2:])
     kd = normalised(k, ak).expand(*batch, *k.shape[-2:])
-    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
-    vv = weighted_values(times_pow2(v.double(), -vexp).expand(*batch, *v.shape[-2:]))  # |v| ≤ 1, exactly
+    vd, vexp = unit_values(v, st.max_abs_value)
+    vv = weighted_values(vd.expand(*batch, *v.shape[-2:]))  # |v| ≤ 1, exactly
     deg = len(coeffs) - 1
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=torch.float64, device=q.device)
     engine = engine_for(qd, kd, vv, is_causal=is_causal)

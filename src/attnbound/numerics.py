@@ -40,6 +40,13 @@ def scale_values(v: torch.Tensor, max_abs_value: float, n_k: int, dtype: torch.d
     return vs, 0
 
 
+def unit_values(v: torch.Tensor, max_abs_value: float) -> tuple[torch.Tensor, int]:
+    """(a float64 copy of v scaled by 2^−e, e) with e the exponent of max|v|, so every |entry| ≤ 1 (exact, unless
+    an entry falls below 2^-1074·2^e); the feature engines' values. Undo with :func:`times_pow2` (out, e)."""
+    e = math.frexp(max_abs_value)[1] if max_abs_value > 0 else 0
+    return times_pow2(v.to(torch.float64, copy=True), -e, fresh=True), e
+
+
 def normalised(x: torch.Tensor, a: float) -> torch.Tensor:
     """x·a in float64 (a = 1/max‖x‖ or 1/(√d·B)); a norm so small that its inverse leaves float64 is refused.
     One rounding per entry (the float64 copy is exact); the product is taken in place on that fresh copy."""

@@ -48,6 +48,7 @@ from . import validation as val
 from .certificate import Certificate, exact_certificate, unit_roundoff
 from .engines import registry
 from .engines.reference import DEFAULT_BLOCK, use_dense
+from .engines.sdpa import sdpa_candidate, sdpa_memory_bytes
 from .engines.monomials import feature_rank
 from .engines.features import chunk_rows, feature_memory_bytes
 from .families import FAMILIES, degree_certificate
@@ -356,8 +357,6 @@ def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bo
                      value_range, max_abs_value, out_dtype) -> Candidate:
     """The exact candidate: SDPA with its any-order certificate when that meets eps, else the blockwise (or
     dense) kernel, whose bound is tighter, in the input precision or float64."""
-    from .engines.sdpa import sdpa_candidate, sdpa_memory_bytes  # method="exact" runs SDPA when it meets eps
-
     b, n_q, n_k, d, d_v = shape.batch, shape.n_q, shape.n_k, shape.d, shape.d_v
     common = dict(kind=shape.kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k,
                   scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
@@ -369,12 +368,13 @@ def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bo
     if not ex.output_error_bound <= eps:
         rejected["sdpa"].append(f"its any-order bound {ex.output_error_bound:.3g} > eps={eps:g}")
     on_sdpa = not rejected["sdpa"]
-    if not on_sdpa:  # then the blockwise kernel, whose bound is tighter
-        ex = exact_candidate(block=None if use_dense(b, n_q, n_k) else DEFAULT_BLOCK, **common)
+    if not on_sdpa:  # then the project's kernel, whose bound is tighter: dense where it fits (as the run decides)
+        dense = use_dense(b, n_q, n_k) and exact_memory_bytes(b, n_q, n_k, d_v, None, 8) <= budget
+        ex = exact_candidate(block=None if dense else DEFAULT_BLOCK, **common)
     item = 8 if ex.compute_dtype == "float64" else 4
     slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
     mem = sdpa_memory_bytes(b, n_q, n_k, d_v, item) if on_sdpa else exact_memory_bytes(
-        b, n_q, n_k, d_v, None if use_dense(b, n_q, n_k) else DEFAULT_BLOCK, item)
+        b, n_q, n_k, d_v, None if ex.engine == "dense" else DEFAULT_BLOCK, item)
     return Candidate("exact", None, None, ex.output_error_bound, slow * cm.exact_seconds(b, n_q, n_k, d, d_v,
                                                                                            shape.is_causal),
                      mem, ex.output_error_bound <= eps, mem <= budget, ex, engine=ex.engine,

@@ -7,8 +7,9 @@
   :mod:`attnbound.engines.registry`), with centring and heavy tokens (:mod:`attnbound.centring`), and the
   a-posteriori certificate measured on the run's own row sums. Cost O((n_q + n_k)·r·(d_v + 1)).
 
-Every engine's choice, and the reasons faster ones were passed over, go into the certificate
-(``Certificate.engine``). A run that raises has changed nothing: inputs are never written.
+The engine that ran is recorded in the certificate (``Certificate.engine``); why faster engines were
+passed over is :func:`attnbound.plan`'s to show. A run that raises has changed nothing: inputs are never
+written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .engines.features import (_min_denominator, chunk_rows, feature_attention, 
 from .engines.reference import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .engines.sdpa import merged_mask_numel, sdpa_attention, sdpa_candidate, sdpa_memory_bytes
 from .families import degree_certificate, family, polynomial_setup
-from .numerics import finish, normalised, scale_values, times_pow2
+from .numerics import finish, normalised, scale_values, times_pow2, unit_values
 from .planner import Variant, exact_candidate, exact_eps_reason, exact_memory_bytes
 from .stats import InputStats, shift_mask
 
@@ -85,18 +86,19 @@ def run_exact(call: Call, method: str) -> tuple[torch.Tensor, Certificate]:
     if max(logit, norms) * 8.0 > float(torch.finfo(torch.float64).max):
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
                          "use a smaller scale or smaller q, k")
-    if method == "exact" and not sdpa_declines(call):
-        return _run_sdpa(call, logit, norms)
+    if method == "exact":
+        sc = _sdpa_certificate(call, logit, norms)
+        if not sdpa_declines(call, sc):
+            return _run_sdpa(call, sc)
     return _run_reference(call, method, logit, norms)
 
 
-def sdpa_declines(call: Call) -> list[str]:
+def sdpa_declines(call: Call, sc: Certificate) -> list[str]:
     """Why SDPA cannot serve this call (empty: it can): its record's reasons (device, dtype), then the
-    per-call ones — over the memory budget, or its any-order certificate above eps."""
+    per-call ones — over the memory budget, or its any-order certificate ``sc`` above eps."""
     req = registry.Request.of("exact", call.q, dtype=val.compute_dtype(call.q.dtype), mask=call.mask_kind(),
                               causal=call.is_causal, requires_grad=call.requires_grad)
-    return registry.ENGINES["sdpa"].not_supported_reasons(req) or _sdpa_declines(
-        call, call.stats.logit_bound(call.scale, call.kind), _norms_product(call))
+    return registry.ENGINES["sdpa"].not_supported_reasons(req) or _sdpa_declines(call, sc)
 
 
 def _sdpa_certificate(call: Call, logit: float, norms: float) -> Certificate:
@@ -106,9 +108,8 @@ def _sdpa_certificate(call: Call, logit: float, norms: float) -> Certificate:
                           out_dtype=q.dtype, eps=call.eps, norms_product=norms, scale=call.scale)
 
 
-def _sdpa_declines(call: Call, logit: float, norms: float) -> list[str]:
+def _sdpa_declines(call: Call, sc: Certificate) -> list[str]:
     """The per-call reasons SDPA cannot serve: over the memory budget, or its any-order bound above eps."""
-    sc = _sdpa_certificate(call, logit, norms)
     mask, (n_q, n_k, d_v) = call.attn_mask, (call.q.shape[-2], call.k.shape[-2], call.v.shape[-1])
     need = sdpa_memory_bytes(call.batch_numel, n_q, n_k, d_v, getattr(torch, sc.compute_dtype).itemsize,
                              mask_numel=0 if mask is None else mask.numel(),
@@ -121,9 +122,8 @@ def _sdpa_declines(call: Call, logit: float, norms: float) -> list[str]:
     return why
 
 
-def _run_sdpa(call: Call, logit: float, norms: float) -> tuple[torch.Tensor, Certificate]:
-    """torch's fused kernel, with its any-order certificate."""
-    sc = _sdpa_certificate(call, logit, norms)
+def _run_sdpa(call: Call, sc: Certificate) -> tuple[torch.Tensor, Certificate]:
+    """torch's fused kernel, with its any-order certificate ``sc``."""
     scd, mask, st = getattr(torch, sc.compute_dtype), call.attn_mask, call.stats
     if mask is not None and mask.is_floating_point():
         mask = shift_mask(mask, scd)
@@ -242,8 +242,7 @@ def run_features(call: Call, method: str, cert: Certificate, var: Variant, sp: S
                                       bound=call.bound if cert.radius_source == "bound" else None,
                                       norms=(sp.q_norm, sp.k_norm))
     x = _feature_inputs(call, var, sp)
-    vexp = math.frexp(st.max_abs_value)[1] if st.max_abs_value > 0 else 0
-    vd = times_pow2(v.to(torch.float64, copy=True), -vexp, fresh=True)  # |v| ≤ 1: exact but below 2^-1074·2^e
+    vd, vexp = unit_values(v, st.max_abs_value)
     engine = registry.choose(feature_request(x.qd, x.light_w, is_causal=call.is_causal,
                                              requires_grad=call.requires_grad, dtype=torch.float64))[0]
     # the normalised float64 copies live only as long as the engine's call (they are the call's largest temporaries)

@@ -4,15 +4,16 @@ An *engine* computes a method's numbers; a *family* (:mod:`attnbound.families`) 
 and what certificate. Each record below states its dtypes, devices, masks, causal support and
 autograd, and the naive reference its tests compare it with; :meth:`Engine.not_supported_reasons`
 answers a :class:`Request` with the list of reasons it cannot take the call (empty: it can). The
-planner and the run stage ask :func:`choose` — the first engine of a kind, in order of preference,
-with no reason against it — instead of copying these rules, and the certificate records the engine
-that ran (``Certificate.engine``); :func:`attnbound.plan` shows each candidate's engine and the
-reasons the faster ones were passed over.
+feature engines are chosen by :func:`choose` — the first engine of a kind, in order of preference, with
+no reason against it — in the planner and the run stage alike, instead of copying these rules; the
+certificate records the engine that ran (``Certificate.engine``), and :func:`attnbound.plan` shows each
+candidate's engine and the reasons the faster ones were passed over.
 
 Exact engines, fastest first: ``sdpa`` (torch's fused kernel, :mod:`attnbound.engines.sdpa`), then
-``dense`` and ``blockwise`` (:mod:`attnbound.engines.reference`). Whether SDPA's any-order certificate
-meets eps, and whether an engine fits the memory budget, depend on the input's statistics: the run
-stage adds those reasons (:func:`with_reason`). Feature engines, fastest first: ``fused`` (the numba
+``dense`` and ``blockwise`` (:mod:`attnbound.engines.reference`). SDPA's record says which calls it
+cannot take at all; whether its any-order certificate meets eps and whether it fits the memory budget
+depend on the input's statistics, which the run stage adds (:func:`attnbound.run.sdpa_declines`); dense
+or blockwise then follows from the size and the budget. Feature engines, fastest first: ``fused`` (the numba
 kernels, :mod:`attnbound.engines.fused`) and ``torch`` (:mod:`attnbound.engines.features`, the
 autograd path and the reference of the fused kernels); both are compared with
 :func:`attnbound.engines.naive.feature_attention`.
@@ -86,30 +87,24 @@ class Engine:
         return why
 
 
-ALL_MASKS = MASKS
 KEY_WEIGHTS = ("none", "0/1 key weights", "key weights")
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("sdpa", "exact", (torch.float32, torch.float64), ("cpu",), ALL_MASKS, ALL_MASKS, True,
+    Engine("sdpa", "exact", (torch.float32, torch.float64), ("cpu",), MASKS, MASKS, True,
            "engines.reference.dense_attention", "torch's fused scaled_dot_product_attention (any-order certificate)"),
-    Engine("dense", "exact", FLOATS, None, ALL_MASKS, ALL_MASKS, True,
+    Engine("dense", "exact", FLOATS, None, MASKS, MASKS, True,
            "the long-double reference of the tests", "the explicit n_q × n_k softmax"),
-    Engine("blockwise", "exact", FLOATS, None, ALL_MASKS, ALL_MASKS, True,
+    Engine("blockwise", "exact", FLOATS, None, MASKS, MASKS, True,
            "engines.reference.dense_attention", "query chunks × key blocks, online softmax"),
     Engine("fused", "features", (torch.float64,), ("cpu",), KEY_WEIGHTS, ("none", "0/1 key weights"), False,
            "engines.features (torch engine)", "numba kernels: key state, readout, causal pass (Horner triangle)",
-           causal_tile=fused.CAUSAL_TILE, available=fused.runtime_available),
+           causal_tile=fused.CAUSAL_TILE, available=lambda: fused.available()),  # late-bound: patchable
     Engine("torch", "features", FLOATS, None, KEY_WEIGHTS, KEY_WEIGHTS, True,
            "engines.naive.feature_attention", "chunked torch feature engine (autograd)", causal_tile=64),
 )}
 
 EXACT_ORDER = ("sdpa", "dense", "blockwise")
 FEATURE_ORDER = ("fused", "torch")
-
-
-def reasons(req: Request, names: tuple[str, ...]) -> dict[str, list[str]]:
-    """Each named engine's reasons against ``req`` (empty list: it can take it)."""
-    return {n: ENGINES[n].not_supported_reasons(req) for n in names}
 
 
 def choose(req: Request, names: tuple[str, ...] | None = None) -> tuple[str, dict[str, list[str]]]:
@@ -124,8 +119,3 @@ def choose(req: Request, names: tuple[str, ...] | None = None) -> tuple[str, dic
             return n, passed
         passed[n] = why
     raise ValueError(f"no engine takes this call: " + "; ".join(f"{n}: {', '.join(w)}" for n, w in passed.items()))
-
-
-def with_reason(passed: dict[str, list[str]], name: str, why: str) -> dict[str, list[str]]:
-    """``passed`` with one more reason against ``name`` (a per-call check: eps, memory)."""
-    return {**passed, name: [*passed.get(name, []), why]}

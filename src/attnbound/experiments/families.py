@@ -5,7 +5,7 @@ even orders, η ≤ e^R R^{p+1}/(p+1)!). At d = 8, eps = 1e-3 (values in [−4, 
 degree ≤ 5 at R = 1, ≤ 7 at R = 2, ≤ 11 at R = 4 and ≤ 17 at R = 8.
 
 Arithmetic, no timing: for R ∈ {0.25, …, 16}, eps ∈ {1e-3, 1/n} (n = 2^16 keys), d = 8, value range 8 and
-max|v| = 4, the smallest degree :func:`attnbound.api.certified_degree` certifies — a priori (approximation +
+max|v| = 4, the smallest degree :func:`attnbound.families.certified_degree` certifies — a priori (approximation +
 worst-case float64 rounding ≤ eps), or else with ``rounding="posterior"`` (approximation ≤ eps/2; the other half
 is left to the a-posteriori rounding bound the run measures on its own data, and ``auto`` falls back to exact when
 that misses). The table says which. Degrees above a family's cap (Taylor 20, Chebyshev 40, relative 40 with its

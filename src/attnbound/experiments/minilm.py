@@ -129,7 +129,7 @@ def study(texts: list[str] | None = None, eps: tuple[float, ...] = EPS, batch_si
     runs = []
 
     def run_backend(label, _probe=None, _radii=None, **kw):
-        log = register("attnbound", **kw)
+        log = register("attnbound", keep=10**7, **kw)  # every head record: the probe aggregates them all
         if _probe is not None:
             _wrap_with_logit_probe("attnbound", log, _probe, radii_out=_radii, **kw)
         stock.set_attn_implementation("attnbound")

@@ -7,7 +7,7 @@
     model.set_attn_implementation("attnbound-decoding")
     cache = backend.cache(bound=0.5, value_bound=4.0)     # declared bounds: see DecodingState
     model.generate(**batch, past_key_values=cache)
-    backend.log.records                                  # every step's certificate
+    backend.log.records                                  # the last steps' certificates (log.keep of them)
 
 :class:`DecodingCache` is a transformers ``Cache`` whose layers hold one
 :class:`attnbound.decoding.DecodingState` each (batch shape ``(batch, kv_heads, 1)``: query heads of a
@@ -34,6 +34,7 @@ import torch
 
 from .. import validation as val
 from ..decoding import DecodingState
+from ..eager import eager_only
 from .huggingface import DEFAULT_KEEP, CertificateLog, HeadRecord, make_attention_function
 
 try:
@@ -142,6 +143,7 @@ class DecodingBackend:
         method = "exact" if self.method in val.EXACT_METHODS else self.method
         return DecodingCache(self, method=method, eps=self.eps, **state_options)
 
+    @eager_only
     def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                  is_causal=None, **kwargs):
         cache, idx = self.active, getattr(module, "layer_idx", None)

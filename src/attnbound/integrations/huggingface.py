@@ -46,6 +46,7 @@ import torch
 from .. import validation as val
 from ..api import attention
 from ..certificate import Certificate
+from ..eager import eager_only
 from ..stats import input_stats
 
 EXACT = val.EXACT_METHODS
@@ -192,6 +193,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                             **options):
     """The function :func:`register` installs; ``options`` go to :func:`attnbound.attention`."""
 
+    @eager_only
     def attnbound_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                     scaling: float | None = None, is_causal: bool | None = None, **kwargs):
         if dropout:
