@@ -43,8 +43,9 @@ def test_exact_certificate_known_answer():
     eta = math.expm1(2 * g3 * (2 * L + 5.0) + 2 * u + 3 * u * blocks)
     gm = (block + blocks) * u / (1 - (block + blocks) * u)
     tiny32 = 2.0**-126
+    # one subnormal step of the float16 output, and of float32 for each product, rescale and the division
     expected = eta / (1 - eta) * 2.0 + (2 * gm / (1 - gm) + 2 * u + 2.0**-11) * 1.5 + 2 * n * tiny32 * 1.5 \
-        + 2.0**-14 * 2.0**-11 + tiny32 * u
+        + 2.0**-14 * 2.0**-10 + (n + blocks + 2) * tiny32 * 2.0**-23
     assert c.output_error_bound == pytest.approx(expected, rel=1e-12)
     # a mask spanning far more than the cut is charged as a mass: 4e^{-40}·max|v|
     far = exact_certificate(kind="softmax", logit_bound=L, d=d, n_k=n, blocks=1, value_range=2.0, max_abs_value=1.5,
@@ -122,3 +123,30 @@ def test_logits_from_subnormal_products_are_charged(dtype, d, s):
     for method in ("exact", "dense", "blockwise"):
         out, cert = attnbound.attention(q, k, v, scale=s, method=method, return_certificate=True)
         _check_mp(out, cert, q, k, v, s)
+
+
+def test_subnormal_values_are_charged_per_product():
+    """Products p_j·v_j of subnormal values round by an absolute step each (not relatively): three float32
+    values of a few 2^-149 gave an error of 1.8e-45 against a bound of 0.7e-45 (SDPA) / 1.4e-45 (dense)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    t = 2.0**-149
+    q = torch.tensor([[-2.9629621505737305]])
+    k = torch.tensor([[-0.1503623127937317], [1.2812950611114502], [0.9420686960220337]])
+    v = torch.tensor([[28 * t], [-30 * t], [-12 * t]])
+    w = [mpmath.exp(mpmath.mpf(q[0, 0].item()) * mpmath.mpf(k[j, 0].item())) for j in range(3)]
+    exact = sum(w[j] * mpmath.mpf(v[j, 0].item()) for j in range(3)) / sum(w)
+    for method in ("exact", "dense", "blockwise"):
+        out, cert = attnbound.attention(q, k, v, scale=1.0, method=method, return_certificate=True)
+        assert abs(mpmath.mpf(out.item()) - exact) <= cert.output_error_bound, method
+
+
+def test_a_float64_bound_is_never_rounded_to_zero():
+    """The exact output 2^-1075 rounds to 0 or 2^-1074: every method's bound must be at least that step."""
+    q, k = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)
+    v = torch.tensor([[5e-324], [0.0]], dtype=torch.float64)
+    for method, kw in [("exact", {}), ("dense", {}), ("blockwise", {}), ("polynomial", {"degree": 2}),
+                       ("taylor", {"order": 2}), ("relative", {"degree": 2})]:
+        out, cert = attnbound.attention(q, k, v, method=method, return_certificate=True, **kw)
+        assert cert.output_error_bound >= 2.0**-1075 and abs(float(out) - 2.0**-1075) <= cert.output_error_bound

@@ -73,3 +73,13 @@ def test_auto_fits_the_budget_that_exact_runs_in():
     attnbound.attention(q, k, v, method="exact", eps=1e-3, memory_budget=8 << 20)
     out, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, memory_budget=8 << 20, return_certificate=True)
     check_contract(out, cert, q, k, v, eps=1e-3)
+
+
+def test_auto_runs_exact_on_the_kernel_that_fits_when_sdpa_does_not():
+    """SDPA's certificate meets eps but its tiles exceed the budget: exact runs dense, and auto must plan the
+    same (it used to refuse, pricing exact as SDPA only)."""
+    q, k, v = (torch.randn(1, 400, 8, generator=torch.Generator().manual_seed(0)) * 3 for _ in range(3))
+    kw = dict(eps=1e-5, memory_budget=4_000_000, return_certificate=True)
+    out_e, cert_e = attnbound.attention(q, k, v, method="exact", **kw)
+    out_a, cert_a = attnbound.attention(q, k, v, method="auto", **kw)
+    assert cert_e.engine == cert_a.engine == "dense" and cert_a == cert_e and torch.equal(out_a, out_e)

@@ -177,3 +177,20 @@ def test_the_log_is_bounded_and_its_summaries_cover_every_call():
     assert log.head_calls == 0 and not log.records and log.worst_bound() == 0.0
     with pytest.raises(ValueError, match="keep"):
         CertificateLog("bad", "auto", 1e-3, keep=-1)
+
+
+def test_a_refused_call_numbers_no_layer():
+    from attnbound.integrations.huggingface import CertificateLog, make_attention_function
+
+    log = CertificateLog("layers", "auto", 1e-3)
+    fn = make_attention_function(log, method="auto", eps=1e-3)
+
+    class Module:  # no layer_idx: the log numbers modules in the order they first succeed
+        pass
+
+    a, b = Module(), Module()
+    q = torch.randn(1, 2, 4, 8, dtype=F) * 0.1
+    with pytest.raises(ValueError):
+        fn(a, q * math.nan, q, q, None)
+    fn(b, q, q, q, None)
+    assert {r.layer for r in log.records} == {0}

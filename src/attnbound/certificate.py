@@ -49,8 +49,11 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def underflow_unit(dtype: torch.dtype) -> float:
-    """The largest absolute rounding error of one result in the subnormal range: tiny·u."""
-    return float(torch.finfo(dtype).tiny) * unit_roundoff(dtype)
+    """An upper bound on the absolute rounding error of one result in the subnormal range: the smallest
+    subnormal, tiny·eps = 2·tiny·u (the error itself is at most half of it; tiny·u alone is 2^-1075 in float64,
+    which a Python float rounds to 0)."""
+    fi = torch.finfo(dtype)
+    return float(fi.tiny) * float(fi.eps)
 
 
 def _finite_or_inf(x: float) -> float:
@@ -252,8 +255,10 @@ def exact_certificate(
     sums = (2.0 * g / (1.0 - g) + 2.0 * u) if g < 1.0 else math.inf
     cast = unit_roundoff(out_dtype) if out_dtype != compute_dtype else 0.0
     subnormal = 2.0 * n_k * float(torch.finfo(compute_dtype).tiny) * max_abs_value
+    # each product p_j·v_j, each rescale of a running output and the division may land in the subnormal
+    # range, where the error is absolute (≤ one subnormal step each), not relative
     rounding = approx + far + (sums + cast) * max_abs_value + subnormal + underflow_unit(out_dtype) \
-        + underflow_unit(compute_dtype)
+        + (n_k + blocks + 2) * underflow_unit(compute_dtype)
     rounding = _finite_or_inf(rounding)
     return Certificate(method="exact", kind=kind, eta=eta, value_range=value_range, max_abs_value=max_abs_value,
                        approximation_bound=0.0, rounding_bound=rounding, output_error_bound=rounding, eps=eps,

@@ -367,6 +367,9 @@ def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bo
     rejected = {"sdpa": registry.ENGINES["sdpa"].not_supported_reasons(req)}
     if not ex.output_error_bound <= eps:
         rejected["sdpa"].append(f"its any-order bound {ex.output_error_bound:.3g} > eps={eps:g}")
+    sdpa_mem = sdpa_memory_bytes(b, n_q, n_k, d_v, 8 if ex.compute_dtype == "float64" else 4)
+    if sdpa_mem > budget:  # as the run stage: then the project's kernel, which may fit
+        rejected["sdpa"].append(f"needs about {sdpa_mem / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
     on_sdpa = not rejected["sdpa"]
     if not on_sdpa:  # then the project's kernel, whose bound is tighter: dense where it fits (as the run decides)
         dense = use_dense(b, n_q, n_k) and exact_memory_bytes(b, n_q, n_k, d_v, None, 8) <= budget

@@ -141,7 +141,9 @@ def sdpa_certificate(
     sums = (2.0 * g / (1.0 - g) + 3.0 * u) if g < 0.5 else math.inf
     subnormal = 12.0 * n_k * (blocks + 2) * tiny * max_abs_value if eta <= 0.5 else math.inf
     cast = unit_roundoff(out_dtype) if out_dtype != compute_dtype else 0.0
-    rounding = approx + far + (sums + cast) * max_abs_value + subnormal + underflow_unit(out_dtype)
+    # products p_j·v_j, rescales of the running output and the division in the subnormal range: absolute errors
+    rounding = approx + far + (sums + cast) * max_abs_value + subnormal + underflow_unit(out_dtype) \
+        + (n_k + blocks + 2) * underflow_unit(compute_dtype)
     if not math.isfinite(rounding):
         rounding = math.inf
     return Certificate(method="exact", kind=kind, eta=eta, value_range=value_range, max_abs_value=max_abs_value,

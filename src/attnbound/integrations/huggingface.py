@@ -217,7 +217,6 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
         else:
             key_pad, mask_causal = split
             head_mask, head_causal = key_pad, causal or mask_causal
-        layer = log.layer_of(module)
         outs = []
         if method in EXACT:
             out, cert = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
@@ -235,6 +234,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                                  attn_mask=m, method=method, eps=eps, return_certificate=True, **options)
                 outs.append(o)
                 certs.append(c)
+        layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
         records = [_head_record(layer, h, query[:, h], key[:, h // group], value[:, h // group],
                                 key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None, scale,
                                 certs[h]) for h in range(n_heads)]
