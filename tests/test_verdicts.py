@@ -248,15 +248,22 @@ def test_alman_song_verdict():
 # ------------------------------------------------------------------ taylor order
 
 
-def _taylor_rows(err_scale=1.0, ops_power=1.0):
+def _taylor_rows(err_scale=1.0, ops_power=1.0, rank_times_d=False, equal_orders=(2, 4, 6)):
+    """Rows shaped like run()'s: per token 50 + 10·d + c·rank^ops_power (c = 22 = ops_per_rank(4)), or with
+    ``rank_times_d`` a planted rank term c·rank·d/4 (the same at d = 4, larger at d = p > 4)."""
+    c = taylor_order.ops_per_rank(4)
+
+    def per_token(d, r):
+        return 50 + 10 * d + c * r**ops_power * (d / 4 if rank_times_d else 1)
+
     rows = []
     for p in range(0, 11, 2):
         r = math.comb(4 + p, p)
         err = err_scale * math.e / math.factorial(p + 1)
-        rows.append({"order": p, "d": 4, "n": 256, "rank": r, "measured_max_error": err, "certificate": 2 * math.e /
-                     math.factorial(p + 1), "ops": 256 * (50 + 10 * 4 + 22 * r**ops_power)})
-    equal = [{"order": p, "d": p, "n": 64, "rank": math.comb(2 * p, p), "ops": 64 * (50 + 10 * p + 22 * math.comb(2 * p, p)
-                                                                                     ** ops_power)} for p in (2, 4, 6)]
+        rows.append({"order": p, "d": 4, "d_v": 4, "n": 256, "rank": r, "measured_max_error": err,
+                     "certificate": 2 * math.e / math.factorial(p + 1), "ops": 256 * per_token(4, r)})
+    equal = [{"order": p, "d": p, "d_v": 4, "n": 64, "rank": math.comb(2 * p, p),
+              "ops": round(64 * per_token(p, math.comb(2 * p, p)))} for p in equal_orders]
     return rows, equal
 
 
@@ -265,10 +272,58 @@ def test_taylor_order_verdict():
     v, why = taylor_order.verdict(*_taylor_rows(err_scale=3.0))  # above the certificate
     assert v == "FAIL" and "ABOVE" in why
     assert taylor_order.verdict(*_taylor_rows(ops_power=1.5))[0] == "FAIL"  # cost not linear in the rank
+    assert taylor_order.verdict(*_taylor_rows(ops_power=2.0))[0] == "FAIL"  # cost like rank²
     rows, equal = _taylor_rows()
     for r in rows:  # errors falling only geometrically
         r["measured_max_error"] = 0.1 ** r["order"]
     assert taylor_order.verdict(rows, equal)[0] == "FAIL"
+
+
+def test_taylor_order_cost_fails_on_a_planted_rank_times_d_cost():
+    rows, equal = _taylor_rows(rank_times_d=True, equal_orders=(2, 4, 6, 8))
+    v, why = taylor_order.cost_verdict(rows, equal)
+    assert v == "FAIL" and "NOT proportional to the rank" in why
+    assert "d = p rank 924 (d = 6)" in why and "d = p rank 12870 (d = 8)" in why  # ×1.5 and ×2 the rank term
+    failing = why.split("NOT proportional")[1].split("; slope fitted")[0]
+    assert "d = 4 rank" not in failing  # at d = 4 the planted cost is c·rank: that regime alone cannot tell
+    assert taylor_order.verdict(rows, equal)[0] == "FAIL"
+
+
+def test_taylor_order_cost_is_decided_where_the_rank_term_dominates():
+    """The large-scale rows of the issue (ops per token, n = 4096 at d = 4 and 256 at d = p): the smallest ranks
+    carry per-token costs the model leaves out (+27% at rank 6, d = 2, against a fitted line); a fit over all
+    rows failed them, the rule shows them without letting them decide."""
+    per_token = {0: 87.05, 2: 395.07, 4: 1605.14, 6: 4685.31, 8: 10955.66, 10: 22089.50, 12: 40111.72, 14: 67399.99}
+    rows = [{"order": p, "d": 4, "d_v": 4, "n": 4096, "rank": math.comb(4 + p, p), "ops": round(4096 * y)}
+            for p, y in per_token.items()]
+    equal = [{"order": p, "d": p, "d_v": 4, "n": 256, "rank": math.comb(2 * p, p), "ops": round(256 * y)}
+             for p, y in ((2, 181.95), (4, 1607.20), (6, 20427.88), (8, 283740.57))]
+    v, why = taylor_order.cost_verdict(rows, equal)
+    assert v == "PASS", why
+    assert "shown, not deciding: d = 4 rank 15" in why and "d = p rank 6 (d = 2)" in why
+    assert "slope fitted over them 22.00 (d = 4), 22.04 (d = p) beside c = 22" in why
+    # which rows decide follows from the ranks alone: dropping the small rows changes nothing
+    assert taylor_order.cost_verdict(rows[:1] + rows[3:], equal[1:])[0] == "PASS"
+    # too few rows where the rank term dominates: the data cannot decide
+    v, why = taylor_order.cost_verdict(rows, equal[:2])
+    assert v == "INCONCLUSIVE" and "d = p has 1 row" in why
+    assert taylor_order.cost_verdict(rows[1:], equal)[0] == "INCONCLUSIVE"  # no order-0 row
+
+
+def test_taylor_ops_per_rank_is_what_the_engine_spends():
+    """c = 4·d_v + 6 counted operations per token per unit of rank: the difference between two orders."""
+    import attnbound
+
+    n = 1024
+    for d_v in (4, 2):
+        g = torch.Generator().manual_seed(d_v)
+        q, k = (torch.randn(n, 4, generator=g, dtype=torch.float64) * 0.3 for _ in range(2))
+        v = torch.randn(n, d_v, generator=g, dtype=torch.float64)
+        ops = {p: count_ops(lambda: attnbound.attention(q, k, v, method="taylor", order=p, strict=False))[0].total
+               for p in (4, 8)}
+        per_rank = (ops[8] - ops[4]) / n / (math.comb(12, 8) - math.comb(8, 4))
+        # the rest is per-call work on the r × (d_v + 1) state: O(1/n) per token and unit of rank
+        assert per_rank == pytest.approx(taylor_order.ops_per_rank(d_v), rel=0.01), (d_v, per_rank)
 
 
 # ------------------------------------------------------------------ reductions
