@@ -86,3 +86,28 @@ def test_sparse_inputs_raise_a_type_error_naming_the_argument(name):
     t[name] = t[name].to_sparse()
     with pytest.raises(TypeError, match=f"^{name} must be a dense"):
         attnbound.attention(t["q"], t["k"], t["v"])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(is_causal="no"), TypeError, "is_causal"),
+    (dict(method="polynomial", degree=3, strict="no"), TypeError, "strict"),
+    (dict(method="auto", eps=1e-3, cost_model="x"), TypeError, "cost_model"),
+    (dict(method="taylor", eps=1e-3, degree=4), ValueError, "degree: method='taylor' takes order"),
+    (dict(method="polynomial", order=4), ValueError, "order: method='polynomial' takes degree"),
+    (dict(method="relative", eps=1e-3, order=4), ValueError, "order: method='relative'"),
+    (dict(method="exact", degree=3), ValueError, "degree: fixes"),
+    (dict(method="auto", eps=1e-3, order=2), ValueError, "order: fixes"),
+    (dict(method="blockwise", centre=True), ValueError, "centre"),
+    (dict(method="exact", heavy=2), ValueError, "heavy"),
+])
+def test_options_that_would_be_ignored_are_refused_naming_them(kwargs, error, match):
+    q = torch.randn(8, 4) * 0.1
+    with pytest.raises(error, match=match):
+        attnbound.attention(q, q, q, **kwargs)
+
+
+def test_options_that_do_apply_are_accepted():
+    q = torch.randn(8, 4, dtype=torch.float64) * 0.1
+    attnbound.attention(q, q, q, method="exact", centre=False, heavy=0, strict=True, is_causal=True)
+    attnbound.attention(q, q, q, method="taylor", order=4)
+    attnbound.attention(q, q, q, method="relative", degree=3, centre=True, heavy=2)

@@ -85,14 +85,39 @@ def check_options(opts: Options) -> None:
     val.check_choice("kind", opts.kind, val.KINDS)
     val.check_choice("method", opts.method, val.METHODS)
     val.check_positive_int("block_size", opts.block_size)
-    if opts.method in val.FEATURE_METHODS and fixed_degree(opts.method, opts.degree, opts.order) is not None:
-        family(opts.method).check_degree(fixed_degree(opts.method, opts.degree, opts.order))
+    for name in ("is_causal", "strict"):
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(opts, name)!r}")
+    if opts.cost_model is not None and not isinstance(opts.cost_model, CostModel):
+        raise TypeError(f"cost_model must be an attnbound.CostModel or None, got {type(opts.cost_model).__name__}")
+    _check_degree_options(opts)
     val.check_positive_int("memory_budget", opts.memory_budget)
     if opts.centre is not None and not isinstance(opts.centre, bool):
         raise TypeError(f"centre must be True, False or None, got {opts.centre!r}")
     h = opts.heavy
     if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 0):
         raise ValueError(f"heavy must be a non-negative int or None, got {h!r}")
+
+
+def _check_degree_options(opts: Options) -> None:
+    """A fixed degree only for a family, and under its own name (Taylor: ``order``; the others: ``degree``);
+    centring and heavy tokens only for the approximate methods. Nothing given is silently ignored."""
+    if opts.method in val.FEATURE_METHODS:
+        fam = family(opts.method)
+        other = "degree" if fam.degree_name == "order" else "order"
+        if getattr(opts, other) is not None:
+            raise ValueError(f"{other}: method={opts.method!r} takes {fam.degree_name}=, not {other}=")
+        if fixed_degree(opts.method, opts.degree, opts.order) is not None:
+            fam.check_degree(fixed_degree(opts.method, opts.degree, opts.order))
+        return
+    for name in ("degree", "order"):
+        if getattr(opts, name) is not None:
+            raise ValueError(f"{name}: fixes an approximation family's degree; method={opts.method!r} takes none "
+                             "(use method='taylor', 'polynomial' or 'relative')")
+    if opts.method in val.EXACT_METHODS and (opts.centre or opts.heavy):
+        which = "centre" if opts.centre else "heavy"
+        raise ValueError(f"{which}: centring and heavy tokens shrink an approximation's radius; method={opts.method!r} "
+                         "is exact and takes neither")
 
 
 def validate(q, k, v, attn_mask, opts: Options) -> Checked:
