@@ -194,3 +194,17 @@ def test_a_refused_call_numbers_no_layer():
         fn(a, q * math.nan, q, q, None)
     fn(b, q, q, q, None)
     assert {r.layer for r in log.records} == {0}
+
+
+def test_a_refused_transformer_forward_keeps_every_layers_certificate():
+    from attnbound.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(2, 8, 2, method="auto", eps=1e-3).double()
+    x = torch.randn(1, 6, 8, dtype=F) * 0.1
+    model(x)
+    before = model.last_certificates
+    model.blocks[1].attn.in_proj_weight.data[0, 0] = math.nan  # the second layer's input turns NaN: refused there
+    with pytest.raises(ValueError):
+        model(x * 3)  # another input: layer 0 would carry a different certificate had it kept this call's
+    assert model.last_certificates == before

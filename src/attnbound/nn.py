@@ -370,8 +370,14 @@ class Transformer(nn.Module):
         self.embed_dim = embed_dim
 
     def forward(self, x: torch.Tensor, method: str | None = None, **attention_kwargs) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x, method=method, **attention_kwargs)
+        before = self.last_certificates
+        try:
+            for blk in self.blocks:
+                x = blk(x, method=method, **attention_kwargs)
+        except BaseException:  # a refused layer: every layer keeps the previous forward's certificate
+            for blk, cert in zip(self.blocks, before):
+                blk.attn.last_certificate = cert
+            raise
         return x
 
     @property
