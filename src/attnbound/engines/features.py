@@ -92,12 +92,12 @@ def feature_attention(
     chunk = chunk or chunk_rows(math.prod(batch), rank)
     w = torch.as_tensor(monomial_weights(coeffs, d), dtype=q.dtype, device=q.device)
     vv = weighted_values(v)
-    req = feature_request(q, key_log_weight, is_causal=is_causal, requires_grad=_records_grad(q, k, v))
-    if engine is None:
-        engine = registry.choose(req)[0]
-    elif registry.ENGINES[engine].not_supported_reasons(req):
-        raise ValueError(f"engine: {engine} cannot take this call: "
-                         f"{', '.join(registry.ENGINES[engine].not_supported_reasons(req))}")
+    if engine is None or engine == "fused":  # the torch engine takes every call: nothing to check for it
+        req = feature_request(q, key_log_weight, is_causal=is_causal, requires_grad=_records_grad(q, k, v))
+        if engine is None:
+            engine = registry.choose(req)[0]
+        elif why := registry.ENGINES["fused"].not_supported_reasons(req):
+            raise ValueError(f"engine: fused cannot take this call: {', '.join(why)}")
     use_fused = engine == "fused" and fused.available(q, k, vv)[0]
     ref = torch.zeros((1, 1), dtype=q.dtype, device=q.device)
     if is_causal:
