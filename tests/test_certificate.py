@@ -126,27 +126,48 @@ def test_logits_from_subnormal_products_are_charged(dtype, d, s):
 
 
 def test_subnormal_values_are_charged_per_product():
-    """Products p_j·v_j of subnormal values round by an absolute step each (not relatively): three float32
-    values of a few 2^-149 gave an error of 1.8e-45 against a bound of 0.7e-45 (SDPA) / 1.4e-45 (dense)."""
+    """Products p_j·v_j of subnormal values round by an absolute step each (not relatively). Three float32 values of
+    a few 2^-149 gave an error of 1.8e-45 against bounds of 0.7e-45 (SDPA) / 1.4e-45 (dense); with 23 keys the error
+    (3.8e-45) exceeds any bound that charges the step once per call (2.8e-45)."""
     import mpmath
 
     mpmath.mp.dps = 60
     t = 2.0**-149
-    q = torch.tensor([[-2.9629621505737305]])
-    k = torch.tensor([[-0.1503623127937317], [1.2812950611114502], [0.9420686960220337]])
-    v = torch.tensor([[28 * t], [-30 * t], [-12 * t]])
-    w = [mpmath.exp(mpmath.mpf(q[0, 0].item()) * mpmath.mpf(k[j, 0].item())) for j in range(3)]
-    exact = sum(w[j] * mpmath.mpf(v[j, 0].item()) for j in range(3)) / sum(w)
-    for method in ("exact", "dense", "blockwise"):
-        out, cert = attnbound.attention(q, k, v, scale=1.0, method=method, return_certificate=True)
-        assert abs(mpmath.mpf(out.item()) - exact) <= cert.output_error_bound, method
+    k23 = [[-1.4339576959609985, 4.889946937561035], [-2.585667848587036, -0.7137735486030579],
+           [-2.1423871517181396, 1.5500813722610474], [2.041222095489502, -4.579535484313965],
+           [2.524507761001587, 1.3106409311294556], [-1.1041542291641235, -3.0007190704345703],
+           [-3.623945474624634, -1.618714690208435], [-1.1570833921432495, -0.023798499256372452],
+           [-3.374645709991455, -0.7921921610832214], [-2.537506580352783, 1.1072301864624023],
+           [3.3354766368865967, -0.2781592607498169], [2.7998127937316895, 1.7912696599960327],
+           [-1.119612455368042, -0.14866676926612854], [-0.1210181936621666, 3.3767292499542236],
+           [-1.421170711517334, -0.4180537462234497], [0.5030959844589233, 0.3943183124065399],
+           [2.0866973400115967, 0.35776153206825256], [0.7334267497062683, 1.9386502504348755],
+           [2.6763811111450195, 0.1623140573501587], [-1.7975794076919556, 1.0779832601547241],
+           [0.48053571581840515, 0.5820731520652771], [1.19595205783844, -0.1912682205438614],
+           [-3.0576376914978027, -0.025672856718301773]]
+    v23 = [39, -21, 34, 15, 40, 40, 10, 35, 29, 11, -22, -5, -5, 35, -21, 19, -22, 3, -5, 39, 24, -27, 20]
+    cases = [([[-2.9629621505737305]], [[-0.1503623127937317], [1.2812950611114502], [0.9420686960220337]],
+              [28, -30, -12]),
+             ([[-0.16831260919570923, 0.7148520350456238]], k23, v23)]
+    for qs, ks, vs in cases:
+        q, k = torch.tensor(qs), torch.tensor(ks)
+        v = torch.tensor([[x * t] for x in vs])
+        w = [mpmath.exp(mpmath.fsum(mpmath.mpf(a) * mpmath.mpf(b) for a, b in zip(qs[0], kj))) for kj in ks]
+        exact = mpmath.fsum(wj * mpmath.mpf(x * t) for wj, x in zip(w, vs)) / mpmath.fsum(w)
+        for method in ("exact", "dense", "blockwise"):
+            out, cert = attnbound.attention(q, k, v, scale=1.0, method=method, return_certificate=True)
+            assert abs(mpmath.mpf(out.item()) - exact) <= cert.output_error_bound, (method, len(vs))
 
 
 def test_a_float64_bound_is_never_rounded_to_zero():
-    """The exact output 2^-1075 rounds to 0 or 2^-1074: every method's bound must be at least that step."""
+    """The exact output 2^-1075 (not a double) comes out as 0 or 2^-1074, an error of exactly 2^-1075: every
+    method's bound must be a positive double (2.0**-1075 itself rounds to 0.0, so compare in rationals)."""
+    from fractions import Fraction
+
     q, k = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)
     v = torch.tensor([[5e-324], [0.0]], dtype=torch.float64)
     for method, kw in [("exact", {}), ("dense", {}), ("blockwise", {}), ("polynomial", {"degree": 2}),
                        ("taylor", {"order": 2}), ("relative", {"degree": 2})]:
         out, cert = attnbound.attention(q, k, v, method=method, return_certificate=True, **kw)
-        assert cert.output_error_bound >= 2.0**-1075 and abs(float(out) - 2.0**-1075) <= cert.output_error_bound
+        err = abs(Fraction(float(out)) - Fraction(1, 2**1075))
+        assert err <= Fraction(cert.output_error_bound), (method, cert.output_error_bound)
