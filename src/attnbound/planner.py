@@ -48,6 +48,7 @@ from . import validation as val
 from .certificate import Certificate, exact_certificate, unit_roundoff
 from .engines import registry
 from .engines.reference import DEFAULT_BLOCK, use_dense
+from .engines.flash import flash_candidate, flash_memory_bytes
 from .engines.sdpa import sdpa_candidate, sdpa_memory_bytes
 from .engines.monomials import feature_rank
 from .engines.features import chunk_rows, feature_memory_bytes
@@ -355,16 +356,30 @@ def _check_plan_args(*, eps, **sizes) -> None:
 
 def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bound, mask_span, scale,
                      value_range, max_abs_value, out_dtype) -> Candidate:
-    """The exact candidate: SDPA with its any-order certificate when that meets eps, else the blockwise (or
-    dense) kernel, whose bound is tighter, in the input precision or float64."""
+    """The exact candidate, as the run stage chooses: the flash kernel in its pinned order (float32) when its
+    certificate meets eps; else SDPA with its any-order certificate when that meets eps; else the blockwise
+    (or dense) kernel, whose bound is tighter, in the input precision or float64."""
     b, n_q, n_k, d, d_v = shape.batch, shape.n_q, shape.n_k, shape.d, shape.d_v
     common = dict(kind=shape.kind, logit_bound=logit_bound, mask_span=mask_span, d=d, n_k=n_k,
                   scale=float(scale) if scale is not None else 1.0 / math.sqrt(d), value_range=value_range,
                   max_abs_value=max_abs_value, out_dtype=out_dtype, eps=eps)
-    ex = sdpa_candidate(**common)
+    cost = cm.exact_seconds(b, n_q, n_k, d, d_v, shape.is_causal)
     req = registry.Request("exact", shape.device, val.compute_dtype(out_dtype), "none", shape.is_causal,
                            shape.requires_grad)
-    rejected = {"sdpa": registry.ENGINES["sdpa"].not_supported_reasons(req)}
+    fc, chunk = flash_candidate(**common)
+    rejected = {"flash": registry.ENGINES["flash"].not_supported_reasons(req)}
+    if not rejected["flash"] and logit_bound * 8.0 > float(torch.finfo(torch.float32).max):
+        rejected["flash"].append("its float32 logits could overflow")
+    if not fc.output_error_bound <= eps:
+        rejected["flash"].append(f"its pinned-order float32 bound {fc.output_error_bound:.3g} > eps={eps:g}")
+    flash_mem = flash_memory_bytes(b, n_q, n_k, d, d_v, chunk=chunk)
+    if flash_mem > budget:
+        rejected["flash"].append(f"needs about {flash_mem / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)")
+    if not rejected["flash"]:
+        return Candidate("exact", None, None, fc.output_error_bound, cost, flash_mem, True, True, fc,
+                         engine=fc.engine, rejected={})
+    ex = sdpa_candidate(**common)
+    rejected["sdpa"] = registry.ENGINES["sdpa"].not_supported_reasons(req)
     if not ex.output_error_bound <= eps:
         rejected["sdpa"].append(f"its any-order bound {ex.output_error_bound:.3g} > eps={eps:g}")
     sdpa_mem = sdpa_memory_bytes(b, n_q, n_k, d_v, 8 if ex.compute_dtype == "float64" else 4)
@@ -374,14 +389,14 @@ def _exact_candidate(shape: _Shape, cm: CostModel, budget: int, *, eps, logit_bo
     if not on_sdpa:  # then the project's kernel, whose bound is tighter: dense where it fits (as the run decides)
         dense = use_dense(b, n_q, n_k) and exact_memory_bytes(b, n_q, n_k, d_v, None, 8) <= budget
         ex = exact_candidate(block=None if dense else DEFAULT_BLOCK, **common)
+    else:
+        del rejected["sdpa"]
     item = 8 if ex.compute_dtype == "float64" else 4
     slow = 2.3 if ex.compute_dtype == "float64" and val.compute_dtype(out_dtype) != torch.float64 else 1.0
     mem = sdpa_memory_bytes(b, n_q, n_k, d_v, item) if on_sdpa else exact_memory_bytes(
         b, n_q, n_k, d_v, None if ex.engine == "dense" else DEFAULT_BLOCK, item)
-    return Candidate("exact", None, None, ex.output_error_bound, slow * cm.exact_seconds(b, n_q, n_k, d, d_v,
-                                                                                           shape.is_causal),
-                     mem, ex.output_error_bound <= eps, mem <= budget, ex, engine=ex.engine,
-                     rejected={} if on_sdpa else rejected)
+    return Candidate("exact", None, None, ex.output_error_bound, slow * cost,
+                     mem, ex.output_error_bound <= eps, mem <= budget, ex, engine=ex.engine, rejected=rejected)
 
 
 def _feature_candidates(shape: _Shape, cm: CostModel, budget: int, var: Variant, exact: Candidate, *, eps,

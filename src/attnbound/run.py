@@ -1,7 +1,9 @@
 """The run stage of :func:`attnbound.attention`: one validated call on one engine, with its certificate.
 
-* :func:`run_exact` — exact attention: torch's SDPA where it applies and its any-order certificate
-  meets eps within the memory budget, else the project's dense or blockwise kernel
+* :func:`run_exact` — exact attention: torch's CPU flash kernel in its pinned order over key chunks
+  (float32, :mod:`attnbound.engines.flash`) where it applies and its certificate meets eps; else torch's
+  SDPA where its any-order certificate meets eps (float64 where float32's does not) within the memory
+  budget; else the project's dense or blockwise kernel
   (:mod:`attnbound.engines.reference`) in the input precision or float64. Cost Θ(n_q·n_k·(d + d_v)).
 * :func:`run_features` — a family's polynomial on the feature engine (fused kernels or torch,
   :mod:`attnbound.engines.registry`), with centring and heavy tokens (:mod:`attnbound.centring`), and the
@@ -26,6 +28,7 @@ from .certificate import Certificate, CertificateMiss
 from .engines import registry
 from .engines.features import (_min_denominator, chunk_rows, feature_attention, feature_memory_bytes,
                                feature_request, normalize_readout, weighted_values)
+from .engines.flash import flash_attention, flash_candidate, flash_memory_bytes
 from .engines.reference import DEFAULT_BLOCK, blockwise_attention, dense_attention, use_dense
 from .engines.sdpa import merged_mask_numel, sdpa_attention, sdpa_candidate, sdpa_memory_bytes
 from .families import degree_certificate, family, polynomial_setup
@@ -87,10 +90,49 @@ def run_exact(call: Call, method: str) -> tuple[torch.Tensor, Certificate]:
         raise ValueError(f"scale: logits up to s·max‖q‖·max‖k‖ = {logit:.3g} overflow even float64; "
                          "use a smaller scale or smaller q, k")
     if method == "exact":
+        (fc, chunk), why = flash_choice(call, logit, norms)
+        if not why:
+            return _run_flash(call, fc, chunk)
         sc = _sdpa_certificate(call, logit, norms)
         if not sdpa_declines(call, sc):
             return _run_sdpa(call, sc)
     return _run_reference(call, method, logit, norms)
+
+
+def flash_choice(call: Call, logit: float, norms: float) -> tuple[tuple[Certificate, int], list[str]]:
+    """((certificate, chunk) of the flash engine, why it cannot serve this call — empty: it can): its record's
+    reasons (device, dtype: float32 compute only, the operator), then logits that could overflow float32, its
+    pinned-order bound above eps, the memory budget."""
+    st, q, n_k = call.stats, call.q, call.k.shape[-2]
+    fc, chunk = flash_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=q.shape[-1], n_k=n_k,
+                                value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
+                                eps=call.eps, scale=call.scale)
+    req = registry.Request.of("exact", q, dtype=val.compute_dtype(q.dtype), mask=call.mask_kind(),
+                              causal=call.is_causal, requires_grad=call.requires_grad)
+    why = registry.ENGINES["flash"].not_supported_reasons(req)
+    if why:
+        return (fc, chunk), why
+    if max(logit, norms) * 8.0 > float(torch.finfo(torch.float32).max):
+        why.append("its float32 logits could overflow")
+    if call.eps is not None and not fc.output_error_bound <= call.eps:
+        why.append(f"its pinned-order float32 bound {fc.output_error_bound:.3g} > eps={call.eps:g}")
+    mask = call.attn_mask
+    need = flash_memory_bytes(call.batch_numel, q.shape[-2], n_k, q.shape[-1], call.v.shape[-1], chunk=chunk,
+                              mask_rows=0 if mask is None else math.prod(mask.shape[:-1]))
+    if need > call.budget:
+        why.append(f"needs about {need / 2**20:.1f} MiB (budget {call.budget / 2**20:.1f} MiB)")
+    return (fc, chunk), why
+
+
+def _run_flash(call: Call, fc: Certificate, chunk: int) -> tuple[torch.Tensor, Certificate]:
+    """torch's CPU flash kernel in its pinned order over key chunks, with its certificate ``fc``."""
+    mask, st = call.attn_mask, call.stats
+    if mask is not None and mask.is_floating_point():
+        mask = shift_mask(mask, torch.float32)
+    vs, vexp = scale_values(call.v, st.max_abs_value, call.k.shape[-2], torch.float32)
+    out = flash_attention(call.q.to(torch.float32), call.k.to(torch.float32), vs, scale=call.scale, kind=call.kind,
+                          is_causal=call.is_causal, attn_mask=mask, chunk=chunk)
+    return finish(times_pow2(out, vexp), st.max_abs_value, call.q.dtype, fresh=True), fc
 
 
 def sdpa_declines(call: Call, sc: Certificate) -> list[str]:

@@ -9,7 +9,9 @@ no reason against it — in the planner and the run stage alike, instead of copy
 certificate records the engine that ran (``Certificate.engine``), and :func:`attnbound.plan` shows each
 candidate's engine and the reasons the faster ones were passed over.
 
-Exact engines, fastest first: ``sdpa`` (torch's fused kernel, :mod:`attnbound.engines.sdpa`), then
+Exact engines, fastest first: ``flash`` (torch's CPU flash kernel in its pinned order over key chunks,
+float32, :mod:`attnbound.engines.flash`), ``sdpa`` (torch's fused kernel, any order,
+:mod:`attnbound.engines.sdpa`), then
 ``dense`` and ``blockwise`` (:mod:`attnbound.engines.reference`). SDPA's record says which calls it
 cannot take at all; whether its any-order certificate meets eps and whether it fits the memory budget
 depend on the input's statistics, which the run stage adds (:func:`attnbound.run.sdpa_declines`); dense
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fused
+from . import flash, fused
 
 MASKS = ("none", "0/1 key weights", "key weights", "bool", "float")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,6 +92,9 @@ class Engine:
 KEY_WEIGHTS = ("none", "0/1 key weights", "key weights")
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("flash", "exact", (torch.float32,), ("cpu",), MASKS, MASKS, True,
+           "engines.reference.dense_attention", "torch's CPU flash kernel in its pinned order, over key chunks "
+           "(known-order certificate)", available=lambda: flash.available()),
     Engine("sdpa", "exact", (torch.float32, torch.float64), ("cpu",), MASKS, MASKS, True,
            "engines.reference.dense_attention", "torch's fused scaled_dot_product_attention (any-order certificate)"),
     Engine("dense", "exact", FLOATS, None, MASKS, MASKS, True,
@@ -103,7 +108,7 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "engines.naive.feature_attention", "chunked torch feature engine (autograd)", causal_tile=64),
 )}
 
-EXACT_ORDER = ("sdpa", "dense", "blockwise")
+EXACT_ORDER = ("flash", "sdpa", "dense", "blockwise")
 FEATURE_ORDER = ("fused", "torch")
 
 

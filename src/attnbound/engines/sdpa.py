@@ -109,15 +109,27 @@ def sdpa_certificate(
     exp_ulps: float = SDPA_EXP_ULPS,
     scale: float = 0.0,
     eps: float | None = None,
+    sum_terms: int | None = None,
+    log_extra: float = 0.0,
 ) -> Certificate:
     """The rounding bound of exact attention by SDPA in ``compute_dtype``, for any summation order and
     any key blocking of at most ``key_blocks`` blocks (default n_k: any); ``scale`` is the softmax scale s
-    (it charges subnormal products). See the module docstring."""
+    (it charges subnormal products). See the module docstring.
+
+    For a kernel of known order (:mod:`attnbound.engines.flash`): ``key_blocks`` is the number of
+    exponentials on any weight's path, ``sum_terms`` the longest path of separate roundings of a numerator or
+    denominator term (default n_k + key_blocks + 4: any order), and ``log_extra`` a further shared relative
+    perturbation of the weights, as a logarithm (added to λ)."""
     if not isinstance(n_k, int) or n_k < 1:
         raise ValueError(f"n_k must be a positive int, got {n_k!r}")
     blocks = n_k if key_blocks is None else key_blocks
     if not isinstance(blocks, int) or not 1 <= blocks <= n_k:
         raise ValueError(f"key_blocks must be an int in [1, n_k={n_k}], got {key_blocks!r}")
+    m = n_k + blocks + 4 if sum_terms is None else sum_terms
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"sum_terms must be a positive int, got {sum_terms!r}")
+    if not (log_extra >= 0.0 and math.isfinite(log_extra)):
+        raise ValueError(f"log_extra must be finite and >= 0, got {log_extra!r}")
     if not (exp_ulps >= 0 and math.isfinite(exp_ulps)):
         raise ValueError(f"exp_ulps must be finite and >= 0, got {exp_ulps!r}")
     u = unit_roundoff(compute_dtype)
@@ -132,12 +144,12 @@ def sdpa_certificate(
         else:
             span, far = cut, 4.0 * math.exp(-FAR_MARGIN) * max_abs_value
     s_eff = 2.0 * abs(scale) if kind == "l2" else abs(scale)
-    lam = g_logit * (L + span) + 4.0 * s_eff * (d + 2) * tiny * u + 3.0 * u * (2.0 * L + span)
+    lam = g_logit * (L + span) + 4.0 * s_eff * (d + 2) * tiny * u + 3.0 * u * (2.0 * L + span) + log_extra
     e_exp = 2.0 * exp_ulps * u
     log_growth = lam + blocks * math.log1p(e_exp)
     eta = math.expm1(log_growth) if log_growth < 700.0 else math.inf
     approx = output_bound(eta, value_range)
-    g = _gamma(n_k + blocks + 4, u)
+    g = _gamma(m, u)
     sums = (2.0 * g / (1.0 - g) + 3.0 * u) if g < 0.5 else math.inf
     subnormal = 12.0 * n_k * (blocks + 2) * tiny * max_abs_value if eta <= 0.5 else math.inf
     cast = unit_roundoff(out_dtype) if out_dtype != compute_dtype else 0.0
