@@ -15,8 +15,8 @@ PLAIN = Request("features", "cpu", F64)  # what the fused kernels take: float64 
 
 # ---------------------------------------------------------------- the records
 def test_the_records_and_their_order():
-    assert EXACT_ORDER == ("sdpa", "dense", "blockwise") and FEATURE_ORDER == ("fused", "torch")
-    assert {n: e.computes for n, e in ENGINES.items()} == {"sdpa": "exact", "dense": "exact", "blockwise": "exact",
+    assert EXACT_ORDER == ("flash", "sdpa", "dense", "blockwise") and FEATURE_ORDER == ("fused", "torch")
+    assert {n: e.computes for n, e in ENGINES.items()} == {"flash": "exact", "sdpa": "exact", "dense": "exact", "blockwise": "exact",
                                                             "fused": "features", "torch": "features"}
     assert ENGINES["fused"].not_supported_reasons(PLAIN) == []
     assert choose(PLAIN) == ("fused", {})
@@ -66,12 +66,14 @@ def test_fused_declines_when_its_runtime_is_unavailable(monkeypatch):
 
 # ---------------------------------------------------------------- choose() for exact requests
 def test_choose_exact_takes_sdpa_on_cpu_and_dense_elsewhere_with_the_reason():
-    assert choose(Request("exact", "cpu", torch.float32)) == ("sdpa", {})
-    assert choose(Request("exact", "cpu", F64, "float", causal=True, requires_grad=True)) == ("sdpa", {})
+    assert choose(Request("exact", "cpu", torch.float32)) == ("flash", {})
+    assert choose(Request("exact", "cpu", torch.float32, "bool", causal=True, requires_grad=True)) == ("flash", {})
+    name, passed = choose(Request("exact", "cpu", F64, "float", causal=True, requires_grad=True))
+    assert name == "sdpa" and passed == {"flash": ["dtype float64 (takes float32)"]}
     name, passed = choose(Request("exact", "cuda", torch.float32))
-    assert name == "dense" and passed == {"sdpa": ["device cuda (runs on cpu)"]}
-    name, passed = choose(Request("exact", "cpu", torch.float16))  # SDPA is asked for float32/float64 compute only
-    assert name == "dense" and list(passed) == ["sdpa"] and "dtype float16" in passed["sdpa"][0]
+    assert name == "dense" and passed == {"flash": ["device cuda (runs on cpu)"], "sdpa": ["device cuda (runs on cpu)"]}
+    name, passed = choose(Request("exact", "cpu", torch.float16))  # asked for float32/float64 compute only
+    assert name == "dense" and list(passed) == ["flash", "sdpa"] and "dtype float16" in passed["sdpa"][0]
     assert choose(Request("exact", "cuda", torch.float32), ("blockwise",)) == ("blockwise", {})
 
 
@@ -83,7 +85,7 @@ def _qkv(n=64, d=8, dtype=torch.float32, seed=0, scale=0.1):
 
 def test_certificate_engine_of_exact_methods():
     q, k, v = _qkv()
-    assert attnbound.attention(q, k, v, return_certificate=True)[1].engine == "sdpa"
+    assert attnbound.attention(q, k, v, return_certificate=True)[1].engine == "flash"
     assert attnbound.attention(q, k, v, method="blockwise", return_certificate=True)[1].engine == "blockwise"
     assert attnbound.attention(q, k, v, method="dense", return_certificate=True)[1].engine == "dense"
     # float64, n = 1024: SDPA's any-order bound (~1e-11) misses eps = 2e-12, the dense kernel's (~3e-13) meets it
@@ -117,8 +119,9 @@ def test_plan_candidates_name_their_engine_and_why_faster_ones_were_passed_over(
     p = attnbound.plan(4096, 4096, 64, 64, 1.0, 1e-3, out_dtype=torch.float32)
     assert all(c.engine for c in p.candidates)
     exact, features = p.candidates[0], p.candidates[1:]
-    # float32 output, eps = 1e-3: SDPA's any-order bound (float64 compute) meets it, nothing passed over
-    assert exact.engine == "sdpa" and exact.rejected == {} and exact.error_bound <= 1e-3
+    # float32 output, eps = 1e-3: the flash engine's pinned-order float32 bound meets it, nothing passed over
+    assert exact.engine == "flash (4 chunks of 1024)" and exact.rejected == {} and exact.error_bound <= 1e-3
+    assert exact.certificate.compute_dtype == "float32"
     assert features and {c.engine for c in features} == {"fused"} and all(c.rejected == {} for c in features)
     # float64 output, eps below SDPA's any-order bound: the dense kernel, with SDPA's reason
     p = attnbound.plan(4096, 4096, 64, 64, 1.0, 1e-11, out_dtype=F64)
@@ -126,15 +129,17 @@ def test_plan_candidates_name_their_engine_and_why_faster_ones_were_passed_over(
     assert exact.engine in ("dense", "blockwise") and exact.certified
     (why,) = exact.rejected["sdpa"]
     assert "any-order bound" in why and "> eps=1e-11" in why
+    assert exact.rejected["flash"][0] == "dtype float64 (takes float32)"
     assert p.choice is exact
 
 
 def test_plan_passes_over_engines_that_cannot_take_the_device_or_gradients():
     p = attnbound.plan(4096, 4096, 64, 64, 1.0, 1e-3, out_dtype=torch.float32, device="cuda")
-    assert p.candidates[0].engine == "dense" and p.candidates[0].rejected == {"sdpa": ["device cuda (runs on cpu)"]}
+    assert p.candidates[0].engine == "dense" and p.candidates[0].rejected == {
+        "flash": ["device cuda (runs on cpu)"], "sdpa": ["device cuda (runs on cpu)"]}
     assert all(c.engine == "torch" and c.rejected == {"fused": ["device cuda (runs on cpu)"]}
                for c in p.candidates[1:])
     p = attnbound.plan(4096, 4096, 64, 64, 1.0, 1e-3, out_dtype=torch.float32, requires_grad=True)
-    assert p.candidates[0].engine == "sdpa"
+    assert p.candidates[0].engine.startswith("flash")
     assert all(c.engine == "torch" and c.rejected == {"fused": ["requires_grad (no backward)"]}
                for c in p.candidates[1:])

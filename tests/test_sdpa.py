@@ -124,12 +124,13 @@ def test_exact_error_within_the_sdpa_bound_on_adversarial_inputs(dtype, kind, ca
 
 
 def test_exact_dispatches_to_sdpa_and_carries_its_certificate(rng):
-    q, k, v = (torch.randn(1, 3, 200, 8, generator=rng) for _ in range(3))
+    # float64 inputs: SDPA (the flash engine takes float32 compute only)
+    q, k, v = (torch.randn(1, 3, 200, 8, generator=rng, dtype=torch.float64) for _ in range(3))
     out, cert = attnbound.attention(q, k, v, return_certificate=True)
     st = attnbound.stats.input_stats(q, k, v)
     s = 1 / math.sqrt(8)
     want = sdpa_candidate(kind="softmax", logit_bound=st.logit_bound(s, "softmax"), mask_span=0.0, d=8, n_k=200,
-                          value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=torch.float32,
+                          value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=torch.float64,
                           eps=None, scale=s)
     assert cert == want
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v).clamp(-st.max_abs_value, st.max_abs_value))
