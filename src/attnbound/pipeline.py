@@ -122,7 +122,7 @@ def _check_degree_options(opts: Options) -> None:
 
 def validate(q, k, v, attn_mask, opts: Options) -> Checked:
     """Check every argument (naming it) before anything large is allocated; normalise the mask."""
-    batch = val.check_qkv(q, k, v, is_causal=opts.is_causal)
+    batch = val.check_qkv(q, k, v, is_causal=opts.is_causal, finite=False)  # NaN/Inf: in the statistics pass
     val.check_choice("kind", opts.kind, val.KINDS)
     val.check_choice("method", opts.method, val.METHODS)
     val.check_positive_int("block_size", opts.block_size)
@@ -170,7 +170,8 @@ def statistics(q, k, v, checked: Checked, opts: Options) -> Call:
     attn_mask, key_mask = checked.attn_mask, None
     if attn_mask is not None and (opts.method in val.FEATURE_METHODS or is_key_padding(attn_mask)):
         key_mask = key_padding(attn_mask)  # raises for a general mask with an approximate method
-    st = input_stats(q, k, v, attn_mask=attn_mask, key_mask=key_mask)
+    st = input_stats(q, k, v, attn_mask=attn_mask, key_mask=key_mask, check_finite=True,
+                     entries=checked.bound is not None)
     if checked.bound is not None:
         for name, top in (("q", st.q_abs), ("k", st.k_abs)):
             if top > checked.bound:

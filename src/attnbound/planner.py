@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pathlib
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
@@ -204,12 +205,23 @@ class Plan:
         return asdict(self)
 
 
+_RAM_READ: list = [-1.0, 0]  # (monotonic time, budget) of the last /proc/meminfo read
+
+
 def default_memory_budget(device: torch.device | str = "cpu") -> int:
-    """Half of the memory available now (RAM, or free GPU memory on CUDA)."""
+    """Half of the memory available now (RAM, read at most every 0.2 s, or free GPU memory on CUDA)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free // 2)
+    now = time.monotonic()
+    if now - _RAM_READ[0] < 0.2:
+        return _RAM_READ[1]
+    _RAM_READ[:] = [now, _ram_budget()]
+    return _RAM_READ[1]
+
+
+def _ram_budget() -> int:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

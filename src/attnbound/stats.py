@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import validation as val
+
 
 @dataclass(frozen=True)
 class InputStats:
     q_norm: float
     k_norm: float
-    q_abs: float
-    k_abs: float
+    q_abs: float | None  # max |q| and max |k| entries; None where not taken (input_stats(entries=False))
+    k_abs: float | None
     value_range: float
     max_abs_value: float
     mask_span: float = 0.0
@@ -157,20 +159,38 @@ def _max_or_zero(x: torch.Tensor) -> float:
 
 
 def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> InputStats:
+                key_mask: torch.Tensor | None = None, check_finite: bool = False,
+                entries: bool = True) -> InputStats:
     """The :class:`InputStats` of one call. ``key_mask`` (..., n_k), if given, says which keys take part;
-    otherwise it is derived from ``attn_mask`` (a key takes part if some row may see it)."""
+    otherwise it is derived from ``attn_mask`` (a key takes part if some row may see it).
+
+    ``check_finite``: raise ValueError naming q, k or v when it holds NaN or Inf — seen at no extra pass, as a
+    NaN or an infinity reaches the row norms of q and k and the column extremes of v (a finite row whose norm
+    overflows is then checked entry by entry). ``entries=False`` skips max|q| and max|k| (``q_abs``, ``k_abs``
+    are then None): only a declared ``bound`` and the records need them, and each costs one more pass."""
     with torch.no_grad():
         keys = key_mask if key_mask is not None else key_participation(attn_mask)
         qd, kd = q.detach(), k.detach()
         kn = row_norms(kd)
-        # only the largest |k| over the keys that take part is used: one aminmax pass without a mask
-        ka = _abs_max(kd) if keys is None else _abs_max_rows(kd)
+        qn = row_norms(qd)
+        if check_finite:
+            for name, x, n in (("q", qd, qn), ("k", kd, kn)):
+                if n.numel() and not math.isfinite(float(n.max())):  # NaN propagates through max
+                    val.check_finite(name, x)
+        ka = None
+        if entries:  # only the largest |k| over the keys that take part is used: one aminmax pass without a mask
+            ka = _abs_max(kd) if keys is None else _abs_max_rows(kd)
         if keys is not None:
             keys = keys.expand(*torch.broadcast_shapes(keys.shape, kn.shape))
             kn = torch.where(keys, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
-            ka = torch.where(keys, ka, torch.zeros((), dtype=ka.dtype, device=ka.device))
+            if ka is not None:
+                ka = torch.where(keys, ka, torch.zeros((), dtype=ka.dtype, device=ka.device))
+            if check_finite:  # values of hidden keys leave the extremes below: check them as given
+                val.check_finite("v", v)
         hi, lo = value_extremes(v, keys)
+        if check_finite and keys is None and hi.numel() and not (math.isfinite(float(hi.max()))
+                                                                  and math.isfinite(float(lo.min()))):
+            val.check_finite("v", v)
         # columns no key takes part in have hi = −inf, lo = +inf: range 0; a range past float64's maximum stays inf
         spread = torch.where(torch.isfinite(hi) & torch.isfinite(lo), hi - lo, torch.zeros_like(hi))
         vmax = torch.maximum(hi.abs(), lo.abs())
@@ -180,12 +200,11 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             shifted = shift_mask(attn_mask, torch.float64)
             finite = shifted[torch.isfinite(shifted)]
             span = float(finite.abs().max()) if finite.numel() else 0.0
-        qn = row_norms(qd)
         return InputStats(
             q_norm=_max_or_zero(qn),
             k_norm=_max_or_zero(kn),
-            q_abs=_abs_max(qd),
-            k_abs=ka if isinstance(ka, float) else _max_or_zero(ka),
+            q_abs=_abs_max(qd) if entries else None,
+            k_abs=None if ka is None else (ka if isinstance(ka, float) else _max_or_zero(ka)),
             value_range=_max_or_zero(spread),
             max_abs_value=_max_or_zero(vmax),
             mask_span=span,

@@ -34,8 +34,18 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_qkv(q, k, v, *, is_causal: bool = False) -> torch.Size:
-    """Validate q (..., n_q, d), k (..., n_k, d), v (..., n_k, d_v); return the broadcast batch shape."""
+def broadcast_shapes(*shapes) -> torch.Size:
+    """torch.broadcast_shapes, without its Python-level work in the common case of equal shapes."""
+    first = tuple(shapes[0])
+    if all(tuple(s) == first for s in shapes[1:]):
+        return torch.Size(first)
+    return torch.broadcast_shapes(*shapes)
+
+
+def check_qkv(q, k, v, *, is_causal: bool = False, finite: bool = True) -> torch.Size:
+    """Validate q (..., n_q, d), k (..., n_k, d), v (..., n_k, d_v); return the broadcast batch shape.
+    ``finite=False`` leaves the NaN/Inf check to the caller's statistics pass
+    (:func:`attnbound.stats.input_stats` with ``check_finite=True``), which sees it at no extra pass."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x)
     if not (q.dtype == k.dtype == v.dtype):
@@ -51,7 +61,7 @@ def check_qkv(q, k, v, *, is_causal: bool = False) -> torch.Size:
     if q.shape[-1] == 0:
         raise ValueError("q and k must have feature dim d >= 1")
     try:
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError as exc:
         raise ValueError(
             f"leading (batch) dims of q {tuple(q.shape[:-2])}, k {tuple(k.shape[:-2])} and "
@@ -61,8 +71,9 @@ def check_qkv(q, k, v, *, is_causal: bool = False) -> torch.Size:
         raise ValueError(
             f"is_causal=True needs as many queries as keys (n_q == n_k), got n_q={q.shape[-2]} and n_k={k.shape[-2]}"
         )
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+    if finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite(name, x)
     return batch
 
 

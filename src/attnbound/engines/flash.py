@@ -64,6 +64,7 @@ import math
 import torch
 
 from ..certificate import Certificate, underflow_unit
+from ..validation import broadcast_shapes
 from .sdpa import _fold, _fold_mask, sdpa_certificate
 
 PINNED_KV_SPLIT = {"2.13": 512}  # torch version (major.minor) -> the kernel's key block for float32
@@ -222,7 +223,7 @@ def flash_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: 
     :func:`attnbound.engines.sdpa.sdpa_attention`; autograd through the kernel's backward."""
     if q.dtype != torch.float32:
         raise TypeError(f"q: flash_attention computes in float32, got {q.dtype}")
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     n_q = q.shape[-2]
     s = float(scale)
     if kind == "l2":  # the key-shift identity as one more feature column, as in engines.sdpa
@@ -240,5 +241,8 @@ def flash_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: 
         mask = _fold_mask(attn_mask, batch)
         mask = torch.where(mask, 0.0, -math.inf).to(q.dtype) if mask.dtype == torch.bool else mask.to(q.dtype)
     qf, kf, vf = _fold(q, batch), _fold(k, batch), _fold(v, batch)
-    out = _FlashChunks.apply(qf, kf, vf, mask, bool(is_causal), s, int(chunk))
+    if torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad or vf.requires_grad):
+        out = _FlashChunks.apply(qf, kf, vf, mask, bool(is_causal), s, int(chunk))
+    else:  # no graph to record: the forward alone
+        out = _chunks(qf, kf, vf, mask, bool(is_causal), s, int(chunk))[0]
     return out[..., :d_v].reshape(*batch, n_q, d_v)
