@@ -56,9 +56,16 @@ def normalised(x: torch.Tensor, a: float) -> torch.Tensor:
     return x.to(torch.float64, copy=True).mul_(a)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """x fills its storage exactly (a permutation of a dense buffer, as a kernel's transposed output): no entry
+    is shared, so it can be written in place."""
+    return x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size() \
+        and all(st > 0 for st, sz in zip(x.stride(), x.shape) if sz > 1)
+
+
 def finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype, *, fresh: bool = False) -> torch.Tensor:
     """Cast to the output dtype, inside [−max|v|, max|v|] where every exact output lies; in place when
     ``fresh`` says ``out`` is this call's own result (never an input) and autograd does not record it."""
-    if fresh and not out.requires_grad and out.is_contiguous():
+    if fresh and not out.requires_grad and (out.is_contiguous() or _dense(out)):
         return out.clamp_(-max_abs_value, max_abs_value).to(dtype)
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)

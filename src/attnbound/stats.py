@@ -73,9 +73,10 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     u32 = 2.0**-24
     up32 = 1.0 + (d + 2) * u32 / (1.0 - (d + 2) * u32) + d * 2.0**-50
     fast32 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-    ok = (fast32 >= 1e-10) & (fast32 <= 1e15)
-    out = fast32.double() * up32
-    if not bool(ok.all()):
+    out = fast32.double().mul_(up32)
+    lo, hi = (float(e) for e in torch.aminmax(fast32))  # one reduction decides (NaN fails both tests)
+    if not (lo >= 1e-10 and hi <= 1e15):
+        ok = (fast32 >= 1e-10) & (fast32 <= 1e15)
         out[~ok] = _row_norms64(x[~ok])
     return out
 
@@ -188,13 +189,18 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             if check_finite:  # values of hidden keys leave the extremes below: check them as given
                 val.check_finite("v", v)
         hi, lo = value_extremes(v, keys)
-        if check_finite and keys is None and hi.numel() and not (math.isfinite(float(hi.max()))
-                                                                  and math.isfinite(float(lo.min()))):
-            val.check_finite("v", v)
-        # columns no key takes part in have hi = −inf, lo = +inf: range 0; a range past float64's maximum stays inf
-        spread = torch.where(torch.isfinite(hi) & torch.isfinite(lo), hi - lo, torch.zeros_like(hi))
-        vmax = torch.maximum(hi.abs(), lo.abs())
-        vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
+        top, bottom = (float(hi.max()), float(lo.min())) if hi.numel() else (0.0, 0.0)
+        if keys is None and math.isfinite(top) and math.isfinite(bottom):  # every column seen, all finite
+            value_range, max_abs_value = float((hi - lo).max()), max(abs(top), abs(bottom))
+        else:
+            if check_finite and keys is None:
+                val.check_finite("v", v)
+            # columns no key takes part in have hi = −inf, lo = +inf: range 0; a range past float64's maximum
+            # stays inf
+            spread = torch.where(torch.isfinite(hi) & torch.isfinite(lo), hi - lo, torch.zeros_like(hi))
+            vmax = torch.maximum(hi.abs(), lo.abs())
+            vmax = torch.where(torch.isfinite(vmax), vmax, torch.zeros_like(vmax))
+            value_range, max_abs_value = _max_or_zero(spread), _max_or_zero(vmax)
         span = 0.0
         if attn_mask is not None and attn_mask.is_floating_point():
             shifted = shift_mask(attn_mask, torch.float64)
@@ -205,8 +211,8 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             k_norm=_max_or_zero(kn),
             q_abs=_abs_max(qd) if entries else None,
             k_abs=None if ka is None else (ka if isinstance(ka, float) else _max_or_zero(ka)),
-            value_range=_max_or_zero(spread),
-            max_abs_value=_max_or_zero(vmax),
+            value_range=value_range,
+            max_abs_value=max_abs_value,
             mask_span=span,
             rows=(qn, kn),
         )

@@ -188,10 +188,8 @@ def _chunks(q, k, v, mask, is_causal: bool, scale: float, chunk: int):
     n_q, n_k = q.shape[-2], k.shape[-2]
     if n_k <= chunk:
         out, lse = op(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-        return out.contiguous(), lse
-    shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), n_q)
-    acc = torch.zeros(*shape, v.shape[-1], dtype=q.dtype, device=q.device)
-    run = torch.full(shape, -math.inf, dtype=torch.float64, device=q.device)
+        return out, lse
+    acc = run = None
     minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
     for c0 in range(0, n_k, chunk):
         r0 = c0 if is_causal else 0
@@ -206,12 +204,16 @@ def _chunks(q, k, v, mask, is_causal: bool, scale: float, chunk: int):
         if mc is not None:
             alive = _alive(mc if mc.shape[-2] > 1 else mc.expand(*mc.shape[:-2], n_q - r0, mc.shape[-1]), is_causal)
             lse = torch.where(alive, lse, minus_inf)
+        if acc is None:  # the first chunk covers every row (r0 = 0); the accumulator keeps the kernel's layout
+            acc, run = o, lse
+            continue
         old = run[..., r0:]
         new = torch.logaddexp(old, lse)
         empty = torch.isneginf(new)
         a = torch.where(empty, 1.0, torch.exp(old - new)).to(q.dtype).unsqueeze(-1)
         b = torch.where(empty, 0.0, torch.exp(lse - new)).to(q.dtype).unsqueeze(-1)
-        acc[..., r0:, :] = acc[..., r0:, :] * a + o * b
+        part = acc[..., r0:, :]
+        part.mul_(a).addcmul_(o, b)  # acc·fl(a) + fl(o·fl(b)): three roundings per chunk, in place
         run[..., r0:] = new
     return acc, torch.where(torch.isneginf(run), 0.0, run).to(torch.float32)
 
