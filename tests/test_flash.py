@@ -152,7 +152,7 @@ def test_gqa_and_l2_and_half_inputs_through_attention():
     out, cert = attnbound.attention(q, k, v, enable_gqa=True, is_causal=True, return_certificate=True)
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     err = max_error(out, long_double_attention(q, kk, vv, scale=0.25, is_causal=True))
-    assert cert.engine == "flash (2 chunks of 1024)" and err <= cert.output_error_bound
+    assert cert.engine == "flash" and err <= cert.output_error_bound
     out, cert = attnbound.attention(q, kk, vv, kind="l2", scale=0.05, return_certificate=True)
     err = max_error(out, long_double_attention(q, kk, vv, scale=0.05, kind="l2"))
     assert cert.engine.startswith("flash") and err <= cert.output_error_bound
@@ -221,7 +221,7 @@ def test_the_bound_on_gaussian_heads_meets_the_issue_target():
     L = 11.0 * 11.0 / 8.0  # s·max‖q‖·max‖k‖ for 2^14 Gaussian rows of 64
     c = flash_certificate(kind="softmax", logit_bound=L, d=d, n_k=n, value_range=9.0, max_abs_value=4.5,
                           out_dtype=torch.float32, scale=1 / 8)
-    assert c.output_error_bound <= 3e-3 and c.engine == "flash (16 chunks of 1024)"
+    assert c.output_error_bound <= 3e-3 and c.engine == "flash (8 chunks of 2048)"
 
 
 # ---------------------------------------------------------------- gradients, and the per-call choice
@@ -242,17 +242,19 @@ def test_gradients_through_the_kernel_backward_match_float64(causal):
 
 def test_eps_picks_the_smaller_chunk_then_sdpa_float64():
     g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(2, 3000, 64, generator=g) for _ in range(3))
-    _, c1024 = attnbound.attention(q, k, v, return_certificate=True)
-    assert c1024.engine == "flash (3 chunks of 1024)"
+    q, k, v = (torch.randn(2, 5000, 64, generator=g) for _ in range(3))
     st = attnbound.stats.input_stats(q, k, v)
-    c512, chunk = flash_candidate(kind="softmax", logit_bound=st.logit_bound(0.125, "softmax"), mask_span=0.0, d=64,
-                                  n_k=3000, value_range=st.value_range, max_abs_value=st.max_abs_value,
-                                  out_dtype=torch.float32, eps=c1024.output_error_bound * 0.999, scale=0.125)
-    assert chunk == 512 and c512.output_error_bound < c1024.output_error_bound
-    _, c = attnbound.attention(q, k, v, eps=c1024.output_error_bound * 0.999, return_certificate=True)
-    assert c.engine == "flash (6 chunks of 512)" and c == c512
-    _, c = attnbound.attention(q, k, v, eps=c512.output_error_bound / 2, return_certificate=True)
+    common = dict(kind="softmax", logit_bound=st.logit_bound(0.125, "softmax"), mask_span=0.0, d=64, n_k=5000,
+                  value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=torch.float32, scale=0.125)
+    _, c = attnbound.attention(q, k, v, return_certificate=True)
+    assert c.engine == "flash (3 chunks of 2048)" and c == flash_candidate(eps=None, **common)[0]
+    for chunk, name in ((1024, "flash (5 chunks of 1024)"), (512, "flash (10 chunks of 512)")):
+        eps = c.output_error_bound * 0.999  # just below the larger chunk's bound: the next chunk size
+        nxt, size = flash_candidate(eps=eps, **common)
+        assert size == chunk and nxt.output_error_bound < c.output_error_bound
+        _, c = attnbound.attention(q, k, v, eps=eps, return_certificate=True)
+        assert c.engine == name and c == nxt
+    _, c = attnbound.attention(q, k, v, eps=c.output_error_bound / 2, return_certificate=True)
     assert c.engine == "sdpa" and c.compute_dtype == "float64"
     p = attnbound.plan(3000, 3000, 64, 64, 1.0, 1e-6, out_dtype=torch.float32)  # below float32's sums term
     (why,) = p.candidates[0].rejected["flash"]

@@ -120,7 +120,7 @@ def test_plan_candidates_name_their_engine_and_why_faster_ones_were_passed_over(
     assert all(c.engine for c in p.candidates)
     exact, features = p.candidates[0], p.candidates[1:]
     # float32 output, eps = 1e-3: the flash engine's pinned-order float32 bound meets it, nothing passed over
-    assert exact.engine == "flash (4 chunks of 1024)" and exact.rejected == {} and exact.error_bound <= 1e-3
+    assert exact.engine == "flash (2 chunks of 2048)" and exact.rejected == {} and exact.error_bound <= 1e-3
     assert exact.certificate.compute_dtype == "float32"
     assert features and {c.engine for c in features} == {"fused"} and all(c.rejected == {} for c in features)
     # float64 output, eps below SDPA's any-order bound: the dense kernel, with SDPA's reason

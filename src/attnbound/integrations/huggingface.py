@@ -16,8 +16,11 @@ The function follows the interface's contract (transformers ≥ 4.53): it is cal
 tensors ``(batch, heads, n, head_dim)`` and returns ``(output, None)`` with output
 ``(batch, n_q, heads, head_dim)``, like ``sdpa_attention_forward``.
 
-Each head is one :func:`attnbound.attention` call, so each head gets its own radius, degree
-and certificate (a model-wide radius would be the largest head's). Boolean masks whose rows
+Exact methods, and ``auto`` wherever it runs exact (every head of a model outside the bounded regime),
+take all heads of a layer in one :func:`attnbound.attention` call (grouped-query heads by broadcasting),
+whose certificate covers every head. Where ``auto`` picks an approximation, and for the fixed
+approximate methods, each head is its own call, so each head gets its own radius, degree and
+certificate (a model-wide radius would be the largest head's). Boolean masks whose rows
 are all equal are passed on as key-padding masks, which the approximate methods accept; a
 causal-plus-padding mask becomes ``is_causal`` plus key padding. Any other mask runs exact
 under ``method="auto"`` and raises for a fixed approximate method.
@@ -32,8 +35,8 @@ cache itself. For a constant-size certified state instead of the KV cache, see
 :mod:`attnbound.integrations.hf_decoding` (a transformers ``Cache`` of
 :class:`attnbound.decoding.DecodingState` s, used through ``generate(past_key_values=...)``).
 
-Cost: that of :func:`attnbound.attention` per head, plus O(batch·heads·n·d) for the
-per-head statistics each record carries (B, R, value range).
+Cost: that of :func:`attnbound.attention` over the layer's heads, plus one O(batch·heads·n·d) pass for
+the per-head statistics each record carries (B, R, value range).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .. import validation as val
 from ..api import attention
 from ..certificate import Certificate
 from ..eager import eager_only
-from ..stats import input_stats
+from ..stats import row_norms
 
 EXACT = val.EXACT_METHODS
 
@@ -177,16 +180,36 @@ def split_mask(mask: torch.Tensor | None, n_q: int, n_k: int):
     return None
 
 
-def _head_record(layer, head, q, k, v, key_mask, scale, cert) -> HeadRecord:
-    """The record of one head (q, k, v: (B, n, d)), from the same statistics the certificates use."""
-    keep = None
-    if key_mask is not None:
-        keep = key_mask.reshape(key_mask.shape[0], -1)[:, -k.shape[-2]:].expand(k.shape[0], -1)
-    st = input_stats(q, k, v, key_mask=keep)
-    longest = int(keep.sum(-1).max()) if keep is not None else k.shape[-2]
-    return HeadRecord(layer=layer, head=head, n_q=q.shape[-2], n_k=longest, scale=scale,
-                      max_entry=max(st.q_abs, st.k_abs), radius=st.radius(scale, "softmax")[0],
-                      value_range=st.value_range, max_abs_value=st.max_abs_value, certificate=cert)
+def _head_stats(query, key, value, key_pad, scale: float) -> list[tuple[float, float, float, float]]:
+    """(max_entry, radius, value_range, max_abs_value) of each query head, from one batched pass over each
+    tensor: the quantities :func:`attnbound.stats.input_stats` takes of one head's q, k, v (keys masked out
+    by ``key_pad`` (B, 1|H_kv, 1, n_k) excluded), with the same rounded-up norms."""
+    with torch.no_grad():
+        n_heads, n_kv = query.shape[1], key.shape[1]
+        keep = None
+        if key_pad is not None:
+            keep = key_pad[..., 0, -key.shape[-2]:].expand(key.shape[0], n_kv, key.shape[-2])  # (B, H_kv, n_k)
+        qn = row_norms(query).amax(dim=(0, 2))  # (H,)
+        kn = row_norms(key)
+        q_abs = torch.maximum(-query.detach().amin(dim=(0, 2, 3)), query.detach().amax(dim=(0, 2, 3))).double()
+        kd, vd = key.detach(), value.detach()
+        if keep is not None:
+            kn = torch.where(keep, kn, torch.zeros((), dtype=kn.dtype))
+            kd = torch.where(keep.unsqueeze(-1), kd, torch.zeros((), dtype=kd.dtype))
+            inf = torch.tensor(math.inf, dtype=vd.dtype)
+            hi = torch.where(keep.unsqueeze(-1), vd, -inf).amax(dim=(0, 2)).double()
+            lo = torch.where(keep.unsqueeze(-1), vd, inf).amin(dim=(0, 2)).double()
+        else:
+            hi, lo = vd.amax(dim=(0, 2)).double(), vd.amin(dim=(0, 2)).double()
+        kn = kn.amax(dim=(0, 2))
+        k_abs = torch.maximum(-kd.amin(dim=(0, 2, 3)), kd.amax(dim=(0, 2, 3))).double()
+        seen = torch.isfinite(hi) & torch.isfinite(lo)
+        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1)
+        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1)
+        group = n_heads // n_kv
+        cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
+        return [(max(cols[2][h], cols[3][h // group]), scale * cols[0][h] * cols[1][h // group],
+                 cols[4][h // group], cols[5][h // group]) for h in range(n_heads)]
 
 
 def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
@@ -209,6 +232,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
         causal = causal and n_q > 1 and attention_mask is None
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         split = split_mask(attention_mask, n_q, n_k)
+        longest = n_k
         if split is None:
             if method not in EXACT + ("auto",):
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is neither key padding nor "
@@ -217,28 +241,32 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
         else:
             key_pad, mask_causal = split
             head_mask, head_causal = key_pad, causal or mask_causal
-        outs = []
-        if method in EXACT:
-            out, cert = attention(query, key, value, scale=scale, is_causal=head_causal, attn_mask=head_mask,
-                                  method=method, eps=eps, enable_gqa=group > 1, return_certificate=True, **options)
-            outs = list(out.unbind(1))
+            if key_pad is not None:
+                longest = int(key_pad.reshape(key_pad.shape[0], -1)[:, -n_k:].sum(-1).max())
+        common = dict(scale=scale, is_causal=head_causal, method=method, eps=eps, return_certificate=True, **options)
+        out = cert = None
+        if method in EXACT + ("auto",):  # all heads in one call; auto keeps it where it runs exact
+            out, cert = attention(query, key, value, attn_mask=head_mask, enable_gqa=group > 1, **common)
+            if method == "auto" and cert.method != "exact":  # approximations: each head its own radius, degree
+                out = cert = None
+        if out is not None:
             certs = [cert] * n_heads  # one rounding bound covering every head of the call
         else:
-            certs = []
+            outs, certs = [], []
             for h in range(n_heads):
                 m = head_mask
                 if m is not None and m.dim() == 4:
                     m = m[:, h if m.shape[1] > 1 else 0]
-                o, c = attention(query[:, h], key[:, h // group], value[:, h // group], scale=scale,
-                                 is_causal=head_causal,
-                                 attn_mask=m, method=method, eps=eps, return_certificate=True, **options)
+                o, c = attention(query[:, h], key[:, h // group], value[:, h // group], attn_mask=m, **common)
                 outs.append(o)
                 certs.append(c)
+            out = torch.stack(outs, dim=1)
         layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
-        records = [_head_record(layer, h, query[:, h], key[:, h // group], value[:, h // group],
-                                key_pad[:, h if key_pad.shape[1] > 1 else 0] if key_pad is not None else None, scale,
-                                certs[h]) for h in range(n_heads)]
-        out = torch.stack(outs, dim=2).contiguous()
+        stats = _head_stats(query, key, value, key_pad, scale)
+        records = [HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b, radius=r,
+                              value_range=vr, max_abs_value=mv, certificate=certs[h])
+                   for h, (b, r, vr, mv) in enumerate(stats)]
+        out = out.transpose(1, 2).contiguous()
         log.add(records)  # every head computed: commit
         return out, None
 
