@@ -195,3 +195,57 @@ def test_contract_holds_everywhere(kind, mask, causal, dtype, method, n, radius,
         assert "eps" in str(exc) and "eps" in kw, exc
         return
     check_contract(out, cert, q, k, v, kind=kind, is_causal=causal, attn_mask=attn_mask, eps=kw.get("eps"))
+
+
+# ---------------------------------------------------------------- auto's shortcut past the feature plan
+def _auto_call(q, k, v, eps, **opts):
+    from attnbound import pipeline
+
+    o = pipeline.Options(method="auto", eps=eps, **opts)
+    checked = pipeline.validate(q, k, v, None, o)
+    return pipeline, pipeline.statistics(q, k, v, checked, o), o
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_radius_floor_is_below_every_variant(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, d = 60 + 7 * seed, 4 + seed
+    q = torch.randn(2, n, d, generator=g, dtype=F64) * (0.2 + seed) + 3.0 * (seed % 2)  # offsets: centring helps
+    k = torch.randn(2, n, d, generator=g, dtype=F64) * (0.3 + seed)
+    k[0, :5] *= 20.0  # a few heavy keys
+    pipeline, call, o = _auto_call(q, k, q, 1e-3)
+    floor = pipeline._radius_floor(call, None)
+    vs = pipeline.variants(call, None, None, auto=True)
+    assert floor is not None and floor > 0.0 and len(vs) >= 1
+    assert all(floor <= var.radius for var, _ in vs), (floor, [var.radius for var, _ in vs])
+    # with every centring and heavy count forced, too
+    for centre in (False, True):
+        for heavy in (0, 2, 8):
+            (var, _), = pipeline.variants(call, centre, heavy, auto=True)
+            assert floor <= var.radius
+
+
+def test_the_shortcut_only_skips_plans_whose_choice_is_exact():
+    # Gaussian d = 64 heads: no variant can win, the shortcut runs exact at once, and the full plan agrees
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 1024, 64, generator=g) for _ in range(3))
+    pipeline, call, o = _auto_call(q, k, v, 1e-2)
+    assert [t.method for t in pipeline.tries(call, o)] == ["exact"]
+    vs = pipeline.variants(call, None, None, auto=True)
+    st = call.stats
+    p = plan(1024, 1024, 64, 64, vs[0][0].radius, 1e-2, batch=4, value_range=st.value_range,
+             max_abs_value=st.max_abs_value, out_dtype=torch.float32, logit_bound=st.logit_bound(0.125, "softmax"),
+             scale=0.125, variants=[x for x, _ in vs])
+    assert p.choice.method == "exact"
+    # a bounded, long input must still reach the feature families (the shortcut must say it cannot decide)
+    q, k, v = (torch.randn(1, 8192, 4, generator=g, dtype=F64) * 0.3 for _ in range(3))
+    pipeline, call, o = _auto_call(q, k, v, 1e-3)
+    floor = pipeline._radius_floor(call, None)
+    assert floor is not None
+    assert not pipeline.features_cannot_win(8192, 8192, 4, 4, floor, 1e-3, False, batch=1, kind="softmax",
+                                            value_range=call.stats.value_range,
+                                            max_abs_value=call.stats.max_abs_value, out_dtype=F64,
+                                            logit_bound=call.stats.logit_bound(0.5, "softmax"), scale=0.5,
+                                            mask_span=0.0, memory_budget=call.budget, requires_grad=False)
+    _, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, return_certificate=True)
+    assert cert.method != "exact"

@@ -29,7 +29,7 @@ from . import validation as val
 from .centring import Split, splits
 from .certificate import Certificate, CertificateMiss, _gamma
 from .families import choose_certificate, family, fixed_degree
-from .planner import CostModel, Variant, default_memory_budget, plan
+from .planner import CostModel, Variant, default_memory_budget, features_cannot_win, plan
 from .run import Call, run_exact, run_features
 from .stats import InputStats, input_stats, key_participation
 
@@ -212,7 +212,7 @@ def variants(call: Call, centre: bool | None, heavy: int | None, *, auto: bool) 
                  Split(None, None, None, None, st.q_norm, st.k_norm))]
     n_tokens = min(call.q.shape[-2], call.k.shape[-2])
     centres_ = [centre] if centre is not None else ([False, True] if auto else [False])
-    heavies = [heavy] if heavy is not None else ([0, 2, 8] if auto else [0])
+    heavies = [heavy] if heavy is not None else ([0, 2, HEAVY_MOST] if auto else [0])
     out = []
     for c in centres_:
         hs = sorted({min(h, n_tokens - 1) for h in heavies})  # at least one light token is left
@@ -251,6 +251,34 @@ def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
     return s * st.k_norm * st.k_norm if kind == "l2" else None  # (× not **: inf, not OverflowError)
 
 
+HEAVY_MOST = 8  # the most heavy tokens ``auto`` weighs (variants)
+
+
+def _radius_floor(call: Call, heavy: int | None) -> float | None:
+    """A lower bound on the radius of every variant :func:`variants` can build, or None (not known cheaply:
+    a declared bound, a mask, no per-row norms, too few rows). For any centre c, max_i ‖q_i − c‖ ≥
+    (max_i ‖q_i‖ − min_i ‖q_i‖)/2; with any h rows set aside (h ≤ the most heavy tokens weighed) the rest
+    still span from the (h+1)-th largest row norm to the (h+1)-th smallest; the same for k; the radius is
+    s_eff times the two maxima (over batch entries). The row norms are rounded up by a factor ≤ (1 + γ)² with
+    γ ≤ (d + 3)·2^-24 (:func:`attnbound.stats.row_norms`), so the larger one is first shrunk by that much."""
+    rows = call.stats.rows
+    if call.bound is not None or call.key_mask is not None or call.attn_mask is not None or rows is None:
+        return None
+    shrink = 1.0 - 2.0 * (call.q.shape[-1] + 3) * 2.0**-23
+    if shrink <= 0.0:
+        return None
+    half = []
+    for norms in rows:
+        n = norms.shape[-1]
+        j = max(HEAVY_MOST, heavy or 0)
+        if n <= 2 * j + 1:
+            return None
+        top = torch.topk(norms, j + 1, dim=-1).values[..., j]
+        low = torch.topk(norms, j + 1, dim=-1, largest=False).values[..., j]
+        half.append(max(float((top * shrink - low).max()), 0.0) / 2.0)
+    return call.s_eff * half[0] * half[1]
+
+
 def tries(call: Call, opts: Options) -> list[Try]:
     """The runs to attempt, in order (see the module docstring)."""
     if opts.method in val.EXACT_METHODS:
@@ -278,8 +306,15 @@ def _auto_tries(call: Call, opts: Options) -> list[Try]:
     st, logit = call.stats, call.stats.logit_bound(call.scale, call.kind)
     if (call.attn_mask is not None and call.key_mask is None) or not math.isfinite(logit):
         return [Try("exact")]  # only exact methods take general masks; logits beyond float64: exact says so
-    vs = variants(call, opts.centre, opts.heavy, auto=True)
     q, k, v = call.q, call.k, call.v
+    floor = _radius_floor(call, opts.heavy)
+    if floor is not None and features_cannot_win(
+            q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], floor, call.eps, call.is_causal,
+            batch=call.batch_numel, kind=call.kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
+            out_dtype=q.dtype, logit_bound=logit, scale=call.scale, mask_span=st.mask_span, memory_budget=call.budget,
+            requires_grad=call.requires_grad, cost_model=opts.cost_model, device=q.device):
+        return [Try("exact")]
+    vs = variants(call, opts.centre, opts.heavy, auto=True)
     p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], vs[0][0].radius, call.eps, call.is_causal,
              batch=call.batch_numel, kind=call.kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
              memory_budget=call.budget, requires_grad=call.requires_grad, cost_model=opts.cost_model,

@@ -447,6 +447,34 @@ def _feature_candidates(shape: _Shape, cm: CostModel, budget: int, var: Variant,
     return out
 
 
+def features_cannot_win(n_q: int, n_k: int, d: int, d_v: int, radius_floor: float, eps: float, is_causal: bool, *,
+                        batch: int, kind: str, value_range: float, max_abs_value: float, out_dtype: torch.dtype,
+                        logit_bound: float, scale: float, mask_span: float, memory_budget: int,
+                        requires_grad: bool, cost_model: CostModel | None = None, device="cpu") -> bool:
+    """True when no feature candidate of any variant could be :func:`plan`'s choice, so ``auto`` may run
+    exact without planning the variants: exact is certified and fits, and every family's every degree
+    predicted faster than exact misses eps (and eps/2 in its approximation term) even at ``radius_floor``,
+    a lower bound on every variant's radius, without per-key weights or heavy-pair rounding (each only adds
+    error; every family's bound grows with the radius). A planning shortcut: it decides which runs are
+    tried, never a certificate."""
+    shape = _Shape(batch, n_q, n_k, d, d_v, is_causal, kind, str(torch.device(device).type), requires_grad)
+    cm = cost_model or default_cost_model()
+    exact = _exact_candidate(shape, cm, memory_budget, eps=eps, logit_bound=float(logit_bound), mask_span=mask_span,
+                             scale=scale, value_range=value_range, max_abs_value=max_abs_value, out_dtype=out_dtype)
+    if not (exact.certified and exact.fits_memory):
+        return False
+    for fam in FAMILIES.values():
+        for g in fam.degrees():
+            if cm.feature_seconds(batch, n_q, n_k, d, d_v, g, is_causal) >= exact.seconds:
+                break  # this degree and every higher one is slower than exact
+            cert = degree_certificate(fam.name, radius_floor, g, d=d, n_k=n_k, value_range=value_range,
+                                      max_abs_value=max_abs_value, kind=kind, radius_source="data",
+                                      out_dtype=out_dtype, eps=eps)
+            if cert.output_error_bound <= eps or (cert.eta < 1.0 and cert.approximation_bound <= eps / 2.0):
+                return False
+    return True
+
+
 def _nothing_certified(exact: Candidate, eps: float, budget: int, radius: float, max_abs_value: float,
                        out_dtype: torch.dtype) -> str:
     dtype_why = dtype_eps_reason(max_abs_value, eps, out_dtype)
