@@ -249,3 +249,17 @@ def test_the_shortcut_only_skips_plans_whose_choice_is_exact():
                                             mask_span=0.0, memory_budget=call.budget, requires_grad=False)
     _, cert = attnbound.attention(q, k, v, method="auto", eps=1e-3, return_certificate=True)
     assert cert.method != "exact"
+
+
+def test_the_radius_floor_is_tight_on_rows_along_their_centre():
+    # rows c + t·ĉ, t evenly spaced in [−1, 1]: centred, the radius is max|t| = half the spread of the norms,
+    # so the floor must use half the spread (a floor of the whole spread would exceed the centred radius)
+    n, d = 101, 3
+    t = torch.linspace(-1.0, 1.0, n, dtype=F64).unsqueeze(-1)
+    c = torch.tensor([3.0, 4.0, 0.0], dtype=F64)
+    q = c + t * c / 5.0
+    k = 2.0 * c + 2.0 * t * c / 5.0
+    pipeline, call, o = _auto_call(q.unsqueeze(0), k.unsqueeze(0), q.unsqueeze(0), 1e-3)
+    floor = pipeline._radius_floor(call, None)
+    (centred, _), = pipeline.variants(call, True, 8, auto=True)  # the 8 rows of largest |t| set aside
+    assert floor <= centred.radius <= 1.25 * floor  # (the floor allows all 8 set aside at one end)
