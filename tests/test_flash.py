@@ -259,3 +259,50 @@ def test_eps_picks_the_smaller_chunk_then_sdpa_float64():
     p = attnbound.plan(3000, 3000, 64, 64, 1.0, 1e-6, out_dtype=torch.float32)  # below float32's sums term
     (why,) = p.candidates[0].rejected["flash"]
     assert why.startswith("its pinned-order float32 bound") and why.endswith("> eps=1e-06")
+
+
+# ---------------------------------------------------------------- layouts and masks the raw kernel misreads
+def test_inputs_whose_rows_are_not_contiguous():
+    # the operator reads each row as contiguous: transposed, column-major and fused-QKV views are copied first
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(8, 4, generator=g)
+    k = torch.randn(1, 4, 600, generator=g).transpose(-1, -2)
+    v = torch.randn(4, 600, generator=g).t()
+    qkv = torch.randn(2, 2100, 3, 8, 3, generator=g)  # (B, n, H, d, 3) unbound into q, k, v
+    for qq, kk, vv in ((q, k, v), tuple(x.permute(0, 2, 1, 3) for x in qkv.unbind(-1))):
+        out, cert = attnbound.attention(qq, kk, vv, return_certificate=True)
+        assert cert.engine.startswith("flash")
+        err = max_error(out, long_double_attention(qq, kk, vv, scale=1 / math.sqrt(qq.shape[-1])))
+        assert err <= cert.output_error_bound and err < 1e-5
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k.contiguous(), v.contiguous()))
+    kt = kk.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) ≠ 1
+    gq, = torch.autograd.grad(attnbound.attention(qq, kt, vv).sum(), qq)
+    q64 = q.double().requires_grad_()
+    want, = torch.autograd.grad(dense_attention(q64, k.double(), v.double(), scale=0.5).sum(), q64)
+    assert (gq.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(), (1, 1), (4, 1)])
+def test_a_mask_broadcast_over_keys_reaches_every_chunk(shape):
+    g = torch.Generator().manual_seed(22)
+    q, k, v = torch.randn(4, 8, generator=g), torch.randn(2049, 8, generator=g), torch.randn(2049, 3, generator=g)
+    k[2048], v[2048] = 3.0 * q[0], 5.0  # the one key of the second chunk dominates row 0
+    mask = torch.ones(shape, dtype=torch.bool)
+    out, cert = attnbound.attention(q, k, v, attn_mask=mask, return_certificate=True)
+    assert cert.engine == "flash (2 chunks of 2048)"
+    assert max_error(out, long_double_attention(q, k, v, scale=1 / math.sqrt(8))) <= cert.output_error_bound
+
+
+def test_a_mask_that_needs_a_gradient_is_left_to_sdpa():
+    g = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(6, 5, 4, generator=g) for _ in range(3))
+    b = torch.randn(6, 5, 5, generator=g).requires_grad_()
+    out, cert = attnbound.attention(q, k, v, attn_mask=b, return_certificate=True)
+    assert cert.engine == "sdpa"
+    gb, = torch.autograd.grad(out.sum(), b)
+    b64 = b.detach().double().requires_grad_()
+    want, = torch.autograd.grad(dense_attention(q.double(), k.double(), v.double(), scale=0.5,
+                                                attn_mask=b64).sum(), b64)
+    assert (gb.double() - want).abs().max() < 1e-5
+    with torch.no_grad():  # no graph: the flash engine again
+        assert attnbound.attention(q, k, v, attn_mask=b, return_certificate=True)[1].engine == "flash"

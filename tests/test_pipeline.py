@@ -263,3 +263,28 @@ def test_the_radius_floor_is_tight_on_rows_along_their_centre():
     floor = pipeline._radius_floor(call, None)
     (centred, _), = pipeline.variants(call, True, 8, auto=True)  # the 8 rows of largest |t| set aside
     assert floor <= centred.radius <= 1.25 * floor  # (the floor allows all 8 set aside at one end)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_radius_floor_with_key_padding_counts_only_the_keys_that_take_part(seed):
+    g = torch.Generator().manual_seed(40 + seed)
+    # rows along their centre c (|c| = 5): centred, the keys' radius is ~0.2·(1 + seed), far below the spread
+    # of their norms once the hidden keys (norm 0) are counted
+    c = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0, 0.0], dtype=F64)
+    q = c + torch.rand(3, 50, 1, generator=g, dtype=F64).mul(2).sub(1) * c / 5.0
+    k = c + torch.rand(3, 50, 1, generator=g, dtype=F64).mul(2).sub(1) * c * (0.04 * (1 + seed))
+    pad = torch.rand(3, 50, generator=g) > 0.3
+    pad[2, 10:] = False  # a batch entry with too few keys to count
+    k[~pad] = 0.0  # hidden keys: norm 0, which must not widen the spread
+    from attnbound import pipeline
+
+    o = pipeline.Options(method="auto", eps=1e-3)
+    mask = pad[:, None, :]
+    checked = pipeline.validate(q, k, q, mask, o)
+    call = pipeline.statistics(q, k, q, checked, o)
+    floor = pipeline._radius_floor(call, None)
+    assert floor is not None and floor > 0.0
+    for centre in (False, True):
+        for heavy in (0, 2, 8):
+            (var, _), = pipeline.variants(call, centre, heavy, auto=True)
+            assert floor <= var.radius, (centre, heavy, floor, var.radius)

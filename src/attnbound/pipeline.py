@@ -256,26 +256,34 @@ HEAVY_MOST = 8  # the most heavy tokens ``auto`` weighs (variants)
 
 def _radius_floor(call: Call, heavy: int | None) -> float | None:
     """A lower bound on the radius of every variant :func:`variants` can build, or None (not known cheaply:
-    a declared bound, a mask, no per-row norms, too few rows). For any centre c, max_i ‖q_i − c‖ ≥
+    a declared bound, a general mask, no per-row norms). For any centre c, max_i ‖q_i − c‖ ≥
     (max_i ‖q_i‖ − min_i ‖q_i‖)/2; with any h rows set aside (h ≤ the most heavy tokens weighed) the rest
-    still span from the (h+1)-th largest row norm to the (h+1)-th smallest; the same for k; the radius is
-    s_eff times the two maxima (over batch entries). The row norms are rounded up by a factor ≤ (1 + γ)² with
-    γ ≤ (d + 3)·2^-24 (:func:`attnbound.stats.row_norms`), so the larger one is first shrunk by that much."""
+    still span from the (h+1)-th largest row norm to the (h+1)-th smallest; the same for the keys that take
+    part (a batch entry with too few counts 0); the radius is s_eff times the two maxima over batch entries.
+    The row norms are rounded up by a factor ≤ (1 + γ)² with γ ≤ (d + 3)·2^-24
+    (:func:`attnbound.stats.row_norms`), so the larger one is first shrunk by that much."""
     rows = call.stats.rows
-    if call.bound is not None or call.key_mask is not None or call.attn_mask is not None or rows is None:
+    if call.bound is not None or (call.attn_mask is not None and call.key_mask is None) or rows is None:
         return None
     shrink = 1.0 - 2.0 * (call.q.shape[-1] + 3) * 2.0**-23
     if shrink <= 0.0:
         return None
+    j = max(HEAVY_MOST, heavy or 0)
     half = []
-    for norms in rows:
+    for norms, keys in ((rows[0], None), (rows[1], call.key_mask)):
         n = norms.shape[-1]
-        j = max(HEAVY_MOST, heavy or 0)
         if n <= 2 * j + 1:
             return None
-        top = torch.topk(norms, j + 1, dim=-1).values[..., j]
-        low = torch.topk(norms, j + 1, dim=-1, largest=False).values[..., j]
-        half.append(max(float((top * shrink - low).max()), 0.0) / 2.0)
+        top = torch.topk(norms, j + 1, dim=-1).values[..., j]  # hidden keys hold norm 0: never above
+        if keys is None:
+            low = torch.topk(norms, j + 1, dim=-1, largest=False).values[..., j]
+            ok = torch.ones_like(top, dtype=torch.bool)
+        else:
+            keys = keys.expand(norms.shape)
+            low = torch.topk(torch.where(keys, norms, math.inf), j + 1, dim=-1, largest=False).values[..., j]
+            ok = keys.sum(-1) > 2 * j + 1
+        spread = torch.where(ok, top * shrink - low, 0.0)
+        half.append(max(float(spread.max()), 0.0) / 2.0)
     return call.s_eff * half[0] * half[1]
 
 

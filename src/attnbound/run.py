@@ -112,6 +112,8 @@ def flash_choice(call: Call, logit: float, norms: float) -> tuple[tuple[Certific
     why = registry.ENGINES["flash"].not_supported_reasons(req)
     if why:
         return (fc, chunk), why
+    if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
+        why.append("attn_mask requires grad (the kernel's backward gives no mask gradient)")
     if max(logit, norms) * 8.0 > float(torch.finfo(torch.float32).max):
         why.append("its float32 logits could overflow")
     if call.eps is not None and not fc.output_error_bound <= call.eps:

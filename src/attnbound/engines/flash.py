@@ -243,8 +243,12 @@ def flash_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: 
     mask = None
     if attn_mask is not None:
         mask = _fold_mask(attn_mask, batch)
+        mask = mask.expand(*mask.shape[:-1], k.shape[-2])  # a key dim of 1 must still slice into chunks
         mask = torch.where(mask, 0.0, -math.inf).to(q.dtype) if mask.dtype == torch.bool else mask.to(q.dtype)
-    qf, kf, vf = _fold(q, batch), _fold(k, batch), _fold(v, batch)
+    # the raw kernel reads each row as contiguous: a last dim with stride ≠ 1 (a transposed k, a column-major
+    # or fused-QKV view) is copied first (the public SDPA checks this; the operator does not)
+    qf, kf, vf = (x if x.stride(-1) == 1 else x.contiguous() for x in (_fold(q, batch), _fold(k, batch),
+                                                                       _fold(v, batch)))
     if torch.is_grad_enabled() and (qf.requires_grad or kf.requires_grad or vf.requires_grad):
         out = _FlashChunks.apply(qf, kf, vf, mask, bool(is_causal), s, int(chunk))
     else:  # no graph to record: the forward alone
