@@ -178,8 +178,7 @@ def _by_hand(L, d, n_k, rng_v, max_v, C, K, scale=0.0):
     G = -(-n_k // C)
     B = -(-C // K)
     tiny = 2.0 ** -126
-    nu = 0.0 if G == 1 else (2 * U * (math.log(C) + 1) + U * (1 + U) * (2 * L + math.log(C) + 1)
-                             + 16 * U64 * G * (2 * L + math.log(n_k) + 2))
+    nu = 0.0 if G == 1 else 2 * U * (math.log(C) + 1) + U * (1 + U) * (2 * L + math.log(C) + 1)
     lam = _gamma(d + 10) * L + 4 * scale * (d + 2) * tiny * U + 3 * U * 2 * L + nu
     eta = math.exp(lam) * (1 + 2 * SDPA_EXP_ULPS * U) ** B - 1
     m = C + B + 4 + (3 * G if G > 1 else 0)
@@ -188,7 +187,8 @@ def _by_hand(L, d, n_k, rng_v, max_v, C, K, scale=0.0):
     sub = 12 * n_k * (B + 2) * tiny * max_v
     under = (n_k + B + 2) * underflow_unit(torch.float32)
     combine = (3 * G * tiny * max_v + G * (B + 5) * underflow_unit(torch.float32)) if G > 1 else 0.0
-    return eta / (1 - eta) * rng_v + sums * max_v + sub + under + combine
+    nu64 = 16 * U64 * G * (2 * L + math.log(n_k) + 2) if G > 1 else 0.0
+    return eta / (1 - eta) * rng_v + sums * max_v + sub + under + combine + 2 * math.expm1(nu64) * max_v
 
 
 @pytest.mark.parametrize("L, d, n_k, rng_v, max_v, C, K", [

@@ -262,3 +262,25 @@ def test_plain_split_from_the_statistics_rows_equals_a_recomputed_one():
         for x, y in ((a[h].heavy_k, b[h].heavy_k), (a[h].heavy_q, b[h].heavy_q)):
             assert (x is None and y is None) or torch.equal(x, y)
     assert 7 not in b[2].heavy_k[1].tolist()  # the masked key is never heavy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_input_is_refused_before_any_row_is_recomputed(monkeypatch, dtype):
+    # the norms see a NaN at no extra pass; the refusal must come before the per-row float64 recomputation
+    # (which allocates in proportion to the bad rows)
+    import attnbound
+    from attnbound import stats
+
+    def boom(x, **kw):
+        raise AssertionError("recomputed rows of a NaN input")
+
+    q = torch.randn(2, 300, 8, dtype=dtype)
+    q[1, 5:200] = float("nan")
+    k, v = torch.randn(2, 40, 8, dtype=dtype), torch.randn(2, 40, 8, dtype=dtype)
+    if dtype == torch.float32:  # (float64 rows are recomputed inside _row_norms64, after its own check)
+        monkeypatch.setattr(stats, "_row_norms64", boom)
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        attnbound.attention(q, k, v)
+    k[0, 3, 2] = float("inf")
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        attnbound.attention(torch.randn(2, 300, 8, dtype=dtype), k, v)

@@ -57,7 +57,7 @@ class InputStats:
         return s_eff * self.q_norm * self.k_norm, "data"
 
 
-def row_norms(x: torch.Tensor) -> torch.Tensor:
+def row_norms(x: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
     """‖x_i‖₂ of each row as float64, at least the real-number norm of the row.
 
     Float32 and half inputs are first reduced in float32 (no float64 copy of x). With u = 2^-24 the
@@ -65,29 +65,36 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     up to squares below float32's smallest normal (each lost square is < 2^-126, i.e. a relative
     d·2^-126/‖x‖² < d·2^-59 once ‖x‖ ≥ 1e-10); rounding up by 1 + γ_{d+2} + d·2^-50 covers both, and
     norms in [1e-10, 1e15] keep every square inside float32's range. The rows outside that range (and
-    float64 inputs) take :func:`_row_norms64`, only those rows."""
+    float64 inputs) take :func:`_row_norms64`, only those rows.
+
+    ``name``: first raise ValueError naming x when it holds NaN or Inf (seen in the norms at no extra pass;
+    decided before any recomputation allocates)."""
     d = x.shape[-1]
     x = x.detach()
     if x.dtype == torch.float64 or x.numel() == 0:
-        return _row_norms64(x)
+        return _row_norms64(x, name=name)
     u32 = 2.0**-24
     up32 = 1.0 + (d + 2) * u32 / (1.0 - (d + 2) * u32) + d * 2.0**-50
     fast32 = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
     out = fast32.double().mul_(up32)
     lo, hi = (float(e) for e in torch.aminmax(fast32))  # one reduction decides (NaN fails both tests)
+    if name is not None and not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf entry, or an overflow
+        val.check_finite(name, x)
     if not (lo >= 1e-10 and hi <= 1e15):
         ok = (fast32 >= 1e-10) & (fast32 <= 1e15)
         out[~ok] = _row_norms64(x[~ok])
     return out
 
 
-def _row_norms64(x: torch.Tensor) -> torch.Tensor:
+def _row_norms64(x: torch.Tensor, *, name: str | None = None) -> torch.Tensor:
     """Row norms reduced in float64 and rounded up by (1 + γ_{d+2}), u = 2^-53; rows whose norm leaves about
     [1e-140, 1e140] (squares that could underflow or overflow, exact zeros) are scaled by their largest
     entry first, like BLAS nrm2, and a row holding ±inf has norm inf."""
     d = x.shape[-1]
     up = 1.0 + (d + 2) * 2.0**-53 / (1.0 - (d + 2) * 2.0**-53)
     fast = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+    if name is not None and fast.numel() and not all(math.isfinite(float(e)) for e in torch.aminmax(fast)):
+        val.check_finite(name, x)
     ok = (fast > 1e-140) & (fast < 1e140)
     out = fast * up
     if fast.numel() == 0 or bool(ok.all()):
@@ -172,12 +179,8 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
     with torch.no_grad():
         keys = key_mask if key_mask is not None else key_participation(attn_mask)
         qd, kd = q.detach(), k.detach()
-        kn = row_norms(kd)
-        qn = row_norms(qd)
-        if check_finite:
-            for name, x, n in (("q", qd, qn), ("k", kd, kn)):
-                if n.numel() and not math.isfinite(float(n.max())):  # NaN propagates through max
-                    val.check_finite(name, x)
+        qn = row_norms(qd, name="q" if check_finite else None)
+        kn = row_norms(kd, name="k" if check_finite else None)
         ka = None
         if entries:  # only the largest |k| over the keys that take part is used: one aminmax pass without a mask
             ka = _abs_max(kd) if keys is None else _abs_max_rows(kd)
@@ -191,7 +194,7 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
         hi, lo = value_extremes(v, keys)
         top, bottom = (float(hi.max()), float(lo.min())) if hi.numel() else (0.0, 0.0)
         if keys is None and math.isfinite(top) and math.isfinite(bottom):  # every column seen, all finite
-            value_range, max_abs_value = float((hi - lo).max()), max(abs(top), abs(bottom))
+            value_range, max_abs_value = _max_or_zero(hi - lo), max(abs(top), abs(bottom))
         else:
             if check_finite and keys is None:
                 val.check_finite("v", v)

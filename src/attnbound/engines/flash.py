@@ -42,12 +42,15 @@ all keys: chunk c's output is N̂_c/D̂_c and e^{l̂_c} = e^{m_c}·D̂_c·e^{δ_
 with w_j the exact weights. The shared factors — logit and exponential errors η (as in the SDPA model,
 with ⌈C/K⌉ exponentials per weight path) and the log-sum-exp's rounding |δ| ≤ ν — move the output by
 ≤ η'/(1 − η')·range with 1 + η' = (1 + η)·e^ν; ν ≤ 2u(ln C + 1) + u(1 + u)(2L + T + ln C + 1) (std::log to
-1 ulp, one addition; |l_c| ≤ 2L + T + ln C + 1 for chunks with a near key) plus the float64 combine,
-16·u₆₄·G·(2L + T + ln n_k + 2). The separate factors have paths of ≤ C + ⌈C/K⌉ + 4 roundings inside a
+1 ulp, one addition; |l_c| ≤ 2L + T + ln C + 1 for chunks with a near key). The float64 combine's own
+rounding, ν₆₄ ≤ 16·u₆₄·G·(2L + T + ln n_k + 2), leaves its factors summing to 1 only within e^{±ν₆₄}: a
+numerator-only perturbation, charged as 2(e^{ν₆₄} − 1)·max|v|. The separate factors have paths of ≤ C + ⌈C/K⌉ + 4 roundings inside a
 chunk and 3 per chunk in the combine (the float32 factor's cast, the product, the addition), so
 γ_m with m = C + ⌈C/K⌉ + 3G + 4 moves the output by ≤ (2γ_m/(1 − γ_m) + 3u)·max|v|. The subnormal and
 far-key terms are :func:`attnbound.engines.sdpa.sdpa_certificate`'s, plus ≤ 3G·tiny·max|v| from factors
-that underflow float32 in the combine. At G = 1 this is the SDPA certificate with ⌈n_k/K⌉ blocks.
+that underflow float32 in the combine. At G = 1 this is the SDPA certificate with ⌈n_k/K⌉ blocks. The
+bound grows with n_k only through the combine's 3G roundings: on Gaussian d = 64 heads ≈ 1.9·10^{−3} at
+n_k = 2^14, 2.3·10^{−3} at 2^16, 3.3·10^{−3} at 2^20 (C = 2048).
 
 On Gaussian data (d = 64, n = 2^14, float32) the bound is ≈ 1.9·10^{−3} with C = 2048 (1.3·10^{−3} with
 1024, 1.0·10^{−3} with 512) against the any-order bound's 0.41; the true error is ≈ 10^{−7}. A theorem of floating-point arithmetic under the stated model
@@ -56,7 +59,7 @@ kernel, as in :mod:`attnbound.engines.sdpa`).
 
 Cost: the kernel's Θ(b·n_q·n_k·(d + d_v)) plus the combine's Θ(b·n_q·d_v·G), two in-place passes over
 the accumulator per chunk (a few per cent at C = 2048; smaller chunks cost more);
-memory O(b·n_q·(d_v + 2)) beyond the inputs, plus one float copy of a mask chunk at a time.
+memory O(b·n_q·(d_v + 2)) beyond the inputs, plus two float copies of a mask.
 """
 
 from __future__ import annotations
@@ -110,10 +113,11 @@ def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_
     L, T = float(logit_bound), float(mask_span)
     cut = 2.0 * (2.0 * L + 1.0 + math.log(n_k) + 40.0)
     T_near = min(T, cut)
-    nu = 0.0
-    if G > 1:
-        nu = 2.0 * u * (math.log(C) + 1.0) + u * (1.0 + u) * (2.0 * L + T_near + math.log(C) + 1.0) \
-            + 16.0 * U64 * G * (2.0 * L + T_near + math.log(n_k) + 2.0)
+    nu = nu64 = 0.0
+    if G > 1:  # the float32 log-sum-exps' rounding (shared by a chunk's numerator and denominator terms), and
+        # the float64 combine's (its factors need not sum to exactly 1: a numerator-only perturbation)
+        nu = 2.0 * u * (math.log(C) + 1.0) + u * (1.0 + u) * (2.0 * L + T_near + math.log(C) + 1.0)
+        nu64 = 16.0 * U64 * G * (2.0 * L + T_near + math.log(n_k) + 2.0)
     extra = 3 * G if G > 1 else 0
     c = sdpa_certificate(kind=kind, logit_bound=L, d=d, n_k=n_k, value_range=value_range,
                          max_abs_value=max_abs_value, compute_dtype=torch.float32, out_dtype=out_dtype,
@@ -122,7 +126,7 @@ def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_
     # float32 combine factors and products in the subnormal range: absolute errors; each chunk's own rescales
     combine_under = (3.0 * G * float(torch.finfo(torch.float32).tiny) * max_abs_value
                      + G * (blocks + 5) * underflow_unit(torch.float32)) if G > 1 else 0.0
-    bound = c.output_error_bound + combine_under
+    bound = c.output_error_bound + combine_under + 2.0 * math.expm1(nu64) * max_abs_value
     if not math.isfinite(bound):
         bound = math.inf
     return Certificate(method="exact", kind=kind, eta=c.eta, value_range=value_range, max_abs_value=max_abs_value,
@@ -150,11 +154,12 @@ def flash_memory_bytes(batch_numel: int, n_q: int, n_k: int, d: int, d_v: int, *
                        mask_rows: int = 0, threads: int | None = None) -> int:
     """Peak bytes beyond the inputs: the accumulator, one chunk's output and row statistics (float32, at the
     padded head width), the float64 running log-sum-exps, the kernel's per-thread tiles (≤ 256 queries × 512
-    keys, three of them) and a float copy of one mask chunk (``mask_rows`` = rows × batch of the mask)."""
+    keys, three of them) and, with a mask of ``mask_rows`` rows (× its batch), two float copies of it at full
+    key length (the row shift of an additive mask, or a bool mask as 0/−∞; one more per-chunk liveness test)."""
     threads = threads or torch.get_num_threads()
     width = max(d, d_v) + 1
-    return (batch_numel * n_q * (2 * width + 6) + threads * 3 * 256 * 512 + mask_rows * min(chunk, n_k)) * 4 \
-        + batch_numel * n_q * 8
+    return (batch_numel * n_q * (2 * width + 6) + threads * 3 * 256 * 512 + 2 * mask_rows * n_k) * 4 \
+        + mask_rows * min(chunk, n_k) + batch_numel * n_q * 8
 
 
 class _FlashChunks(torch.autograd.Function):
