@@ -336,3 +336,57 @@ def test_head_records_match_per_head_statistics_with_gqa_and_padding(method):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[:, h].double(), k[:, h // 2].double(), v[:, h // 2].double(), attn_mask=pad[:, None, :], scale=0.3)
         assert (out[:, :, h].double() - ref).abs().max() <= rec.certificate.output_error_bound
+
+
+def test_auto_keeps_per_head_choices_and_decides_before_running(monkeypatch):
+    # one head far outside the bounded regime, one inside: per-head auto gives exact and an approximation; the
+    # layer-wide decision must not run (and discard) a batched call first
+    import attnbound.integrations.huggingface as hf
+
+    g = torch.Generator().manual_seed(13)
+    B, n, d = 1, 2048, 4
+    q = torch.randn(B, 2, n, d, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.05]).view(1, 2, 1, 1)
+    k = torch.randn(B, 2, n, d, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.05]).view(1, 2, 1, 1)
+    v = torch.randn(B, 2, n, d, generator=g, dtype=torch.float64)
+    calls = []
+    real = hf.attention
+
+    def counting(q_, *a, **kw):
+        calls.append(tuple(q_.shape))
+        return real(q_, *a, **kw)
+
+    monkeypatch.setattr(hf, "attention", counting)
+    log = CertificateLog(name="per-head", method="auto", eps=1e-3)
+    fn = make_attention_function(log, method="auto", eps=1e-3)
+    out, _ = fn(torch.nn.Module(), q, k, v, None, scaling=0.5)
+    assert calls == [(B, n, d), (B, n, d)]  # two per-head calls, no batched (B, 2, n, d) one
+    methods = [r.certificate.method for r in log.records]
+    assert methods[0] == "exact" and methods[1] != "exact"
+    for h in range(2):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, h], k[:, h], v[:, h], scale=0.5)
+        assert (out[:, :, h] - ref).abs().max() <= log.records[h].certificate.output_error_bound
+
+
+def test_gqa_with_a_key_padding_mask_per_query_head():
+    g = torch.Generator().manual_seed(14)
+    B, H, Hkv, n, d = 2, 4, 2, 30, 8
+    q = torch.randn(B, H, n, d, generator=g)
+    k, v = torch.randn(B, Hkv, n, d, generator=g), torch.randn(B, Hkv, n, d, generator=g)
+    pad = torch.ones(B, H, n, dtype=torch.bool)
+    pad[1, :, -4:] = False
+    pad[0, 3, -9:] = False  # query head 3 sees fewer keys than head 2 (same key/value head)
+    mask = pad[:, :, None, :].expand(B, H, n, n)
+    for method in ("exact", "auto"):
+        log = CertificateLog(name="gqa", method=method, eps=1e-3)
+        out, _ = make_attention_function(log, method=method, eps=1e-3)(torch.nn.Module(), q, k, v, mask,
+                                                                        scaling=0.35)
+        assert [r.head for r in log.records] == list(range(H)) and {r.n_k for r in log.records} == {n}
+        for h in range(H):
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[:, h].double(), k[:, h // 2].double(), v[:, h // 2].double(), attn_mask=pad[:, h, None, :],
+                scale=0.35)
+            assert (out[:, :, h].double() - ref).abs().max() <= log.records[h].certificate.output_error_bound
+        from attnbound.stats import input_stats
+
+        st = input_stats(q[:, 3], k[:, 1], v[:, 1], key_mask=pad[:, 3])
+        assert log.records[3].value_range == st.value_range and log.records[3].max_entry == max(st.q_abs, st.k_abs)

@@ -254,14 +254,15 @@ def _key_log_weight_bound(st: InputStats, s: float, kind: str) -> float | None:
 HEAVY_MOST = 8  # the most heavy tokens ``auto`` weighs (variants)
 
 
-def _radius_floor(call: Call, heavy: int | None) -> float | None:
+def _radius_floor(call: Call, heavy: int | None, heads_dim: int | None = None) -> float | None:
     """A lower bound on the radius of every variant :func:`variants` can build, or None (not known cheaply:
     a declared bound, a general mask, no per-row norms). For any centre c, max_i ‖q_i − c‖ ≥
     (max_i ‖q_i‖ − min_i ‖q_i‖)/2; with any h rows set aside (h ≤ the most heavy tokens weighed) the rest
     still span from the (h+1)-th largest row norm to the (h+1)-th smallest; the same for the keys that take
     part (a batch entry with too few counts 0); the radius is s_eff times the two maxima over batch entries.
     The row norms are rounded up by a factor ≤ (1 + γ)² with γ ≤ (d + 3)·2^-24
-    (:func:`attnbound.stats.row_norms`), so the larger one is first shrunk by that much."""
+    (:func:`attnbound.stats.row_norms`), so the larger one is first shrunk by that much. With ``heads_dim``
+    (a batch dim of q and k holding heads, each to be its own call), the smallest of the heads' floors."""
     rows = call.stats.rows
     if call.bound is not None or (call.attn_mask is not None and call.key_mask is None) or rows is None:
         return None
@@ -282,9 +283,39 @@ def _radius_floor(call: Call, heavy: int | None) -> float | None:
             keys = keys.expand(norms.shape)
             low = torch.topk(torch.where(keys, norms, math.inf), j + 1, dim=-1, largest=False).values[..., j]
             ok = keys.sum(-1) > 2 * j + 1
-        spread = torch.where(ok, top * shrink - low, 0.0)
-        half.append(max(float(spread.max()), 0.0) / 2.0)
-    return call.s_eff * half[0] * half[1]
+        spread = torch.where(ok, top * shrink - low, 0.0).clamp(min=0.0) / 2.0
+        if heads_dim is None:
+            half.append(spread.max())
+        else:  # each head: the largest over its batch entries
+            half.append(spread.movedim(heads_dim, 0).reshape(spread.shape[heads_dim], -1).amax(-1))
+    return call.s_eff * float((half[0] * half[1]).min())
+
+
+def _no_feature_can_win(call: Call, opts: Options, heads_dim: int | None = None) -> bool:
+    """``auto``'s shortcut: True when no variant's feature run could be the plan's choice (see
+    :func:`attnbound.planner.features_cannot_win`), decided from the radius floor without the variants (with
+    ``heads_dim``: for any one head of that batch dim run on its own)."""
+    st, q, k, v = call.stats, call.q, call.k, call.v
+    floor = _radius_floor(call, opts.heavy, heads_dim)
+    return floor is not None and features_cannot_win(
+        q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], floor, call.eps, call.is_causal,
+        batch=call.batch_numel, kind=call.kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
+        out_dtype=q.dtype, logit_bound=st.logit_bound(call.scale, call.kind), scale=call.scale,
+        mask_span=st.mask_span, memory_budget=call.budget, requires_grad=call.requires_grad,
+        cost_model=opts.cost_model, device=q.device)
+
+
+def auto_runs_exact(q, k, v, attn_mask, opts: Options, *, heads_dim: int | None = None) -> bool:
+    """Whether ``auto`` (``opts.method == "auto"``) would try exact alone on these inputs — with ``heads_dim``,
+    on each head of that batch dim run as its own call — decided without the feature plan: a general mask,
+    logits beyond float64, or :func:`_no_feature_can_win`. False means only the full plan can tell. Raises as
+    :func:`attnbound.attention` would for bad input."""
+    checked = validate(q, k, v, attn_mask, opts)
+    call = statistics(q, k, v, checked, opts)
+    if (call.attn_mask is not None and call.key_mask is None) or \
+            not math.isfinite(call.stats.logit_bound(call.scale, call.kind)):
+        return True
+    return _no_feature_can_win(call, opts, heads_dim)
 
 
 def tries(call: Call, opts: Options) -> list[Try]:
@@ -314,14 +345,9 @@ def _auto_tries(call: Call, opts: Options) -> list[Try]:
     st, logit = call.stats, call.stats.logit_bound(call.scale, call.kind)
     if (call.attn_mask is not None and call.key_mask is None) or not math.isfinite(logit):
         return [Try("exact")]  # only exact methods take general masks; logits beyond float64: exact says so
-    q, k, v = call.q, call.k, call.v
-    floor = _radius_floor(call, opts.heavy)
-    if floor is not None and features_cannot_win(
-            q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], floor, call.eps, call.is_causal,
-            batch=call.batch_numel, kind=call.kind, value_range=st.value_range, max_abs_value=st.max_abs_value,
-            out_dtype=q.dtype, logit_bound=logit, scale=call.scale, mask_span=st.mask_span, memory_budget=call.budget,
-            requires_grad=call.requires_grad, cost_model=opts.cost_model, device=q.device):
+    if _no_feature_can_win(call, opts):
         return [Try("exact")]
+    q, k, v = call.q, call.k, call.v
     vs = variants(call, opts.centre, opts.heavy, auto=True)
     p = plan(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], vs[0][0].radius, call.eps, call.is_causal,
              batch=call.batch_numel, kind=call.kind, value_range=st.value_range, max_abs_value=st.max_abs_value,

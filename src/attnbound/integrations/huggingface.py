@@ -16,11 +16,13 @@ The function follows the interface's contract (transformers ≥ 4.53): it is cal
 tensors ``(batch, heads, n, head_dim)`` and returns ``(output, None)`` with output
 ``(batch, n_q, heads, head_dim)``, like ``sdpa_attention_forward``.
 
-Exact methods, and ``auto`` wherever it runs exact (every head of a model outside the bounded regime),
-take all heads of a layer in one :func:`attnbound.attention` call (grouped-query heads by broadcasting),
-whose certificate covers every head. Where ``auto`` picks an approximation, and for the fixed
-approximate methods, each head is its own call, so each head gets its own radius, degree and
-certificate (a model-wide radius would be the largest head's). Boolean masks whose rows
+Exact methods take all heads of a layer in one :func:`attnbound.attention` call (grouped-query heads by
+broadcasting), whose certificate covers every head; so does ``auto`` when it is decided, before anything
+runs, that no head could take an approximation (``attnbound.pipeline.auto_runs_exact``: a lower bound on
+every variant's radius at which every feature run faster than exact misses eps — every head of a model
+outside the bounded regime). Otherwise (and with grouped-query heads or a declared ``bound``) ``auto``,
+like the fixed approximate methods, makes each head its own call, so each head gets its own radius,
+degree and certificate (a model-wide radius would be the largest head's). Boolean masks whose rows
 are all equal are passed on as key-padding masks, which the approximate methods accept; a
 causal-plus-padding mask becomes ``is_causal`` plus key padding. Any other mask runs exact
 under ``method="auto"`` and raises for a fixed approximate method.
@@ -42,7 +44,7 @@ the per-head statistics each record carries (B, R, value range).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -50,9 +52,11 @@ from .. import validation as val
 from ..api import attention
 from ..certificate import Certificate
 from ..eager import eager_only
+from ..pipeline import Options, auto_runs_exact
 from ..stats import row_norms
 
 EXACT = val.EXACT_METHODS
+OPTION_NAMES = {f.name for f in fields(Options)}
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,9 @@ def _head_stats(query, key, value, key_pad, scale: float) -> list[tuple[float, f
     by ``key_pad`` (B, 1|H_kv, 1, n_k) excluded), with the same rounded-up norms."""
     with torch.no_grad():
         n_heads, n_kv = query.shape[1], key.shape[1]
+        if key_pad is not None and key_pad.shape[1] not in (1, n_kv):  # a key mask per query head (GQA)
+            idx = torch.arange(n_heads, device=key.device) // (n_heads // n_kv)
+            key, value, n_kv = key[:, idx], value[:, idx], n_heads
         keep = None
         if key_pad is not None:
             keep = key_pad[..., 0, -key.shape[-2]:].expand(key.shape[0], n_kv, key.shape[-2])  # (B, H_kv, n_k)
@@ -244,13 +251,20 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
             key_pad, mask_causal = split
             head_mask, head_causal = key_pad, causal or mask_causal
             if key_pad is not None:
-                longest = int(key_pad.reshape(key_pad.shape[0], -1)[:, -n_k:].sum(-1).max())
+                longest = int(key_pad[..., 0, -n_k:].sum(-1).max())
         common = dict(scale=scale, is_causal=head_causal, method=method, eps=eps, return_certificate=True, **options)
         out = cert = None
-        if method in EXACT + ("auto",):  # all heads in one call; auto keeps it where it runs exact
-            out, cert = attention(query, key, value, attn_mask=head_mask, enable_gqa=group > 1, **common)
-            if method == "auto" and cert.method != "exact":  # approximations: each head its own radius, degree
-                out = cert = None
+        batched = method in EXACT
+        if method == "auto" and group == 1 and options.get("bound") is None:  # decided before anything runs
+            batched = auto_runs_exact(query, key, value, head_mask,
+                                      Options(method="auto", eps=eps, scale=scale, is_causal=head_causal,
+                                              **{k: v for k, v in options.items() if k in OPTION_NAMES}),
+                                      heads_dim=1)
+        if batched:  # all heads in one call: exact methods, and auto where it can only run exact
+            exact_opts = {k: v for k, v in options.items() if k in ("block_size", "memory_budget")}
+            out, cert = attention(query, key, value, attn_mask=head_mask, enable_gqa=group > 1, scale=scale,
+                                  is_causal=head_causal, method=method if method in EXACT else "exact", eps=eps,
+                                  return_certificate=True, **(options if method in EXACT else exact_opts))
         if out is not None:
             certs = [cert] * n_heads  # one rounding bound covering every head of the call
         else:
@@ -263,8 +277,8 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                 outs.append(o)
                 certs.append(c)
             out = torch.stack(outs, dim=1)
-        layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
         stats = _head_stats(query, key, value, key_pad, scale)
+        layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
         records = [HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b, radius=r,
                               value_range=vr, max_abs_value=mv, certificate=certs[h])
                    for h, (b, r, vr, mv) in enumerate(stats)]
