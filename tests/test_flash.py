@@ -15,10 +15,11 @@ import torch
 import attnbound
 from attnbound.certificate import underflow_unit
 from attnbound.engines import flash
-from attnbound.engines.flash import (DEFAULT_CHUNK, PINNED_KV_SPLIT, flash_attention, flash_candidate,
-                                     flash_certificate, kv_split)
+from attnbound.engines.flash import (DEFAULT_CHUNK, PINNED_KV_SPLIT, combine_depth, flash_attention,
+                                     flash_candidate, flash_certificate, kv_split)
 from attnbound.engines.reference import dense_attention
 from attnbound.engines.sdpa import SDPA_EXP_ULPS, sdpa_certificate
+from attnbound.stats import input_stats
 from reference import long_double_attention, max_error
 
 F64 = torch.float64
@@ -186,7 +187,7 @@ def _by_hand(L, d, n_k, rng_v, max_v, C, K, scale=0.0):
     nu = 0.0 if G == 1 else 2 * U * (math.log(C) + 1) + U * (1 + U) * (2 * L + math.log(C) + 1)
     lam = _gamma(d + 10) * L + 4 * scale * (d + 2) * tiny * U + 3 * U * 2 * L + nu
     eta = math.exp(lam) * (1 + 2 * SDPA_EXP_ULPS * U) ** B - 1
-    m = C + B + 4 + (3 * G if G > 1 else 0)
+    m = C + B + 4 + 6 * (G.bit_length() - 1)  # 3 roundings per merge, 2⌊log₂ G⌋ merges
     g = _gamma(m)
     sums = 2 * g / (1 - g) + 3 * U
     sub = 12 * n_k * (B + 2) * tiny * max_v
@@ -248,12 +249,13 @@ def test_gradients_through_the_kernel_backward_match_float64(causal):
 def test_eps_picks_the_smaller_chunk_then_sdpa_float64():
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(2, 5000, 64, generator=g) for _ in range(3))
-    st = attnbound.stats.input_stats(q, k, v)
+    st = input_stats(q, k, v)
     common = dict(kind="softmax", logit_bound=st.logit_bound(0.125, "softmax"), mask_span=0.0, d=64, n_k=5000,
                   value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=torch.float32, scale=0.125)
     _, c = attnbound.attention(q, k, v, return_certificate=True)
     assert c.engine == "flash (3 chunks of 2048)" and c == flash_candidate(eps=None, **common)[0]
-    for chunk, name in ((1024, "flash (5 chunks of 1024)"), (512, "flash (10 chunks of 512)")):
+    for chunk, name in ((1024, "flash (5 chunks of 1024)"), (512, "flash (10 chunks of 512)"),
+                        (256, "flash (20 chunks of 256)")):
         eps = c.output_error_bound * 0.999  # just below the larger chunk's bound: the next chunk size
         nxt, size = flash_candidate(eps=eps, **common)
         assert size == chunk and nxt.output_error_bound < c.output_error_bound
@@ -311,3 +313,33 @@ def test_a_mask_that_needs_a_gradient_is_left_to_sdpa():
     assert (gb.double() - want).abs().max() < 1e-5
     with torch.no_grad():  # no graph: the flash engine again
         assert attnbound.attention(q, k, v, attn_mask=b, return_certificate=True)[1].engine == "flash"
+
+
+def test_the_combine_tree_depth_counted_by_hand():
+    # a binary counter over G chunks: G = 2: one merge; G = 3: (c0 c1) then c2 merged last: 2 on c2's left
+    # side... at most 2⌊log₂ G⌋ on any path
+    assert [combine_depth(g) for g in (1, 2, 3, 4, 5, 7, 8, 9, 1000)] == [0, 2, 2, 4, 4, 4, 6, 6, 18]
+    for G in range(2, 300):  # simulate the counter: depth of each chunk's path
+        stack = []
+        for c in range(G):
+            part, level = {c: 0}, 0
+            while stack and stack[-1][0] == level:
+                left = stack.pop()[1]
+                part = {i: x + 1 for i, x in {**left, **part}.items()}
+                level += 1
+            stack.append((level, part))
+        part = stack.pop()[1]
+        while stack:
+            part = {i: x + 1 for i, x in {**stack.pop()[1], **part}.items()}
+        assert max(part.values()) <= combine_depth(G), G
+
+
+@pytest.mark.parametrize("n_k", [4097, 5 * 512 + 3, 9 * 512])
+def test_many_chunks_merge_in_a_tree_with_masks_and_causal(n_k):
+    q, k, v = _inputs(n_k, n_k, d=4, d_v=4, seed=n_k, batch=(1,))
+    m = torch.rand(n_k, n_k, generator=torch.Generator().manual_seed(2)) > 0.5
+    m[:, 0] = True
+    for causal in (False, True):
+        ref = dense_attention(q, k, v, scale=0.5, is_causal=causal, attn_mask=m)
+        out = flash_attention(q.float(), k.float(), v.float(), scale=0.5, is_causal=causal, attn_mask=m, chunk=512)
+        assert (out.double() - ref).abs().max() < 2e-5, causal

@@ -23,11 +23,12 @@ for any torch version not in :data:`PINNED_KV_SPLIT` the bound falls back to the
 
 **Chunks.** The running output of one call is a sum of up to c + ⌈c/K⌉ roundings per term (a matrix
 product may add the earlier output first), which at n_k = 2^14 would cost γ_{n_k}·max|v| ≈ 4·10^{−3}. So
-:func:`flash_attention` cuts the keys into chunks of C (default :data:`DEFAULT_CHUNK` = 2048; 1024 or 512
+:func:`flash_attention` cuts the keys into chunks of C (default :data:`DEFAULT_CHUNK` = 2048; 1024, 512 or 256
 when eps asks for more, :data:`CHUNKS`), runs the
-kernel once per chunk, and combines the chunk outputs o_c by their log-sum-exps l_c:
+kernel once per chunk, and combines the partial outputs by their log-sum-exps, two at a time in a binary
+tree (a binary counter over the chunks, so at most ⌊log₂ G⌋ + 1 partial results are held at once):
 
-    R ← logaddexp(R, l_c),   acc ← acc·fl32(e^{R_old − R}) + o_c·fl32(e^{l_c − R})   (R in float64)
+    R = logaddexp(R_a, R_b),   acc = acc_a·fl32(e^{R_a − R}) + acc_b·fl32(e^{R_b − R})   (R in float64)
 
 With causal attention, chunk c (keys [c0, c1)) is asked only of queries c0.. with the kernel's own
 top-left causal mask, which is then exactly the global one; rows that see no key of a chunk (a mask
@@ -45,21 +46,22 @@ with ⌈C/K⌉ exponentials per weight path) and the log-sum-exp's rounding |δ|
 1 ulp, one addition; |l_c| ≤ 2L + T + ln C + 1 for chunks with a near key). The float64 combine's own
 rounding, ν₆₄ ≤ 16·u₆₄·G·(2L + T + ln n_k + 2), leaves its factors summing to 1 only within e^{±ν₆₄}: a
 numerator-only perturbation, charged as 2(e^{ν₆₄} − 1)·max|v|. The separate factors have paths of ≤ C + ⌈C/K⌉ + 4 roundings inside a
-chunk and 3 per chunk in the combine (the float32 factor's cast, the product, the addition), so
-γ_m with m = C + ⌈C/K⌉ + 3G + 4 moves the output by ≤ (2γ_m/(1 − γ_m) + 3u)·max|v|. The subnormal and
+chunk and 3 per merge in the combine (the float32 factor's cast, the product, the addition), at most
+2⌊log₂ G⌋ merges on any path (:func:`combine_depth`), so γ_m with m = C + ⌈C/K⌉ + 6⌊log₂ G⌋ + 4 moves the
+output by ≤ (2γ_m/(1 − γ_m) + 3u)·max|v|. The subnormal and
 far-key terms are :func:`attnbound.engines.sdpa.sdpa_certificate`'s, plus ≤ 3G·tiny·max|v| from factors
 that underflow float32 in the combine. At G = 1 this is the SDPA certificate with ⌈n_k/K⌉ blocks. The
-bound grows with n_k only through the combine's 3G roundings: on Gaussian d = 64 heads ≈ 1.9·10^{−3} at
-n_k = 2^14, 2.3·10^{−3} at 2^16, 3.3·10^{−3} at 2^20 (C = 2048).
+bound grows with n_k only through the combine's 6⌊log₂ G⌋ roundings: on Gaussian d = 64 heads (L ≈ 15)
+≈ 1.88·10^{−3} at n_k = 2^14 and 1.90·10^{−3} at 2^20 (C = 2048); 0.99·10^{−3} to 1.01·10^{−3} with C = 512.
 
 On Gaussian data (d = 64, n = 2^14, float32) the bound is ≈ 1.9·10^{−3} with C = 2048 (1.3·10^{−3} with
 1024, 1.0·10^{−3} with 512) against the any-order bound's 0.41; the true error is ≈ 10^{−7}. A theorem of floating-point arithmetic under the stated model
 of the kernel (its block length pinned, its exponential's 20-ulp accuracy an assumption about torch's
 kernel, as in :mod:`attnbound.engines.sdpa`).
 
-Cost: the kernel's Θ(b·n_q·n_k·(d + d_v)) plus the combine's Θ(b·n_q·d_v·G), two in-place passes over
-the accumulator per chunk (a few per cent at C = 2048; smaller chunks cost more);
-memory O(b·n_q·(d_v + 2)) beyond the inputs, plus two float copies of a mask.
+Cost: the kernel's Θ(b·n_q·n_k·(d + d_v)) plus the combine's Θ(b·n_q·d_v·G), two in-place passes over a
+partial result per merge (a few per cent at C = 2048; smaller chunks cost more); memory
+O(b·n_q·(d_v + 2)·log₂ G) beyond the inputs, plus two float copies of a mask.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def kv_split(version: str | None = None) -> int:
     return PINNED_KV_SPLIT.get(major_minor, 1)
 
 
+def combine_depth(chunks: int) -> int:
+    """Merges on any term's path in the combine of ``chunks`` partial results: a binary counter builds
+    subtrees of depth ≤ ⌊log₂ G⌋, and the final collapse of its ≤ ⌊log₂ G⌋ + 1 subtrees adds at most
+    ⌊log₂ G⌋ more: ≤ 2⌊log₂ G⌋ (0 for one chunk)."""
+    return 2 * (chunks.bit_length() - 1) if chunks > 1 else 0
+
+
 def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_range: float,
                       max_abs_value: float, out_dtype: torch.dtype, mask_span: float = 0.0, scale: float = 0.0,
                       chunk: int = DEFAULT_CHUNK, block: int | None = None, eps: float | None = None
@@ -118,7 +127,7 @@ def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_
         # the float64 combine's (its factors need not sum to exactly 1: a numerator-only perturbation)
         nu = 2.0 * u * (math.log(C) + 1.0) + u * (1.0 + u) * (2.0 * L + T_near + math.log(C) + 1.0)
         nu64 = 16.0 * U64 * G * (2.0 * L + T_near + math.log(n_k) + 2.0)
-    extra = 3 * G if G > 1 else 0
+    extra = 3 * combine_depth(G)
     c = sdpa_certificate(kind=kind, logit_bound=L, d=d, n_k=n_k, value_range=value_range,
                          max_abs_value=max_abs_value, compute_dtype=torch.float32, out_dtype=out_dtype,
                          mask_span=T, key_blocks=blocks, scale=scale, eps=eps,
@@ -134,7 +143,7 @@ def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_
                        compute_dtype="float32", engine="flash" if G == 1 else f"flash ({G} chunks of {C})")
 
 
-CHUNKS = (DEFAULT_CHUNK, 1024, 512)  # tried in order when eps asks for more than the default chunk's bound
+CHUNKS = (DEFAULT_CHUNK, 1024, 512, 256)  # tried in order when eps asks for more than the default chunk's bound
 
 
 def flash_candidate(*, eps: float | None, **common) -> tuple[Certificate, int]:
@@ -152,14 +161,17 @@ def flash_candidate(*, eps: float | None, **common) -> tuple[Certificate, int]:
 
 def flash_memory_bytes(batch_numel: int, n_q: int, n_k: int, d: int, d_v: int, *, chunk: int = DEFAULT_CHUNK,
                        mask_rows: int = 0, threads: int | None = None) -> int:
-    """Peak bytes beyond the inputs: the accumulator, one chunk's output and row statistics (float32, at the
-    padded head width), the float64 running log-sum-exps, the kernel's per-thread tiles (≤ 256 queries × 512
-    keys, three of them) and, with a mask of ``mask_rows`` rows (× its batch), two float copies of it at full
-    key length (the row shift of an additive mask, or a bool mask as 0/−∞; one more per-chunk liveness test)."""
+    """Peak bytes beyond the inputs: the combine's partial results (≤ ⌊log₂ G⌋ + 2 chunk outputs with their
+    row statistics, float32 at the padded head width, log-sum-exps in float64), the kernel's per-thread tiles
+    (≤ 256 queries × 512 keys, three of them) and, with a mask of ``mask_rows`` rows (× its batch), two float
+    copies of it at full key length (the row shift of an additive mask, or a bool mask as 0/−∞; one more
+    per-chunk liveness test)."""
     threads = threads or torch.get_num_threads()
     width = max(d, d_v) + 1
-    return (batch_numel * n_q * (2 * width + 6) + threads * 3 * 256 * 512 + 2 * mask_rows * n_k) * 4 \
-        + mask_rows * min(chunk, n_k) + batch_numel * n_q * 8
+    G = -(-n_k // min(chunk, n_k))
+    parts = G.bit_length() + 1
+    return (batch_numel * n_q * (width + 2) * parts + threads * 3 * 256 * 512 + 2 * mask_rows * n_k) * 4 \
+        + mask_rows * min(chunk, n_k) + batch_numel * n_q * 8 * parts
 
 
 class _FlashChunks(torch.autograd.Function):
@@ -196,8 +208,8 @@ def _chunks(q, k, v, mask, is_causal: bool, scale: float, chunk: int):
     if n_k <= chunk:
         out, lse = op(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
         return out, lse
-    acc = run = None
     minus_inf = torch.tensor(-math.inf, dtype=torch.float64, device=q.device)
+    stack = []  # (level, (r0, out, lse)): partial results over 2^level chunks, levels strictly decreasing
     for c0 in range(0, n_k, chunk):
         r0 = c0 if is_causal else 0
         if r0 >= n_q:
@@ -211,18 +223,31 @@ def _chunks(q, k, v, mask, is_causal: bool, scale: float, chunk: int):
         if mc is not None:
             alive = _alive(mc if mc.shape[-2] > 1 else mc.expand(*mc.shape[:-2], n_q - r0, mc.shape[-1]), is_causal)
             lse = torch.where(alive, lse, minus_inf)
-        if acc is None:  # the first chunk covers every row (r0 = 0); the accumulator keeps the kernel's layout
-            acc, run = o, lse
-            continue
-        old = run[..., r0:]
-        new = torch.logaddexp(old, lse)
-        empty = torch.isneginf(new)
-        a = torch.where(empty, 1.0, torch.exp(old - new)).to(q.dtype).unsqueeze(-1)
-        b = torch.where(empty, 0.0, torch.exp(lse - new)).to(q.dtype).unsqueeze(-1)
-        part = acc[..., r0:, :]
-        part.mul_(a).addcmul_(o, b)  # acc·fl(a) + fl(o·fl(b)): three roundings per chunk, in place
-        run[..., r0:] = new
+        part, level = (r0, o, lse), 0
+        while stack and stack[-1][0] == level:  # a binary counter: merge equal halves, a tree of depth log2 G
+            part, level = _merge(stack.pop()[1], part), level + 1
+        stack.append((level, part))
+    part = stack.pop()[1]
+    while stack:
+        part = _merge(stack.pop()[1], part)
+    _, acc, run = part  # r0 = 0: the first chunk covers every row
     return acc, torch.where(torch.isneginf(run), 0.0, run).to(torch.float32)
+
+
+def _merge(left, right):
+    """Two partial results over consecutive key ranges (rows from r0 on; the right one's r0 ≥ the left one's),
+    combined by their log-sum-exps in the left one's buffers: acc·fl(a) + fl(o·fl(b)), three float32 roundings
+    on each term's path, the factors from float64 log-sum-exps."""
+    (r0, acc, run), (r0b, out_b, run_b) = left, right
+    off = r0b - r0
+    old = run[..., off:]
+    new = torch.logaddexp(old, run_b)
+    empty = torch.isneginf(new)
+    a = torch.where(empty, 1.0, torch.exp(old - new)).to(acc.dtype).unsqueeze(-1)
+    b = torch.where(empty, 0.0, torch.exp(run_b - new)).to(acc.dtype).unsqueeze(-1)
+    acc[..., off:, :].mul_(a).addcmul_(out_b, b)
+    run[..., off:] = new
+    return r0, acc, run
 
 
 def flash_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: bool = False, attn_mask=None,
