@@ -255,7 +255,7 @@ def test_eps_picks_the_smaller_chunk_then_sdpa_float64():
     _, c = attnbound.attention(q, k, v, return_certificate=True)
     assert c.engine == "flash (3 chunks of 2048)" and c == flash_candidate(eps=None, **common)[0]
     for chunk, name in ((1024, "flash (5 chunks of 1024)"), (512, "flash (10 chunks of 512)"),
-                        (256, "flash (20 chunks of 256)")):
+                        (256, "flash (20 chunks of 256)"), (128, "flash (40 chunks of 128)")):
         eps = c.output_error_bound * 0.999  # just below the larger chunk's bound: the next chunk size
         nxt, size = flash_candidate(eps=eps, **common)
         assert size == chunk and nxt.output_error_bound < c.output_error_bound

@@ -23,7 +23,7 @@ for any torch version not in :data:`PINNED_KV_SPLIT` the bound falls back to the
 
 **Chunks.** The running output of one call is a sum of up to c + ⌈c/K⌉ roundings per term (a matrix
 product may add the earlier output first), which at n_k = 2^14 would cost γ_{n_k}·max|v| ≈ 4·10^{−3}. So
-:func:`flash_attention` cuts the keys into chunks of C (default :data:`DEFAULT_CHUNK` = 2048; 1024, 512 or 256
+:func:`flash_attention` cuts the keys into chunks of C (default :data:`DEFAULT_CHUNK` = 2048; 1024, 512, 256 or 128
 when eps asks for more, :data:`CHUNKS`), runs the
 kernel once per chunk, and combines the partial outputs by their log-sum-exps, two at a time in a binary
 tree (a binary counter over the chunks, so at most ⌊log₂ G⌋ + 1 partial results are held at once):
@@ -143,7 +143,7 @@ def flash_certificate(*, kind: str, logit_bound: float, d: int, n_k: int, value_
                        compute_dtype="float32", engine="flash" if G == 1 else f"flash ({G} chunks of {C})")
 
 
-CHUNKS = (DEFAULT_CHUNK, 1024, 512, 256)  # tried in order when eps asks for more than the default chunk's bound
+CHUNKS = (DEFAULT_CHUNK, 1024, 512, 256, 128)  # tried in order when eps asks for more than the default chunk's bound
 
 
 def flash_candidate(*, eps: float | None, **common) -> tuple[Certificate, int]:
