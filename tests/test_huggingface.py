@@ -308,14 +308,16 @@ def test_beam_search_reorders_the_decoding_state(options):
 
 
 @pytest.mark.parametrize("method", ["exact", "auto", "polynomial"])
-def test_head_records_match_per_head_statistics_with_gqa_and_padding(method):
-    # the records' statistics come from one batched pass over all heads; each must equal input_stats of its head
+@pytest.mark.parametrize("Hkv", [2, 4])
+def test_head_records_match_per_head_statistics_with_gqa_and_padding(method, Hkv):
+    # the records' statistics come from one batched pass over all heads (without GQA: the call's own
+    # statistics); each must equal input_stats of its head
     from attnbound.stats import input_stats
 
     g = torch.Generator().manual_seed(12)
-    B, H, Hkv, n, d = 2, 4, 2, 37, 8
+    B, H, n, d = 2, 4, 37, 8
     q = torch.randn(B, H, n, d, generator=g) * torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, H, 1, 1)
-    k = torch.randn(B, Hkv, n, d, generator=g) * torch.tensor([0.2, 0.5]).view(1, Hkv, 1, 1)
+    k = torch.randn(B, Hkv, n, d, generator=g) * torch.tensor([0.2, 0.5, 0.3, 0.6][:Hkv]).view(1, Hkv, 1, 1)
     v = torch.randn(B, Hkv, n, 5, generator=g)
     k[1, :, -3:] = 40.0  # padded keys: huge, and excluded from every statistic
     v[1, :, -3:] = -50.0
@@ -329,12 +331,12 @@ def test_head_records_match_per_head_statistics_with_gqa_and_padding(method):
     assert [r.head for r in log.records] == list(range(H)) and {r.n_k for r in log.records} == {n}
     for rec in log.records:
         h = rec.head
-        st = input_stats(q[:, h], k[:, h // 2], v[:, h // 2], key_mask=pad)
+        st = input_stats(q[:, h], k[:, h * Hkv // H], v[:, h * Hkv // H], key_mask=pad)
         assert rec.max_entry == max(st.q_abs, st.k_abs) and rec.value_range == st.value_range
         assert rec.max_abs_value == st.max_abs_value and rec.radius == pytest.approx(0.3 * st.q_norm * st.k_norm,
                                                                                     rel=1e-15)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q[:, h].double(), k[:, h // 2].double(), v[:, h // 2].double(), attn_mask=pad[:, None, :], scale=0.3)
+            q[:, h].double(), k[:, h * Hkv // H].double(), v[:, h * Hkv // H].double(), attn_mask=pad[:, None, :], scale=0.3)
         assert (out[:, :, h].double() - ref).abs().max() <= rec.certificate.output_error_bound
 
 

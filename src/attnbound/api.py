@@ -81,14 +81,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
                    strict=strict, centre=centre, heavy=heavy)
     if enable_gqa:
         return _grouped(q, k, v, attn_mask, opts, return_certificate)
+    out, cert, _ = run_call(q, k, v, attn_mask, opts)
+    return (out, cert) if return_certificate else out
+
+
+def run_call(q, k, v, attn_mask, opts: Options):
+    """(out, certificate, the validated call with its statistics — None for an empty input): the whole of
+    :func:`attention` without grouped-query heads, for callers that reuse the call's statistics
+    (:mod:`attnbound.integrations.huggingface` builds its per-head records from them)."""
     checked = validate(q, k, v, attn_mask, opts)
     if val.check_empty(q, v, checked.batch):
         out = torch.zeros((*checked.batch, q.shape[-2], v.shape[-1]), dtype=q.dtype, device=q.device)
-        cert = Certificate(method=method, kind=kind, eps=checked.eps)
-    else:
-        call = statistics(q, k, v, checked, opts)
-        out, cert = execute(call, tries(call, opts))
-    return (out, cert) if return_certificate else out
+        return out, Certificate(method=opts.method, kind=opts.kind, eps=checked.eps), None
+    call = statistics(q, k, v, checked, opts)
+    out, cert = execute(call, tries(call, opts))
+    return out, cert, call
 
 
 def _grouped(q, k, v, attn_mask, opts: Options, return_certificate: bool):

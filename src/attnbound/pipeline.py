@@ -177,7 +177,8 @@ def statistics(q, k, v, checked: Checked, opts: Options) -> Call:
             if top > checked.bound:
                 raise ValueError(f"{name} has an entry of magnitude {top:.6g} above the declared bound="
                                  f"{checked.bound:g}")
-    k, v = _drop_hidden_keys(k, v, key_mask if key_mask is not None else key_participation(attn_mask))
+    if not (opts.method in val.EXACT_METHODS and _hidden_logits_safe(st, checked.scale, opts.kind)):
+        k, v = _drop_hidden_keys(k, v, key_mask if key_mask is not None else key_participation(attn_mask))
     return Call(q=q, k=k, v=v, stats=st, scale=checked.scale, kind=opts.kind, is_causal=opts.is_causal,
                 attn_mask=attn_mask, key_mask=key_mask, bound=checked.bound, eps=checked.eps, batch=checked.batch,
                 budget=checked.budget, block_size=opts.block_size, requires_grad=needs_grad(q, k, v))
@@ -185,6 +186,20 @@ def statistics(q, k, v, checked: Checked, opts: Options) -> Call:
 
 def needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+HIDDEN_LOGIT_SAFE = 1e30  # far below float32's 3.4e38: a hidden key's logit stays finite, its weight exactly 0
+
+
+def _hidden_logits_safe(st: InputStats, scale: float, kind: str) -> bool:
+    """Whether the keys no row sees can stay as given for an exact engine: their logits (at most
+    s·max‖q‖·max‖k_hidden‖, ℓ2 s·(max‖q‖ + max‖k_hidden‖)²) are finite in float32, so the mask's −∞ makes
+    their weights exactly 0, and their values are finite (checked), so 0·v = 0 — no copy of k and v."""
+    hk = st.hidden_k_norm
+    if hk == 0.0:
+        return True
+    top = scale * (st.q_norm + hk) * (st.q_norm + hk) if kind == "l2" else scale * st.q_norm * hk
+    return top < HIDDEN_LOGIT_SAFE
 
 
 def _drop_hidden_keys(k, v, keys):

@@ -42,6 +42,10 @@ class InputStats:
     # the per-row norms behind q_norm and k_norm (k: 0 for keys no row sees), kept so later steps of the same
     # call (centring's plain split) need not recompute them; None where only the scalars are known
     rows: tuple | None = field(default=None, compare=False, repr=False)
+    # (hi, lo): per batch entry and value column, the extremes over the keys that take part (±inf where none)
+    columns: tuple | None = field(default=None, compare=False, repr=False)
+    # max ‖k_j‖ over the keys no row sees (0 when every key takes part): how large a hidden logit can be
+    hidden_k_norm: float = field(default=0.0, compare=False)
 
     def logit_bound(self, scale: float, kind: str) -> float:
         """A bound on |logit| of every computed pair (before any mask)."""
@@ -184,8 +188,10 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
         ka = None
         if entries:  # only the largest |k| over the keys that take part is used: one aminmax pass without a mask
             ka = _abs_max(kd) if keys is None else _abs_max_rows(kd)
+        hidden = 0.0
         if keys is not None:
             keys = keys.expand(*torch.broadcast_shapes(keys.shape, kn.shape))
+            hidden = _max_or_zero(torch.where(keys, torch.zeros((), dtype=kn.dtype, device=kn.device), kn))
             kn = torch.where(keys, kn, torch.zeros((), dtype=kn.dtype, device=kn.device))
             if ka is not None:
                 ka = torch.where(keys, ka, torch.zeros((), dtype=ka.dtype, device=ka.device))
@@ -218,6 +224,8 @@ def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask:
             max_abs_value=max_abs_value,
             mask_span=span,
             rows=(qn, kn),
+            columns=(hi, lo),
+            hidden_k_norm=hidden,
         )
 
 

@@ -49,11 +49,11 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .. import validation as val
-from ..api import attention
+from ..api import attention, run_call
 from ..certificate import Certificate
 from ..eager import eager_only
 from ..pipeline import Options, auto_runs_exact
-from ..stats import row_norms
+from ..stats import key_participation, row_norms
 
 EXACT = val.EXACT_METHODS
 OPTION_NAMES = {f.name for f in fields(Options)}
@@ -206,19 +206,44 @@ def _head_stats(query, key, value, key_pad, scale: float) -> list[tuple[float, f
             kn = torch.where(keep, kn, torch.zeros((), dtype=kn.dtype))
             kd = torch.where(keep.unsqueeze(-1), kd, torch.zeros((), dtype=kd.dtype))
             inf = torch.tensor(math.inf, dtype=vd.dtype)
-            hi = torch.where(keep.unsqueeze(-1), vd, -inf).amax(-2).amax(0).double()
-            lo = torch.where(keep.unsqueeze(-1), vd, inf).amin(-2).amin(0).double()
+            hi = torch.where(keep.unsqueeze(-1), vd, -inf).amax(-2).double()
+            lo = torch.where(keep.unsqueeze(-1), vd, inf).amin(-2).double()
         else:
-            hi, lo = vd.amax(-2).amax(0).double(), vd.amin(-2).amin(0).double()
+            hi, lo = vd.amax(-2).double(), vd.amin(-2).double()
         kn = kn.amax(-1).amax(0)
         k_abs = torch.maximum(-kd.amin(-1).amin(-1).amin(0), kd.amax(-1).amax(-1).amax(0)).double()
-        seen = torch.isfinite(hi) & torch.isfinite(lo)
-        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1)
-        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1)
+        seen = torch.isfinite(hi) & torch.isfinite(lo)  # (B, H_kv, d_v): ranges within each batch entry
+        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1).amax(0)
+        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1).amax(0)
         group = n_heads // n_kv
         cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
         return [(max(cols[2][h], cols[3][h // group]), scale * cols[0][h] * cols[1][h // group],
                  cols[4][h // group], cols[5][h // group]) for h in range(n_heads)]
+
+
+def _head_stats_of(call, scale: float) -> list[tuple[float, float, float, float]]:
+    """:func:`_head_stats` from the statistics one all-heads call already took (q, k, v: (B, H, n, ·), no
+    grouped-query heads): its row norms (hidden keys at 0), its value extremes per (batch entry, head, column)
+    over the keys that take part, and max|q|, max|k| per head (over the keys that take part)."""
+    with torch.no_grad():
+        qn, kn = call.stats.rows
+        hi, lo = call.stats.columns
+        q, k = call.q.detach(), call.k.detach()
+        if hi.dim() < 3 or qn.dim() < 3 or kn.dim() < 3:  # a batch that broadcast away the head dim
+            return None
+        qn, kn = qn.amax(-1).amax(0), kn.amax(-1).amax(0)
+        q_abs = torch.maximum(-q.amin(-1).amin(-1).amin(0), q.amax(-1).amax(-1).amax(0)).double()
+        k_row = torch.maximum(-k.amin(-1), k.amax(-1))  # (B, H, n_k): max |k_jc| of each key
+        keys = call.key_mask if call.key_mask is not None else key_participation(call.attn_mask)
+        if keys is not None:  # hidden keys (kept as given when their logits are safe) take no part
+            k_row = torch.where(keys.expand(k_row.shape), k_row, torch.zeros((), dtype=k_row.dtype))
+        k_abs = k_row.amax(-1).amax(0).double()
+        seen = torch.isfinite(hi) & torch.isfinite(lo)  # (B, H, d_v): ranges within each batch entry
+        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1).amax(0)
+        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1).amax(0)
+        cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
+        return [(max(cols[2][h], cols[3][h]), scale * cols[0][h] * cols[1][h], cols[4][h], cols[5][h])
+                for h in range(len(cols[0]))]
 
 
 def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
@@ -260,11 +285,17 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                                       Options(method="auto", eps=eps, scale=scale, is_causal=head_causal,
                                               **{k: v for k, v in options.items() if k in OPTION_NAMES}),
                                       heads_dim=1)
+        stats = None
         if batched:  # all heads in one call: exact methods, and auto where it can only run exact
             exact_opts = {k: v for k, v in options.items() if k in ("block_size", "memory_budget")}
-            out, cert = attention(query, key, value, attn_mask=head_mask, enable_gqa=group > 1, scale=scale,
-                                  is_causal=head_causal, method=method if method in EXACT else "exact", eps=eps,
-                                  return_certificate=True, **(options if method in EXACT else exact_opts))
+            kw = dict(scale=scale, is_causal=head_causal, method=method if method in EXACT else "exact", eps=eps,
+                      **(options if method in EXACT else exact_opts))
+            if group > 1:
+                out, cert = attention(query, key, value, attn_mask=head_mask, enable_gqa=True,
+                                      return_certificate=True, **kw)
+            else:  # the call's own statistics give the head records (no second pass)
+                out, cert, call = run_call(query, key, value, head_mask, Options(**kw))
+                stats = _head_stats_of(call, scale) if call is not None else None
         if out is not None:
             certs = [cert] * n_heads  # one rounding bound covering every head of the call
         else:
@@ -277,7 +308,8 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
                 outs.append(o)
                 certs.append(c)
             out = torch.stack(outs, dim=1)
-        stats = _head_stats(query, key, value, key_pad, scale)
+        if stats is None:
+            stats = _head_stats(query, key, value, key_pad, scale)
         layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
         records = [HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b, radius=r,
                               value_range=vr, max_abs_value=mv, certificate=certs[h])
