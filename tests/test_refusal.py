@@ -208,3 +208,24 @@ def test_a_refused_transformer_forward_keeps_every_layers_certificate():
     with pytest.raises(ValueError):
         model(x * 3)  # another input: layer 0 would carry a different certificate had it kept this call's
     assert model.last_certificates == before
+
+
+@pytest.mark.parametrize("method, group", [("exact", 1), ("exact", 2), ("auto", 1), ("polynomial", 1)])
+def test_a_refused_backend_call_leaves_the_log_as_it_was(method, group):
+    # batched exact calls (the call's own statistics), grouped-query heads, auto's decision and per-head calls:
+    # a refusal midway (a NaN in the last value head) commits nothing
+    from attnbound.integrations.huggingface import CertificateLog, make_attention_function
+
+    log = CertificateLog("refused", method, 1e-3)
+    fn = make_attention_function(log, method=method, eps=1e-3)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 40, 8, generator=g, dtype=F) * 0.1
+    k = torch.randn(1, 2 // group, 40, 8, generator=g, dtype=F) * 0.1
+    v = torch.randn(1, 2 // group, 40, 8, generator=g, dtype=F)
+    fn(torch.nn.Module(), q, k, v, None)
+    before = (list(log.records), dict(log._layers), log.worst_bound(), log.methods())
+    bad = v.clone()
+    bad[0, -1, 3, 2] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.nn.Module(), q, k, bad, None)
+    assert (list(log.records), dict(log._layers), log.worst_bound(), log.methods()) == before
