@@ -326,7 +326,12 @@ def auto_runs_exact(q, k, v, attn_mask, opts: Options, *, heads_dim: int | None 
     logits beyond float64, or :func:`_no_feature_can_win`. False means only the full plan can tell. Raises as
     :func:`attnbound.attention` would for bad input."""
     checked = validate(q, k, v, attn_mask, opts)
-    call = statistics(q, k, v, checked, opts)
+    return _exact_only(statistics(q, k, v, checked, opts), opts, heads_dim)
+
+
+def _exact_only(call: Call, opts: Options, heads_dim: int | None = None) -> bool:
+    """``auto`` tries exact alone: a general mask (only exact methods take one), logits beyond float64 (exact
+    says so), or no feature run that could win (:func:`_no_feature_can_win`)."""
     if (call.attn_mask is not None and call.key_mask is None) or \
             not math.isfinite(call.stats.logit_bound(call.scale, call.kind)):
         return True
@@ -358,9 +363,7 @@ def _auto_tries(call: Call, opts: Options) -> list[Try]:
     """The plan's choice; should a provisional choice miss eps on this input, the cheapest other candidate
     certified a priori (a cheaper feature run is often still there before exact); exact last."""
     st, logit = call.stats, call.stats.logit_bound(call.scale, call.kind)
-    if (call.attn_mask is not None and call.key_mask is None) or not math.isfinite(logit):
-        return [Try("exact")]  # only exact methods take general masks; logits beyond float64: exact says so
-    if _no_feature_can_win(call, opts):
+    if _exact_only(call, opts):
         return [Try("exact")]
     q, k, v = call.q, call.k, call.v
     vs = variants(call, opts.centre, opts.heavy, auto=True)

@@ -107,9 +107,7 @@ def flash_choice(call: Call, logit: float, norms: float) -> tuple[tuple[Certific
     fc, chunk = flash_candidate(kind=call.kind, logit_bound=logit, mask_span=st.mask_span, d=q.shape[-1], n_k=n_k,
                                 value_range=st.value_range, max_abs_value=st.max_abs_value, out_dtype=q.dtype,
                                 eps=call.eps, scale=call.scale)
-    req = registry.Request.of("exact", q, dtype=val.compute_dtype(q.dtype), mask=call.mask_kind(),
-                              causal=call.is_causal, requires_grad=call.requires_grad)
-    why = registry.ENGINES["flash"].not_supported_reasons(req)
+    why = registry.ENGINES["flash"].not_supported_reasons(_exact_request(call))
     if why:
         return (fc, chunk), why
     if call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled():
@@ -128,21 +126,31 @@ def flash_choice(call: Call, logit: float, norms: float) -> tuple[tuple[Certific
 
 def _run_flash(call: Call, fc: Certificate, chunk: int) -> tuple[torch.Tensor, Certificate]:
     """torch's CPU flash kernel in its pinned order over key chunks, with its certificate ``fc``."""
-    mask, st = call.attn_mask, call.stats
+    return _run_torch_kernel(call, fc, flash_attention, chunk=chunk)
+
+
+def _run_torch_kernel(call: Call, cert: Certificate, kernel, **extra) -> tuple[torch.Tensor, Certificate]:
+    """One of torch's kernels (flash chunks, SDPA) in ``cert``'s compute dtype: additive masks row-shifted, values
+    scaled clear of overflow, the kernel's own output finished in place."""
+    cd, mask, st = getattr(torch, cert.compute_dtype), call.attn_mask, call.stats
     if mask is not None and mask.is_floating_point():
-        mask = shift_mask(mask, torch.float32)
-    vs, vexp = scale_values(call.v, st.max_abs_value, call.k.shape[-2], torch.float32)
-    out = flash_attention(call.q.to(torch.float32), call.k.to(torch.float32), vs, scale=call.scale, kind=call.kind,
-                          is_causal=call.is_causal, attn_mask=mask, chunk=chunk)
-    return finish(times_pow2(out, vexp), st.max_abs_value, call.q.dtype, fresh=True), fc
+        mask = shift_mask(mask, cd)
+    vs, vexp = scale_values(call.v, st.max_abs_value, call.k.shape[-2], cd)
+    out = kernel(call.q.to(cd), call.k.to(cd), vs, scale=call.scale, kind=call.kind, is_causal=call.is_causal,
+                 attn_mask=mask, **extra)
+    return finish(times_pow2(out, vexp), st.max_abs_value, call.q.dtype, fresh=True), cert
+
+
+def _exact_request(call: Call) -> registry.Request:
+    """What this call asks of an exact engine (:class:`attnbound.engines.registry.Request`)."""
+    return registry.Request.of("exact", call.q, dtype=val.compute_dtype(call.q.dtype), mask=call.mask_kind(),
+                               causal=call.is_causal, requires_grad=call.requires_grad)
 
 
 def sdpa_declines(call: Call, sc: Certificate) -> list[str]:
     """Why SDPA cannot serve this call (empty: it can): its record's reasons (device, dtype), then the
     per-call ones — over the memory budget, or its any-order certificate ``sc`` above eps."""
-    req = registry.Request.of("exact", call.q, dtype=val.compute_dtype(call.q.dtype), mask=call.mask_kind(),
-                              causal=call.is_causal, requires_grad=call.requires_grad)
-    return registry.ENGINES["sdpa"].not_supported_reasons(req) or _sdpa_declines(call, sc)
+    return registry.ENGINES["sdpa"].not_supported_reasons(_exact_request(call)) or _sdpa_declines(call, sc)
 
 
 def _sdpa_certificate(call: Call, logit: float, norms: float) -> Certificate:
@@ -168,13 +176,7 @@ def _sdpa_declines(call: Call, sc: Certificate) -> list[str]:
 
 def _run_sdpa(call: Call, sc: Certificate) -> tuple[torch.Tensor, Certificate]:
     """torch's fused kernel, with its any-order certificate ``sc``."""
-    scd, mask, st = getattr(torch, sc.compute_dtype), call.attn_mask, call.stats
-    if mask is not None and mask.is_floating_point():
-        mask = shift_mask(mask, scd)
-    vs, vexp = scale_values(call.v, st.max_abs_value, call.k.shape[-2], scd)
-    out = sdpa_attention(call.q.to(scd), call.k.to(scd), vs, scale=call.scale, kind=call.kind,
-                         is_causal=call.is_causal, attn_mask=mask)
-    return finish(times_pow2(out, vexp), st.max_abs_value, call.q.dtype, fresh=True), sc  # SDPA's own output
+    return _run_torch_kernel(call, sc, sdpa_attention)
 
 
 def _run_reference(call: Call, method: str, logit: float, norms: float) -> tuple[torch.Tensor, Certificate]:

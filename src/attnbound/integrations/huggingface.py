@@ -212,13 +212,19 @@ def _head_stats(query, key, value, key_pad, scale: float) -> list[tuple[float, f
             hi, lo = vd.amax(-2).double(), vd.amin(-2).double()
         kn = kn.amax(-1).amax(0)
         k_abs = torch.maximum(-kd.amin(-1).amin(-1).amin(0), kd.amax(-1).amax(-1).amax(0)).double()
-        seen = torch.isfinite(hi) & torch.isfinite(lo)  # (B, H_kv, d_v): ranges within each batch entry
-        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1).amax(0)
-        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1).amax(0)
-        group = n_heads // n_kv
-        cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
-        return [(max(cols[2][h], cols[3][h // group]), scale * cols[0][h] * cols[1][h // group],
-                 cols[4][h // group], cols[5][h // group]) for h in range(n_heads)]
+        return _per_head(qn, kn, q_abs, k_abs, hi, lo, n_heads // n_kv, scale)
+
+
+def _per_head(qn, kn, q_abs, k_abs, hi, lo, group: int, scale: float) -> list[tuple[float, float, float, float]]:
+    """The records' (max_entry, radius, value_range, max_abs_value) per query head from per-head maxima of the
+    row norms and entries (q: (H,), k: (H_kv,)) and the value extremes (B, H_kv, d_v) over the keys that take
+    part, value ranges taken within each batch entry (±inf extremes: a column no key takes part in, range 0)."""
+    seen = torch.isfinite(hi) & torch.isfinite(lo)
+    spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1).amax(0)
+    vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1).amax(0)
+    cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
+    return [(max(cols[2][h], cols[3][h // group]), scale * cols[0][h] * cols[1][h // group],
+             cols[4][h // group], cols[5][h // group]) for h in range(len(cols[0]))]
 
 
 def _head_stats_of(call, scale: float) -> list[tuple[float, float, float, float]]:
@@ -238,12 +244,7 @@ def _head_stats_of(call, scale: float) -> list[tuple[float, float, float, float]
         if keys is not None:  # hidden keys (kept as given when their logits are safe) take no part
             k_row = torch.where(keys.expand(k_row.shape), k_row, torch.zeros((), dtype=k_row.dtype))
         k_abs = k_row.amax(-1).amax(0).double()
-        seen = torch.isfinite(hi) & torch.isfinite(lo)  # (B, H, d_v): ranges within each batch entry
-        spread = torch.where(seen, hi - lo, torch.zeros_like(hi)).amax(-1).amax(0)
-        vmax = torch.where(seen, torch.maximum(hi.abs(), lo.abs()), torch.zeros_like(hi)).amax(-1).amax(0)
-        cols = [x.tolist() for x in (qn, kn, q_abs, k_abs, spread, vmax)]
-        return [(max(cols[2][h], cols[3][h]), scale * cols[0][h] * cols[1][h], cols[4][h], cols[5][h])
-                for h in range(len(cols[0]))]
+        return _per_head(qn, kn, q_abs, k_abs, hi, lo, 1, scale)
 
 
 def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
