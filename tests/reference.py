@@ -26,12 +26,13 @@ def _ld(x: torch.Tensor) -> np.ndarray:
         x.detach().cpu().numpy().astype(LD)
 
 
-def long_double_attention(q, k, v, *, scale, kind="softmax", is_causal=False, attn_mask=None) -> np.ndarray:
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+def long_double_weights(q, k, *, scale, kind="softmax", is_causal=False, attn_mask=None, batch=None):
+    """(P, q, k) in long double: the normalised weights (..., n_q, n_k) of the visible keys (rows that see none:
+    0) and the broadcast inputs."""
+    batch = batch if batch is not None else torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     n_q, n_k = q.shape[-2], k.shape[-2]
     qq = np.broadcast_to(_ld(q), (*batch, n_q, q.shape[-1]))
     kk = np.broadcast_to(_ld(k), (*batch, n_k, k.shape[-1]))
-    vv = np.broadcast_to(_ld(v), (*batch, n_k, v.shape[-1]))
     s = LD(scale)
     if kind == "l2":
         diff = qq[..., :, None, :] - kk[..., None, :, :]
@@ -59,8 +60,47 @@ def long_double_attention(q, k, v, *, scale, kind="softmax", is_causal=False, at
     top = np.where(np.isfinite(top), top, 0)
     w = np.where(visible, np.exp(logits - top), 0)
     den = w.sum(-1, keepdims=True)
-    out = np.einsum("...ij,...jc->...ic", w, vv)
-    return np.where(den > 0, out / np.where(den > 0, den, 1), 0)
+    return np.where(den > 0, w / np.where(den > 0, den, 1), 0), qq, kk
+
+
+def long_double_attention(q, k, v, *, scale, kind="softmax", is_causal=False, attn_mask=None) -> np.ndarray:
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    p, _, _ = long_double_weights(q, k, scale=scale, kind=kind, is_causal=is_causal, attn_mask=attn_mask, batch=batch)
+    vv = np.broadcast_to(_ld(v), (*batch, k.shape[-2], v.shape[-1]))
+    return np.einsum("...ij,...jc->...ic", p, vv)
+
+
+def _sum_to(x: np.ndarray, shape) -> np.ndarray:
+    """Sum a broadcast gradient back to an input's shape."""
+    lead = x.ndim - len(shape)
+    x = x.sum(tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axes, keepdims=True) if axes else x
+
+
+def long_double_gradients(q, k, v, grad_out, *, scale, kind="softmax", is_causal=False, attn_mask=None):
+    """(dq, dk, dv) of exact attention of the inputs as given for the upstream ``grad_out``, in long double, from
+    the explicit weights: dV = PᵀG, dX = P∘(G Vᵀ − rowsum(G∘O)), dQ/dK through the logits (softmax: s·k, s·q;
+    ℓ2: −2s(q − k), 2s(q − k)); the mask gets no gradient."""
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], grad_out.shape[:-2])
+    p, qq, kk = long_double_weights(q, k, scale=scale, kind=kind, is_causal=is_causal, attn_mask=attn_mask,
+                                    batch=batch)
+    vv = np.broadcast_to(_ld(v), (*batch, k.shape[-2], v.shape[-1]))
+    g = np.broadcast_to(_ld(grad_out), (*batch, q.shape[-2], v.shape[-1]))
+    o = np.einsum("...ij,...jc->...ic", p, vv)
+    dv = np.einsum("...ij,...ic->...jc", p, g)
+    dp = np.einsum("...ic,...jc->...ij", g, vv)
+    delta = (g * o).sum(-1, keepdims=True)
+    dx = p * (dp - delta)
+    s = LD(scale)
+    if kind == "l2":
+        # X = −s‖q − k‖²: ∂X/∂q_i = −2s(q_i − k_j), ∂X/∂k_j = 2s(q_i − k_j)
+        dq = -2 * s * (dx.sum(-1, keepdims=True) * qq - np.einsum("...ij,...jc->...ic", dx, kk))
+        dk = 2 * s * (np.einsum("...ij,...ic->...jc", dx, qq) - dx.sum(-2)[..., :, None] * kk)
+    else:
+        dq = s * np.einsum("...ij,...jc->...ic", dx, kk)
+        dk = s * np.einsum("...ij,...ic->...jc", dx, qq)
+    return _sum_to(dq, tuple(q.shape)), _sum_to(dk, tuple(k.shape)), _sum_to(dv, tuple(v.shape))
 
 
 def max_error(out: torch.Tensor, ref: np.ndarray) -> float:

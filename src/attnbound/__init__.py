@@ -20,6 +20,8 @@ _EXPORTS = {
     "taylor_attention": ".api",
     "polynomial_attention": ".api",
     "Certificate": ".certificate",
+    "GradientCertificate": ".gradient",
+    "last_gradient_certificate": ".gradient",
     "DecodingState": ".decoding",
     "measure_error": ".measure",
     "plan": ".planner",

@@ -39,6 +39,7 @@ import torch
 from . import validation as val
 from .certificate import Certificate
 from .eager import eager_only
+from .gradient import attach
 from .pipeline import Options, execute, statistics, tries, validate
 from .planner import CostModel
 
@@ -49,7 +50,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
               attn_mask: torch.Tensor | None = None, eps: float | None = None, bound: float | None = None,
               degree: int | None = None, order: int | None = None, memory_budget: int | None = None,
               cost_model: CostModel | None = None, strict: bool = True, enable_gqa: bool = False,
-              centre: bool | None = None, heavy: int | None = None, return_certificate: bool = False):
+              centre: bool | None = None, heavy: int | None = None, grad_eps: float | None = None,
+              return_certificate: bool = False):
     r"""Self-attention ``D⁻¹ exp(s·QKᵀ) V``, exactly or with a certified polynomial approximation.
 
     Args (the contract, methods and masks in detail: :mod:`attnbound.api`):
@@ -69,19 +71,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         enable_gqa: grouped-query attention as in SDPA (H_kv divides H_q; K and V never copied per head).
         centre: families: centre q and k (:mod:`attnbound.centring`); ``None``: off, weighed under ``auto``.
         heavy: families: the ``heavy`` keys and queries of largest norm exactly; ``None``: 0, planned under auto.
+        grad_eps: the largest acceptable gradient error ‖dX − dX_exact‖∞ (X = q, k, v) of the backward through
+            this call: the backward raises ValueError saying why when its bound (:mod:`attnbound.gradient`) exceeds it.
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:
-        ``out`` of shape ``(..., n_q, d_v)``, or ``(out, certificate)``.
+        ``out`` of shape ``(..., n_q, d_v)``, or ``(out, certificate)``. After a backward through ``out``,
+        ``certificate.gradient_certificate`` (and :func:`attnbound.last_gradient_certificate`) bounds the
+        gradients' distance from exact attention's.
     """
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     opts = Options(scale=scale, is_causal=is_causal, kind=kind, method=method, block_size=block_size, eps=eps,
                    bound=bound, degree=degree, order=order, memory_budget=memory_budget, cost_model=cost_model,
                    strict=strict, centre=centre, heavy=heavy)
+    grad_eps = val.check_eps(grad_eps, name="grad_eps")
     if enable_gqa:
-        return _grouped(q, k, v, attn_mask, opts, return_certificate)
-    out, cert, _ = run_call(q, k, v, attn_mask, opts)
+        return _grouped(q, k, v, attn_mask, opts, return_certificate, grad_eps)
+    out, cert, call = run_call(q, k, v, attn_mask, opts)
+    out = attach(out, cert, call, grad_eps=grad_eps)
     return (out, cert) if return_certificate else out
 
 
@@ -98,7 +106,7 @@ def run_call(q, k, v, attn_mask, opts: Options):
     return out, cert, call
 
 
-def _grouped(q, k, v, attn_mask, opts: Options, return_certificate: bool):
+def _grouped(q, k, v, attn_mask, opts: Options, return_certificate: bool, grad_eps: float | None = None):
     """Grouped-query attention by broadcasting, never by copying K and V per query head.
 
     Query heads are grouped as (..., H_kv, G, n_q, d) against keys (..., H_kv, 1, n_k, d). Without
@@ -120,7 +128,8 @@ def _grouped(q, k, v, attn_mask, opts: Options, return_certificate: bool):
     per_head = mask is not None and mask.dim() >= 3 and mask.shape[-3] == h_q and h_q > 1
     if not is_causal and not per_head and (mask is None or mask.dim() < 2 or mask.shape[-2] == 1):
         qg = q.reshape(*q.shape[:-3], h_kv, g * n_q, q.shape[-1])
-        res = attention(qg, k, v, attn_mask=mask, is_causal=False, return_certificate=return_certificate, **options)
+        res = attention(qg, k, v, attn_mask=mask, is_causal=False, return_certificate=return_certificate,
+                        grad_eps=grad_eps, **options)
         out = res[0] if return_certificate else res
         out = out.reshape(*out.shape[:-3], h_q, n_q, out.shape[-1])
         return (out, res[1]) if return_certificate else out
@@ -128,7 +137,7 @@ def _grouped(q, k, v, attn_mask, opts: Options, return_certificate: bool):
     if mask is not None and mask.dim() >= 3:
         mask = mask.unflatten(-3, (h_kv, g)) if per_head else mask.unsqueeze(-3)
     res = attention(qg, k.unsqueeze(-3), v.unsqueeze(-3), attn_mask=mask, is_causal=is_causal,
-                    return_certificate=return_certificate, **options)
+                    return_certificate=return_certificate, grad_eps=grad_eps, **options)
     out = res[0] if return_certificate else res
     out = out.flatten(-4, -3)
     return (out, res[1]) if return_certificate else out

@@ -90,6 +90,13 @@ class Certificate:
         b = self.output_error_bound
         return math.isfinite(b) and (self.eps is None or b <= self.eps)
 
+    @property
+    def gradient_certificate(self):
+        """The :class:`~attnbound.gradient.GradientCertificate` of this call's last backward (None before one ran,
+        or when autograd did not record through the call)."""
+        slot = self.__dict__.get("_gradient_slot")
+        return slot.certificate if slot is not None else None
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -103,13 +103,13 @@ def check_positive_int(name: str, value, *, allow_none: bool = True) -> int | No
     return value
 
 
-def check_eps(eps, *, required: bool = False) -> float | None:
+def check_eps(eps, *, required: bool = False, name: str = "eps") -> float | None:
     if eps is None:
         if required:
             raise ValueError("eps is required for this method: give the largest acceptable max-abs output error")
         return None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+        raise ValueError(f"{name} must be a positive finite float, got {eps!r}")
     return float(eps)
 
 

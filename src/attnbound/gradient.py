@@ -1,0 +1,443 @@
+"""Gradients with a certificate (Alman–Song, NeurIPS 2024: the backward pass of attention has the forward's
+threshold; docs/theory.md §7).
+
+**Backward of exact attention.** O = P V, P = softmax(X), X_ij the logit (s⟨q_i, k_j⟩, or −s‖q_i − k_j‖² for
+ℓ2, plus an additive mask), upstream G = ∂ℓ/∂O; with g_ij = G_i·(v_j − O_i):
+
+    dV_j = Σ_i P_ij G_i          dX_ij = P_ij g_ij          dQ_i = Σ_j dX_ij ∂X_ij/∂q_i     dK_j = Σ_i dX_ij ∂X_ij/∂k_j
+
+**What a call's backward computes.** Every method's backward is the derivative of what its forward computed:
+weights w̃_ij (exp with rounding, or a polynomial f(y_ij) ≈ e^{y_ij} on centred inputs times an exact per-key
+weight) normalised over the keys a row sees. So the computed dX̃_ij = P^b_ij·g̃_ij with g̃_ij = G_i·(v_j − õ_i)
+and P^b_ij = f'(y_ij)·e^{b_j}/D̃_i for polynomial pairs (P̃_ij itself for pairs computed with exp), and
+dṼ_j = Σ_i P̃_ij G_i. With η the forward's relative weight error (|P̃_ij/P_ij − 1| ≤ η_v = 2η/(1−η)) and
+η₁ ≥ max_{|x|≤R} |f'(x)e^{−x} − 1| (:func:`derivative_eta`), |P^b_ij/P_ij − 1| ≤ η_b = (η₁ + η)/(1 − η).
+
+**The bound** (E the forward certificate, range_c the value range, V_c = max|v_c| + E, γ_m = mu/(1 − mu) in
+the backward's unit roundoff u; all proved in docs/theory.md §7):
+
+    b_i = Σ_c |G_ic|·(range_c + E + 2γ_{d_v+2}·V_c)                 ≥ |g̃_ij| and |g_ij|
+    a_i = η'·b_i + ‖G_i‖₁·E + 2γ_{d_v+2}·Σ_c |G_ic|·V_c            (η' = max(η_b, η_v))   ⇒ |dX̃_ij − dX_ij| ≤ P_ij·a_i
+    |dQ̂_ic − dQ_ic| ≤ κ^Q_ic·(a_i + γ_{n_k+3}·(1 + η')·b_i)
+    |dK̂_jc − dK_jc| ≤ κ^K_jc·Σ_i P_ij·(a_i + γ_{n_q+3}·(1 + η')·b_i)
+    |dV̂_jc − dV_jc| ≤ (η_v + γ_{n_q+3}·(1 + η_v))·Σ_i P_ij·|G_ic|
+
+plus the cast of the gradient to the input dtype and one subnormal step per summed term. κ bounds the
+coordinate factor |∂X_ij/∂q_ic| the backward multiplies by, from the exact relation Σ_j dX_ij = 0 (which lets
+the exact gradient use k_j − c for any centre c): κ^Q_ic = s_e·(max_j |k_jc| + |c_kc|), κ^K_jc =
+s_e·(max_i |q_ic| + 2|c_qc| + [ℓ2]·|k_jc|), s_e = s (2s for ℓ2), c the centres of a centred call (else 0).
+
+The column sums Σ_i P_ij a_i and Σ_i P_ij |G_ic| use the exact weights, computed in float64 in key chunks
+from the logits (O(n_q·n_k·(d + d_v)) work, a bound on their own float64 rounding included); they are computed
+when the certificate is first read (or in the backward, when ``grad_eps`` asks for a check there).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy import special
+
+from .certificate import U64, _gamma, underflow_unit, unit_roundoff
+
+DENSE_KEY_CHUNK = 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# η₁: the relative error of the derivative of a polynomial approximation of exp
+
+
+def _monomial_to_chebyshev(a) -> list[Fraction]:
+    """Exact Chebyshev coefficients of Σ_j a_j u^j (a_j float64, converted exactly):
+    u^j = 2^{1−j} Σ_{i<j/2} C(j, i) T_{j−2i} + [j even]·2^{−j} C(j, j/2) T_0."""
+    g = len(a) - 1
+    b = [Fraction(0)] * (g + 1)
+    for j, aj in enumerate(a):
+        fa = Fraction(float(aj))
+        if fa == 0:
+            continue
+        if j == 0:
+            b[0] += fa
+            continue
+        for i in range(0, j // 2 + 1):
+            t = j - 2 * i
+            c = Fraction(math.comb(j, i), 2 ** (j - 1))
+            b[t] += fa * (c / 2 if t == 0 else c)
+    return b
+
+
+@lru_cache(maxsize=4096)
+def polynomial_derivative_eta(coeffs: tuple[float, ...], radius: float) -> float:
+    """A rigorous η₁ ≥ max_{|x|≤R} |f'(x)·e^{−x} − 1| for f(x) = Σ_j a_j (x/R)^j (``coeffs`` = a).
+
+    With u = x/R, f'(x) = P'(u)/R and e^x = e^{Ru} = Σ_k c_k T_k(u) (c_0 = I_0(R), c_k = 2I_k(R)). For K ≥ g,
+    P(u) − Σ_{k≤K} c_k T_k(u) = Σ_{k≤K} (b_k − c_k) T_k(u) (b: P's exact Chebyshev coefficients, 0 above g),
+    and |T_k'(u)| ≤ k² on [−1, 1], so
+
+        |P'(u) − R e^{Ru}| ≤ Σ_{k≤K} k²·|b_k − c_k| + Σ_{k>K} k²·c_k,
+
+    the tail closed geometrically ((k+1)²I_{k+1}(R) ≤ ρ·k²I_k(R) with ρ = R(k+1)/(2k²)… taken at K = g + 64 + ⌈R⌉).
+    Dividing by R·e^x ≥ R·e^{−R} gives η₁. scipy's Bessel values carry a 1e-14 relative allowance.
+    """
+    if not (math.isfinite(radius) and radius > 0.0):
+        return math.inf
+    if radius > 700.0:
+        return math.inf
+    g = len(coeffs) - 1
+    k_stop = g + 64 + int(math.ceil(radius))
+    ks = np.arange(k_stop + 1)
+    c = special.iv(ks, radius)
+    c[1:] *= 2.0
+    if not np.all(np.isfinite(c)):
+        return math.inf
+    b = [float(x) for x in _monomial_to_chebyshev(coeffs)]  # exact, then rounded: 2^-53 relative each
+    head = 0.0
+    for k in range(1, k_stop + 1):
+        bk = b[k] if k <= g else 0.0
+        ck = float(c[k])
+        # |b_k − c_k| from the rounded values, their rounding (b: 2^-53, the subtraction: 2^-53) and the Bessel allowance
+        head += k * k * (abs(bk - ck) + 2.0 ** -51 * (abs(bk) + abs(ck)) + 1e-14 * abs(ck))
+    k = k_stop
+    rho = radius * (k + 1) ** 2 / (2.0 * (k + 1) * k * k)
+    tail = float(c[-1]) * k * k * rho / (1.0 - rho) if rho < 1.0 else math.inf
+    total = (head + tail) * (1.0 + 1e-12)
+    log_eta = math.log(total) + radius - math.log(radius) if total > 0 else -math.inf
+    return math.exp(log_eta) if log_eta < 700.0 else math.inf
+
+
+def derivative_eta(method: str, radius: float, degree: int) -> float:
+    """η₁ of a family's degree-``degree`` polynomial at radius R (inf where nothing can be certified)."""
+    from .families import family
+
+    fam = family(method)
+    if not (math.isfinite(radius) and 0.0 < radius <= 700.0):
+        return math.inf
+    coeffs = fam.coefficients(radius, degree)
+    if not np.all(np.isfinite(coeffs)):
+        return math.inf
+    return polynomial_derivative_eta(tuple(float(a) for a in coeffs), float(radius))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the certificate
+
+
+@dataclass(frozen=True)
+class GradientCertificate:
+    """What attnbound guarantees about the gradients one backward pass returned for one attention call.
+
+    ``dq_bound`` bounds max |dQ − dQ_exact| over the entries of q's gradient (likewise dk, dv), where
+    dQ_exact is the gradient of exact attention of the inputs as given, for the same upstream gradient.
+    """
+
+    method: str
+    eta_forward: float  # the forward's relative weight error η
+    eta_derivative: float  # η₁ of the polynomial's derivative (0 for exact methods)
+    eta_backward: float  # η' = max(η_b, η_v): the relative error of the backward's weights
+    forward_bound: float  # E
+    dq_bound: float
+    dk_bound: float
+    dv_bound: float
+    compute_dtype: str
+    grad_eps: float | None = None
+
+    @property
+    def bound(self) -> float:
+        """The largest of the three bounds."""
+        return max(self.dq_bound, self.dk_bound, self.dv_bound)
+
+    @property
+    def certified(self) -> bool:
+        b = self.bound
+        return math.isfinite(b) and (self.grad_eps is None or b <= self.grad_eps)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"bound": self.bound}
+
+    def __str__(self) -> str:
+        return (f"GradientCertificate({self.method}, η'={self.eta_backward:.3g}: ‖dQ−exact‖∞ ≤ {self.dq_bound:.3g}, "
+                f"‖dK−exact‖∞ ≤ {self.dk_bound:.3g}, ‖dV−exact‖∞ ≤ {self.dv_bound:.3g})")
+
+
+@dataclass(frozen=True)
+class GradientSpec:
+    """Everything the bound needs of one call besides the tensors (fixed at the forward)."""
+
+    method: str
+    kind: str
+    scale: float
+    is_causal: bool
+    eta: float  # forward relative weight error
+    eta1: float  # derivative's (0 when the backward differentiates exp itself)
+    eta_fp: float  # relative rounding of the backward's weights beyond η (polynomial evaluation)
+    forward_bound: float
+    compute_dtype: torch.dtype
+    grad_eps: float | None = None
+
+
+def backward_etas(spec: GradientSpec) -> tuple[float, float]:
+    """(η_v, η') from the forward's η and the derivative's η₁ (inf when η ≥ 1)."""
+    eta = spec.eta + spec.eta_fp
+    if not (0.0 <= eta < 1.0) or not math.isfinite(spec.eta1):
+        return math.inf, math.inf
+    eta_v = 2.0 * eta / (1.0 - eta)
+    eta_b = (spec.eta1 + eta) / (1.0 - eta)
+    return eta_v, max(eta_v, eta_b)
+
+
+def _dense_weights(q64, k64, mask, *, scale: float, kind: str, is_causal: bool, j0: int, j1: int, lse):
+    """P[:, j0:j1] in float64 from the logits (lse: each row's log-sum-exp over the keys it sees)."""
+    x = scale * (q64 @ k64[..., j0:j1, :].transpose(-1, -2))
+    if kind == "l2":
+        x = 2.0 * x - scale * (q64 * q64).sum(-1, keepdim=True) - scale * (k64[..., j0:j1, :] ** 2).sum(-1).unsqueeze(-2)
+    if mask is not None:
+        x = x + mask[..., j0:j1]
+    if is_causal:
+        n_q = q64.shape[-2]
+        i = torch.arange(n_q).unsqueeze(-1)
+        j = torch.arange(j0, j1).unsqueeze(0)
+        x = x.masked_fill(j > i, -math.inf)
+    if lse is None:
+        return x
+    return torch.exp(x - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+
+
+def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool):
+    """(Pᵀa of shape (..., n_k, m), P·b of shape (..., n_q, m'), their relative rounding bound) for a, b ≥ 0, with P
+    the exact weights computed in float64, key chunk by key chunk: each row's log-sum-exp, then exp(X − lse).
+
+    The logits are off by at most γ_{2d+6}·(|s|·d·max|q|·max|k| (ℓ2: + the squared norms)) = λ/2 and the
+    log-sum-exp by λ/2 + 2γ_{n_k+4}, so each weight has relative error ≤ e^{λ + 2γ} − 1, and the sums of nonnegative
+    terms add γ_{n+2}: the returned factor covers all of it.
+    """
+    q64, k64 = q.detach().double(), k.detach().double()
+    n_q, n_k, d = q64.shape[-2], k64.shape[-2], q64.shape[-1]
+    rows = max(1, math.prod(q64.shape[:-1]))
+    chunk = int(max(16, min(DENSE_KEY_CHUNK, (16 << 20) // rows)))
+    if mask is not None:
+        mask = mask.expand(*mask.shape[:-2], n_q, n_k) if mask.dim() >= 2 else mask.expand(n_q, n_k)
+    lse = None
+    for j0 in range(0, n_k, chunk):
+        x = _dense_weights(q64, k64, mask, scale=scale, kind=kind, is_causal=is_causal, j0=j0,
+                           j1=min(n_k, j0 + chunk), lse=None)
+        part = torch.logsumexp(x, -1, keepdim=True)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    cols, row = [], None
+    for j0 in range(0, n_k, chunk):
+        j1 = min(n_k, j0 + chunk)
+        p = _dense_weights(q64, k64, mask, scale=scale, kind=kind, is_causal=is_causal, j0=j0, j1=j1, lse=lse)
+        cols.append(p.transpose(-1, -2) @ a)
+        part = p @ b[..., j0:j1, :]
+        row = part if row is None else row + part
+    sums = torch.cat(cols, -2) if len(cols) > 1 else cols[0]
+    qn = float(q64.abs().amax()) if q64.numel() else 0.0
+    kn = float(k64.abs().amax()) if k64.numel() else 0.0
+    size = abs(scale) * d * qn * kn * (3.0 if kind == "l2" else 1.0) + (abs(scale) * d * (qn + kn) ** 2 if kind == "l2" else 0.0)
+    lam = 2.0 * _gamma(2 * d + 6, U64) * size + 2.0 * _gamma(n_k + 4, U64) + 8.0 * U64
+    rel = math.expm1(lam) + _gamma(max(n_q, n_k) + 2, U64) if lam < 1.0 else math.inf
+    return sums, row, rel
+
+
+def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=None, c_k=None) -> GradientCertificate:
+    """The certificate of one backward (see the module docstring): q, k, v, the upstream ``grad_out``,
+    ``mask`` an additive float mask broadcastable to (..., n_q, n_k) or None, c_q / c_k the centres or None."""
+    with torch.no_grad():
+        G = grad_out.detach().double()
+        q64, k64, v64 = q.detach().double(), k.detach().double(), v.detach().double()
+        batch = torch.broadcast_shapes(q64.shape[:-2], k64.shape[:-2], v64.shape[:-2], G.shape[:-2],
+                                       mask.shape[:-2] if mask is not None and mask.dim() >= 2 else ())
+        qe = q64.expand(*batch, *q64.shape[-2:])
+        ke = k64.expand(*batch, *k64.shape[-2:])
+        ve = v64.expand(*batch, *v64.shape[-2:])
+        Ge = G.expand(*batch, *G.shape[-2:])
+        n_q, n_k, d_v = qe.shape[-2], ke.shape[-2], ve.shape[-1]
+        u = unit_roundoff(spec.compute_dtype)
+        u_out = unit_roundoff(q.dtype) if q.dtype != spec.compute_dtype else 0.0
+        eta_v, eta_p = backward_etas(spec)
+        E = spec.forward_bound
+        if not (math.isfinite(eta_p) and math.isfinite(E)) or G.numel() == 0:
+            inf = math.inf if G.numel() else 0.0
+            return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, inf, inf, inf,
+                                       str(spec.compute_dtype).replace("torch.", ""), spec.grad_eps)
+        rng = (ve.amax(-2, keepdim=True) - ve.amin(-2, keepdim=True))  # (..., 1, d_v)
+        vmax = ve.abs().amax(-2, keepdim=True) + E
+        g_dv = _gamma(d_v + 2, u)
+        Ga = Ge.abs()
+        b = (Ga * (rng + E + 2.0 * g_dv * vmax)).sum(-1, keepdim=True)  # (..., n_q, 1) ≥ |g̃_ij|, |g_ij|
+        a = eta_p * b + Ga.sum(-1, keepdim=True) * E + 2.0 * g_dv * (Ga * vmax).sum(-1, keepdim=True)
+        g_k, g_q = _gamma(n_k + 3, u), _gamma(n_q + 3, u)
+        a_q = a + g_k * (1.0 + eta_p) * b  # what multiplies P_ij|∂X/∂q| in dQ's error
+        a_k = a + g_q * (1.0 + eta_p) * b
+        s_e = abs(spec.scale) * (2.0 if spec.kind == "l2" else 1.0)
+        cq = (c_q.double().expand_as(qe[..., :1, :]) if c_q is not None else torch.zeros_like(qe[..., :1, :])).abs()
+        ck = (c_k.double().expand_as(ke[..., :1, :]) if c_k is not None else torch.zeros_like(ke[..., :1, :])).abs()
+        qa, ka = qe.abs(), ke.abs()
+        # column sums Σ_i P_ij·[a_k·|q_i|, a_k, (1 + η')b·|q_i|, (1 + η')b, |G_i|]; row sums Σ_j P_ij |k_j|
+        cols = torch.cat([a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga], -1)
+        m = mask.double() if mask is not None else None
+        csum, rsum, rel = weighted_sums(qe, ke, cols, ka, mask=m, scale=spec.scale, kind=spec.kind,
+                                        is_causal=spec.is_causal)
+        csum, rsum = csum * (1.0 + rel), rsum * (1.0 + rel)
+        d = qe.shape[-1]
+        s_ak_q, s_ak = csum[..., :d], csum[..., d:d + 1]
+        s_b_q, s_b = csum[..., d + 1:2 * d + 1], csum[..., 2 * d + 1:2 * d + 2]
+        colG = csum[..., 2 * d + 2:]
+        # κ: |∂X_ij/∂q_ic| ≤ s_e(|k_jc| + |c_kc| [+ |q_ic| ℓ2]), |∂X_ij/∂k_jc| ≤ s_e(|q_ic| + 2|c_qc| [+ |k_jc| ℓ2])
+        kq = rsum + ck + (qa if spec.kind == "l2" else 0.0)  # Σ_j P_ij κ^Q_ijc / s_e (rows that see no key: 0 ≤ it)
+        kk_extra = 2.0 * cq + (ka if spec.kind == "l2" else 0.0)
+        tiny = underflow_unit(spec.compute_dtype) * (n_k + n_q + 8)
+        dq = s_e * a_q * kq + tiny * (1.0 + s_e * kq)
+        dq = dq + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
+        dk = s_e * (s_ak_q + kk_extra * s_ak) + tiny * (1.0 + s_e * (ka + kk_extra))
+        dk = dk + u_out * s_e * (s_b_q + kk_extra * s_b) * (1.0 + g_q)
+        dv = (eta_v + g_q * (1.0 + eta_v)) * colG + tiny + u_out * (1.0 + eta_v) * colG
+        # broadcast inputs receive the sum of their expanded gradients
+        dq = dq.expand(*batch, n_q, dq.shape[-1]).sum_to_size(q.shape)
+        dk = dk.expand(*batch, n_k, dk.shape[-1]).sum_to_size(k.shape)
+        dv = dv.expand(*batch, n_k, dv.shape[-1]).sum_to_size(v.shape)
+
+        def top(x):
+            return float(x.amax()) if x.numel() else 0.0
+        return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, top(dq), top(dk), top(dv),
+                                   str(spec.compute_dtype).replace("torch.", ""), spec.grad_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attaching the certificate to a call's backward
+
+
+class GradientSlot:
+    """Filled by the backward of one call: ``certificate`` computes the bound when first read."""
+
+    def __init__(self, spec: GradientSpec, tensors, on_fill=None):
+        self.spec = spec
+        self._tensors = tensors  # (q, k, v, mask, c_q, c_k)
+        self._grad = None
+        self._cert: GradientCertificate | None = None
+        self._on_fill = on_fill
+
+    @property
+    def ready(self) -> bool:
+        return self._grad is not None or self._cert is not None
+
+    def fill(self, grad_out: torch.Tensor) -> None:
+        self._grad = grad_out.detach()
+        self._cert = None
+        _LAST.slot = self
+        if self._on_fill is not None:
+            self._on_fill(self)
+
+    @property
+    def certificate(self) -> GradientCertificate | None:
+        if self._cert is None and self._grad is not None:
+            q, k, v, mask, c_q, c_k = self._tensors
+            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k)
+        return self._cert
+
+
+_LAST = threading.local()
+
+
+def last_gradient_certificate() -> GradientCertificate | None:
+    """The gradient certificate of the most recent attnbound call whose backward ran (in this thread)."""
+    slot = getattr(_LAST, "slot", None)
+    return slot.certificate if slot is not None else None
+
+
+class _Watch(torch.autograd.Function):
+    """Identity on the output; its backward hands the upstream gradient to the call's slot (and checks grad_eps)."""
+
+    @staticmethod
+    def forward(ctx, out, slot):
+        ctx.slot = slot
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slot = ctx.slot
+        slot.fill(grad)
+        eps = slot.spec.grad_eps
+        if eps is not None:
+            cert = slot.certificate
+            if not cert.bound <= eps:
+                raise ValueError(
+                    f"grad_eps: the gradient bound of this {slot.spec.method} call is {cert.bound:.3g} > "
+                    f"grad_eps={eps:g} (dq {cert.dq_bound:.3g}, dk {cert.dk_bound:.3g}, dv {cert.dv_bound:.3g}); "
+                    f"it scales with the forward's η = {cert.eta_forward:.3g} and the derivative's "
+                    f"η₁ = {cert.eta_derivative:.3g}: ask a forward eps about {_scaled_eps(cert, eps)} or "
+                    f"method='exact'")
+        return grad, None
+
+
+def _scaled_eps(cert: GradientCertificate, eps: float) -> str:
+    if cert.forward_bound > 0 and math.isfinite(cert.bound) and cert.bound > 0:
+        return f"{cert.forward_bound * eps / cert.bound:.2g}"
+    return "smaller than now"
+
+
+def watch(out: torch.Tensor, slot: GradientSlot) -> torch.Tensor:
+    """``out`` with the gradient watch attached (a view; autograd records the watch only)."""
+    return _Watch.apply(out, slot)
+
+
+def _feature_rounding(method: str, radius: float, degree: int, *, rank: int, n_q: int, n_k: int, d: int) -> float:
+    """Relative rounding of the float64 backward's polynomial weights: evaluating f'(y)·R = P'(u) and f(y) = P(u)
+    on features of vectors in the unit ball sums terms of total size ≤ Σ_j (1 + j)|a_j| (the forward's argument
+    for Σ_{|α|=j} (j!/α!)|q^α k^α| ≤ 1, with the derivative's factor j), against a weight ≥ min(1, R)·e^{−R}."""
+    from .families import family
+
+    a = family(method).coefficients(radius, degree)
+    size = float(sum((1 + j) * abs(float(x)) for j, x in enumerate(a)))
+    if radius > 700.0:
+        return math.inf
+    return _gamma(rank + n_k + n_q + d + 2 * degree + 8, U64) * size * math.exp(radius) / min(1.0, max(radius, 1e-300))
+
+
+def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_fill=None) -> torch.Tensor:
+    """Watch ``out``'s backward when autograd records through it: the call's :class:`GradientSlot` is kept on
+    ``cert`` (``cert.gradient_certificate`` reads it) and filled by the backward. Returns ``out`` (watched)."""
+    if call is None or not (torch.is_grad_enabled() and out.requires_grad):
+        return out
+    from .centring import centres
+
+    q, k, v = call.q, call.k, call.v
+    n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    dtype = getattr(torch, cert.compute_dtype) if cert.compute_dtype else q.dtype
+    c_q = c_k = None
+    if cert.method == "exact":
+        # the backward recomputes each weight as exp(x̃_ij − l̃se_i): beyond the forward's η (which covers x̃ and the
+        # exp), the stored log-sum-exp carries at most 4u·|lse| with |lse| ≤ L + max|mask| + ln n_k
+        eta1 = 0.0
+        with torch.no_grad():
+            qn = float(q.detach().double().norm(dim=-1).amax()) if q.numel() else 0.0
+            kn = float(k.detach().double().norm(dim=-1).amax()) if k.numel() else 0.0
+            span = 0.0
+            if call.attn_mask is not None and call.attn_mask.dtype != torch.bool and call.attn_mask.numel():
+                fin = call.attn_mask.detach()[torch.isfinite(call.attn_mask.detach())]
+                span = float(fin.abs().amax()) if fin.numel() else 0.0
+        s_e = abs(call.scale) * (2.0 if call.kind == "l2" else 1.0)
+        big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + span + math.log(n_k + 1) + 4.0
+        lam = 4.0 * unit_roundoff(dtype) * big
+        eta_fp = math.expm1(lam) if lam < 700.0 else math.inf
+    else:
+        eta1 = derivative_eta(cert.method, cert.radius, cert.degree)
+        eta_fp = _feature_rounding(cert.method, cert.radius, cert.degree, rank=cert.rank, n_q=n_q, n_k=n_k, d=d)
+        if cert.radius_source and ("centred" in cert.radius_source or "heavy" in cert.radius_source):
+            c_q, c_k = centres(q, k, call.key_mask)
+    mask = call.attn_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask.detach(), -math.inf)
+    elif mask is not None:
+        mask = mask.detach()
+    spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
+                        eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
+                        compute_dtype=dtype, grad_eps=grad_eps)
+    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k), on_fill=on_fill)
+    object.__setattr__(cert, "_gradient_slot", slot)
+    return watch(out, slot)
