@@ -244,9 +244,12 @@ def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool)
     return sums, row, rel
 
 
-def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=None, c_k=None) -> GradientCertificate:
+def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=None, c_k=None,
+                    sums=None) -> GradientCertificate:
     """The certificate of one backward (see the module docstring): q, k, v, the upstream ``grad_out``,
-    ``mask`` an additive float mask broadcastable to (..., n_q, n_k) or None, c_q / c_k the centres or None."""
+    ``mask`` an additive float mask broadcastable to (..., n_q, n_k) or None, c_q / c_k the centres or None.
+    ``sums(q, k, a, b) -> (upper bound on Pᵀa, upper bound on P·b)`` replaces the dense float64 pass (the feature
+    methods pass :func:`feature_sums`, O(n·r))."""
     with torch.no_grad():
         G = grad_out.detach().double()
         q64, k64, v64 = q.detach().double(), k.detach().double(), v.detach().double()
@@ -281,9 +284,12 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         # column sums Σ_i P_ij·[a_k·|q_i|, a_k, (1 + η')b·|q_i|, (1 + η')b, |G_i|]; row sums Σ_j P_ij |k_j|
         cols = torch.cat([a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga], -1)
         m = mask.double() if mask is not None else None
-        csum, rsum, rel = weighted_sums(qe, ke, cols, ka, mask=m, scale=spec.scale, kind=spec.kind,
-                                        is_causal=spec.is_causal)
-        csum, rsum = csum * (1.0 + rel), rsum * (1.0 + rel)
+        if sums is None:
+            csum, rsum, rel = weighted_sums(qe, ke, cols, ka, mask=m, scale=spec.scale, kind=spec.kind,
+                                            is_causal=spec.is_causal)
+            csum, rsum = csum * (1.0 + rel), rsum * (1.0 + rel)
+        else:
+            csum, rsum = sums(qe, ke, cols, ka)
         d = qe.shape[-1]
         s_ak_q, s_ak = csum[..., :d], csum[..., d:d + 1]
         s_b_q, s_b = csum[..., d + 1:2 * d + 1], csum[..., 2 * d + 1:2 * d + 2]
@@ -336,8 +342,8 @@ class GradientSlot:
     @property
     def certificate(self) -> GradientCertificate | None:
         if self._cert is None and self._grad is not None:
-            q, k, v, mask, c_q, c_k = self._tensors
-            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k)
+            q, k, v, mask, c_q, c_k, sums = self._tensors
+            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums)
         return self._cert
 
 
@@ -438,6 +444,44 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
     spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
                         eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
                         compute_dtype=dtype, grad_eps=grad_eps)
-    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k), on_fill=on_fill)
+    sums = None
+    if cert.method != "exact":
+        sums = _feature_sums(cert, call, eta_fp)
+    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums), on_fill=on_fill)
     object.__setattr__(cert, "_gradient_slot", slot)
     return watch(out, slot)
+
+
+def _feature_sums(cert, call, eta_fp: float):
+    """Pᵀa and P·b bounded through the call's own approximation, O(n·r) instead of O(n²): the same method, degree,
+    centring and heavy tokens on (q, k) give weights P̃ = P(1 + ε)/(1 + ε̄), so P ≤ P̃·(1 + η)/(1 − η); P̃ᵀa is the
+    value-gradient of the approximation for the upstream a, and P̃·b its output for values b. Their float64
+    rounding is at most ρ = γ_N·Σ(1 + j)|a_j|·e^R/min(1, R) relative to the sums of P̃ (the true terms are
+    ≥ (1 − η)e^{−R} of each row's mean, the computed ones off by γ_N·Σ|a_j| each)."""
+    import re
+
+    from .pipeline import Options
+
+    heavy = re.search(r"(\d+) heavy", cert.radius_source or "")
+    opts = Options(scale=call.scale, is_causal=call.is_causal, kind=call.kind, method=cert.method,
+                   degree=cert.degree if cert.method != "taylor" else None,
+                   order=cert.degree if cert.method == "taylor" else None, strict=False,
+                   centre="centred" in (cert.radius_source or ""), heavy=int(heavy.group(1)) if heavy else None,
+                   bound=call.bound)
+    key_mask = call.attn_mask
+    eta = cert.eta
+    up = (1.0 + eta) / (1.0 - eta) * (1.0 + eta_fp) / (1.0 - eta_fp) if eta < 1.0 and eta_fp < 1.0 else math.inf
+
+    def sums(qe, ke, a, b):
+        from .api import run_call
+
+        q64, k64 = qe.contiguous(), ke.contiguous()
+        with torch.enable_grad():
+            vd = torch.zeros((*a.shape[:-2], ke.shape[-2], a.shape[-1]), dtype=torch.float64, requires_grad=True)
+            out, _, _ = run_call(q64, k64, vd, key_mask, opts)
+            (col,) = torch.autograd.grad(out, vd, a)
+        with torch.no_grad():
+            row, _, _ = run_call(q64, k64, b.contiguous(), key_mask, opts)
+        return col.clamp_min(0.0) * up, row.clamp_min(0.0) * up
+
+    return sums

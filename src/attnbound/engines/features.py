@@ -203,16 +203,17 @@ def weighted_values(v: torch.Tensor, key_weight: torch.Tensor | None = None) -> 
 def key_state(k, vv, *, degree: int, weights: torch.Tensor, chunk: int) -> torch.Tensor:
     """S = diag(w)·φ(K)ᵀ[V, 1] of shape (..., r, d_v + 1): everything the queries need of the keys."""
     state = None
-    buf = _feature_buffer(k, degree, chunk)
+    buf = _feature_buffer(k, degree, chunk, vv)
     for j0 in range(0, k.shape[-2], chunk):
         part = monomial_features(k[..., j0 : j0 + chunk, :], degree, out=buf) @ vv[..., j0 : j0 + chunk, :]
         state = part if state is None else state + part
     return state * weights.unsqueeze(-1)
 
 
-def _feature_buffer(x: torch.Tensor, degree: int, chunk: int) -> torch.Tensor | None:
-    """One (..., r, chunk) block reused by every chunk of a no-grad pass (None when autograd records)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+def _feature_buffer(x: torch.Tensor, degree: int, chunk: int, *other: torch.Tensor) -> torch.Tensor | None:
+    """One (..., r, chunk) block reused by every chunk of a no-grad pass (None when autograd records through x or
+    through a tensor the features multiply, which then saves them)."""
+    if _records_grad(x, *other):
         return None
     r = feature_rank(x.shape[-1], degree)
     return torch.empty((*x.shape[:-2], r, min(chunk, x.shape[-2])), dtype=x.dtype, device=x.device)
@@ -224,7 +225,7 @@ def state_readout(q, state, *, degree: int, chunk: int) -> torch.Tensor:
     Each chunk computes Sᵀ·φ (a thin (d_v+1) × chunk block) into its slice of one output buffer,
     so the (r × chunk) features are never transposed into a copy.
     """
-    buf = _feature_buffer(q, degree, chunk)
+    buf = _feature_buffer(q, degree, chunk, state)
     batch = torch.broadcast_shapes(q.shape[:-2], state.shape[:-2])
     st = state.transpose(-1, -2)
     if buf is None:
@@ -270,7 +271,7 @@ def _causal_tiles(q, k, vv, degree, weights, chunk):
     """The causal walk: features ``chunk`` rows at a time (in reusable buffers), then tiles of
     ``CAUSAL_TILE`` rows: yields (first row, φ(q) rows, diag(w)·φ(k) columns, [v, 1] rows) per tile."""
     n_q = q.shape[-2]
-    bq, bk = _feature_buffer(q, degree, chunk), _feature_buffer(k, degree, chunk)
+    bq, bk = _feature_buffer(q, degree, chunk, k, vv), _feature_buffer(k, degree, chunk, q, vv)
     for i0 in range(0, n_q, chunk):
         i1 = min(i0 + chunk, n_q)
         fq, fkw = _chunk_features(q, k, i0, i1, degree, weights, bq, bk)
