@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import threading
+import dataclasses
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -174,11 +175,18 @@ class GradientSpec:
     scale: float
     is_causal: bool
     eta: float  # forward relative weight error
-    eta1: float  # derivative's (0 when the backward differentiates exp itself)
+    eta1: float | None  # the derivative's η₁ (0 when the backward differentiates exp itself; None: from ``poly``)
     eta_fp: float  # relative rounding of the backward's weights beyond η (polynomial evaluation)
     forward_bound: float
     compute_dtype: torch.dtype
     grad_eps: float | None = None
+    poly: tuple | None = None  # (method, radius, degree) whose η₁ is computed when the bound is first read
+
+    def resolved(self) -> GradientSpec:
+        """This spec with η₁ computed (scalar work: the exact Chebyshev comparison of :func:`derivative_eta`)."""
+        if self.eta1 is not None:
+            return self
+        return dataclasses.replace(self, eta1=derivative_eta(*self.poly))
 
 
 def backward_etas(spec: GradientSpec) -> tuple[float, float]:
@@ -250,6 +258,7 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
     ``mask`` an additive float mask broadcastable to (..., n_q, n_k) or None, c_q / c_k the centres or None.
     ``sums(q, k, a, b) -> (upper bound on Pᵀa, upper bound on P·b)`` replaces the dense float64 pass (the feature
     methods pass :func:`feature_sums`, O(n·r))."""
+    spec = spec.resolved()
     with torch.no_grad():
         G = grad_out.detach().double()
         q64, k64, v64 = q.detach().double(), k.detach().double(), v.detach().double()
@@ -432,7 +441,7 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
         lam = 4.0 * unit_roundoff(dtype) * big
         eta_fp = math.expm1(lam) if lam < 700.0 else math.inf
     else:
-        eta1 = derivative_eta(cert.method, cert.radius, cert.degree)
+        eta1 = None  # computed when the bound is first read
         eta_fp = _feature_rounding(cert.method, cert.radius, cert.degree, rank=cert.rank, n_q=n_q, n_k=n_k, d=d)
         if cert.radius_source and ("centred" in cert.radius_source or "heavy" in cert.radius_source):
             c_q, c_k = centres(q, k, call.key_mask)
@@ -443,7 +452,8 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
         mask = mask.detach()
     spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
                         eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
-                        compute_dtype=dtype, grad_eps=grad_eps)
+                        compute_dtype=dtype, grad_eps=grad_eps,
+                        poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree))
     sums = None
     if cert.method != "exact":
         sums = _feature_sums(cert, call, eta_fp)

@@ -197,6 +197,14 @@ class Attention(nn.Module):
         self.last_certificate: Certificate | None = None
         self._warned_weights = False
 
+    @property
+    def last_gradient_certificate(self):
+        """The :class:`~attnbound.GradientCertificate` of the backward through the last forward (None until a
+        backward ran): max|dX − dX_exact| for the projected heads X = q, k, v. Through the input projections
+        the weight gradients move by at most (Σ over rows of |input|)·that bound per entry."""
+        cert = self.last_certificate
+        return cert.gradient_certificate if cert is not None else None
+
     def _reset_parameters(self):
         """torch.nn.MultiheadAttention's initialisation."""
         for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
@@ -355,7 +363,8 @@ class Transformer(nn.Module):
     ``norm=False`` drops the LayerNorms (the hard-instance packing needs the raw residual stream).
     ``forward(x, method=None, **kwargs)`` is self-attention: ``kwargs`` go to every layer's
     :meth:`Attention.forward` (``key_padding_mask``, ``attn_mask`` in torch's conventions, ``eps``, ...).
-    ``last_certificates`` lists each layer's certificate after a forward.
+    ``last_certificates`` lists each layer's certificate after a forward, ``last_gradient_certificates`` each
+    layer's gradient certificate after a backward.
     """
 
     def __init__(self, num_layers: int, embed_dim: int, num_heads: int, *, mlp_ratio: float = 4,
@@ -383,3 +392,8 @@ class Transformer(nn.Module):
     @property
     def last_certificates(self) -> list[Certificate | None]:
         return [blk.attn.last_certificate for blk in self.blocks]
+
+    @property
+    def last_gradient_certificates(self) -> list:
+        """Each layer's :class:`~attnbound.GradientCertificate` of the last backward (None before one)."""
+        return [blk.attn.last_gradient_certificate for blk in self.blocks]

@@ -68,4 +68,9 @@ def finish(out: torch.Tensor, max_abs_value: float, dtype: torch.dtype, *, fresh
     ``fresh`` says ``out`` is this call's own result (never an input) and autograd does not record it."""
     if fresh and not out.requires_grad and (out.is_contiguous() or _dense(out)):
         return out.clamp_(-max_abs_value, max_abs_value).to(dtype)
+    if out.requires_grad:
+        # the clamp moves values only, never gradients: the backward is the derivative of the computation itself
+        # (a clamp's derivative would zero dv wherever rounding put an output past max|v|, e.g. all values equal)
+        out = out + (out.detach().clamp(-max_abs_value, max_abs_value) - out.detach())
+        return out.to(dtype)
     return out.clamp(-max_abs_value, max_abs_value).to(dtype)

@@ -1,0 +1,348 @@
+"""The gradient certificate (attnbound.gradient, docs/theory.md §7): every bound against long-double gradients of
+exact attention, at flash-chunk and feature-chunk boundaries, with every mask form, causal, ℓ2, GQA, centring and
+heavy tokens; the derivative's η₁ against the polynomial itself; grad_eps; the modules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnbound
+from attnbound import gradient as gr
+from attnbound.families import family
+from attnbound.nn import Attention, Transformer
+
+from reference import _ld, long_double_gradients
+
+
+def _inputs(shape_q, shape_k, d_v=None, *, spread=1.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(*shape_q, generator=g, dtype=torch.float64) * spread).to(dtype).requires_grad_()
+    k = (torch.randn(*shape_k, generator=g, dtype=torch.float64) * spread).to(dtype).requires_grad_()
+    vs = (*shape_k[:-1], d_v or shape_k[-1])
+    v = torch.randn(*vs, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return q, k, v, g
+
+
+def _run(q, k, v, grad, **kw):
+    out, cert = attnbound.attention(q, k, v, return_certificate=True, **kw)
+    out.backward(grad)
+    return out, cert, cert.gradient_certificate
+
+
+def _errors(q, k, v, grad, *, scale, kind="softmax", is_causal=False, attn_mask=None):
+    rq, rk, rv = long_double_gradients(q, k, v, grad, scale=scale, kind=kind, is_causal=is_causal,
+                                       attn_mask=attn_mask)
+    return tuple(float(np.abs(_ld(x.grad) - r).max()) for x, r in ((q, rq), (k, rk), (v, rv)))
+
+
+def _check(q, k, v, grad, *, scale, kind="softmax", is_causal=False, attn_mask=None, **kw):
+    out, cert, gc = _run(q, k, v, grad, scale=scale, kind=kind, is_causal=is_causal, attn_mask=attn_mask, **kw)
+    eq, ek, ev = _errors(q, k, v, grad, scale=scale, kind=kind, is_causal=is_causal, attn_mask=attn_mask)
+    assert gc is not None and math.isfinite(gc.bound), gc
+    assert eq <= gc.dq_bound and ek <= gc.dk_bound and ev <= gc.dv_bound, (cert.method, cert.engine, eq, ek, ev, gc)
+    return (eq, ek, ev), gc, cert
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# η₁
+
+
+@pytest.mark.parametrize("method", ["taylor", "polynomial", "relative"])
+@pytest.mark.parametrize("radius", [0.25, 1.0, 3.0])
+def test_derivative_eta_covers_the_polynomial(method, radius):
+    fam = family(method)
+    u = np.linspace(-1.0, 1.0, 40001)
+    for g in range(2, 11, 2):
+        a = fam.coefficients(radius, g)
+        dp = np.polynomial.polynomial.polyval(u, np.polynomial.polynomial.polyder(a)) / radius
+        measured = float(np.max(np.abs(dp * np.exp(-radius * u) - 1.0)))
+        eta1 = gr.derivative_eta(method, radius, g)
+        assert measured <= eta1, (g, measured, eta1)
+        if method != "relative" or radius <= 1.0:  # the uniform-to-relative step costs e^{2R} for minimax fits
+            assert eta1 <= 10.0 * measured, (g, measured, eta1)
+
+
+def test_derivative_eta_of_taylor_by_hand():
+    # T_2(x) = 1 + x + x²/2: f'(x) = 1 + x, |(1 + x)e^{−x} − 1| on [−R, R] is largest at x = −R: (1 − R)e^R − 1
+    r = 0.5
+    a = family("taylor").coefficients(r, 2)
+    true = abs((1 - r) * math.exp(r) - 1.0)
+    eta1 = gr.polynomial_derivative_eta(tuple(a), r)
+    assert true <= eta1 <= 1.5 * true
+    assert gr.polynomial_derivative_eta(tuple(a), 0.0) == math.inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact engines
+
+
+@pytest.mark.parametrize("n", [1, 7, 511, 513, 2049])
+def test_exact_float32_bounds_hold_across_flash_chunks(n):
+    q, k, v, g = _inputs((2, n, 8), (2, n, 8), 5)
+    grad = torch.randn(2, n, 5, generator=g)
+    _, gc, cert = _check(q, k, v, grad, scale=8 ** -0.5)
+    assert cert.engine.startswith("flash") and gc.method == "exact" and gc.eta_derivative == 0.0
+
+
+@pytest.mark.parametrize("method", ["dense", "blockwise"])
+def test_project_kernels(method):
+    q, k, v, g = _inputs((3, 130, 4), (3, 130, 4))
+    _check(q, k, v, torch.randn(3, 130, 4, generator=g), scale=0.5, method=method, block_size=64)
+
+
+def test_float64_sdpa_bound_is_at_float64_scale():
+    q, k, v, g = _inputs((2, 100, 8), (2, 100, 8), dtype=torch.float64)
+    errs, gc, cert = _check(q, k, v, torch.randn(2, 100, 8, generator=g, dtype=torch.float64), scale=0.3)
+    assert gc.bound < 1e-8 and gc.compute_dtype == "float64"
+
+
+@pytest.mark.parametrize("case", ["causal", "l2", "bool", "float", "padding", "dead rows", "half"])
+def test_exact_masks_causal_l2(case):
+    n = 70
+    dtype = torch.bfloat16 if case == "half" else torch.float32
+    q, k, v, g = _inputs((2, n, 6), (2, n, 6), dtype=dtype, spread=0.7 if case == "l2" else 1.0)
+    kw = {}
+    if case == "causal":
+        kw["is_causal"] = True
+    if case == "l2":
+        kw["kind"] = "l2"
+    if case == "bool":
+        kw["attn_mask"] = torch.rand(2, n, n, generator=g) > 0.3
+    if case == "float":
+        kw["attn_mask"] = torch.randn(2, 1, n, generator=g) * 4.0
+    if case == "padding":
+        m = torch.ones(2, 1, n, dtype=torch.bool)
+        m[0, :, 50:] = False
+        kw["attn_mask"] = m
+    if case == "dead rows":
+        m = torch.rand(2, n, n, generator=g) > 0.5
+        m[:, 3] = False
+        kw["attn_mask"] = m
+    grad = torch.randn(2, n, 6, generator=g).to(dtype)
+    _check(q, k, v, grad, scale=0.4, **kw)
+
+
+def test_gqa_and_broadcast_keys_sum_their_bounds():
+    q, _, _, g = _inputs((1, 4, 33, 8), (1, 2, 33, 8))
+    k = torch.randn(1, 2, 33, 8, generator=g).requires_grad_()
+    v = torch.randn(1, 2, 33, 8, generator=g).requires_grad_()
+    grad = torch.randn(1, 4, 33, 8, generator=g)
+    out, cert, gc = _run(q, k, v, grad, enable_gqa=True, is_causal=True)
+    kk, vv = (x.detach().repeat_interleave(2, dim=1) for x in (k, v))
+    rq, rk, rv = long_double_gradients(q, kk, vv, grad, scale=8 ** -0.5, is_causal=True)
+    rk, rv = rk.reshape(1, 2, 2, 33, 8).sum(2), rv.reshape(1, 2, 2, 33, 8).sum(2)
+    assert float(np.abs(_ld(q.grad) - rq).max()) <= gc.dq_bound
+    assert float(np.abs(_ld(k.grad) - rk).max()) <= gc.dk_bound
+    assert float(np.abs(_ld(v.grad) - rv).max()) <= gc.dv_bound
+
+
+@pytest.mark.parametrize("case", ["dominant key", "near overflow", "equal values", "one upstream row"])
+def test_exact_adversarial(case):
+    n, d = 200, 8
+    q, k, v, g = _inputs((1, n, d), (1, n, d))
+    grad = torch.randn(1, n, d, generator=g)
+    with torch.no_grad():
+        if case == "dominant key":
+            k[0, 17] = q[0].mean(0) * 30.0
+        if case == "near overflow":
+            q.mul_(6.0)
+            k.mul_(6.0)
+        if case == "equal values":
+            v.fill_(0.5)
+        if case == "one upstream row":
+            grad.zero_()
+            grad[0, 5] = 100.0
+    _check(q, k, v, grad, scale=8 ** -0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# feature methods
+
+
+@pytest.mark.parametrize("method", ["taylor", "polynomial", "relative"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_families_bounds_hold(method, is_causal):
+    n = 130  # crosses the torch engine's 64-row causal tile twice
+    q, k, v, g = _inputs((2, n, 6), (2, n, 6), spread=0.4)
+    _check(q, k, v, torch.randn(2, n, 6, generator=g), scale=0.5, method=method, eps=1e-3, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("case", ["centre", "heavy", "l2", "padding", "gqa", "float64"])
+def test_families_with_every_option(case):
+    n = 97
+    dtype = torch.float64 if case == "float64" else torch.float32
+    q, k, v, g = _inputs((2, n, 6), (2, n, 6), spread=0.35, dtype=dtype)
+    kw = {"method": "relative", "eps": 1e-3}
+    if case == "centre":
+        with torch.no_grad():
+            q.add_(1.0)
+            k.sub_(0.8)
+        kw["centre"] = True
+    if case == "heavy":
+        with torch.no_grad():
+            k[:, 3] *= 6.0
+            q[:, 9] *= 6.0
+        kw["heavy"] = 2
+    if case == "l2":
+        kw["kind"] = "l2"
+    if case == "padding":
+        m = torch.ones(2, 1, n, dtype=torch.bool)
+        m[1, :, 60:] = False
+        kw["attn_mask"] = m
+    grad = torch.randn(2, n, 6, generator=g).to(dtype)
+    if case == "gqa":
+        q2 = torch.randn(2, 2, n, 6, generator=g).mul(0.35).requires_grad_()
+        k1, v1 = k.detach()[:, None].requires_grad_(), v.detach()[:, None].requires_grad_()
+        grad2 = torch.randn(2, 2, n, 6, generator=g)
+        out, cert, gc = _run(q2, k1, v1, grad2, enable_gqa=True, scale=0.5, **kw)
+        rq, rk, rv = long_double_gradients(q2, k1.expand(2, 2, n, 6), v1.expand(2, 2, n, 6), grad2, scale=0.5)
+        assert float(np.abs(_ld(q2.grad) - rq).max()) <= gc.dq_bound
+        assert float(np.abs(_ld(k1.grad) - rk.sum(1, keepdims=True)).max()) <= gc.dk_bound
+        assert float(np.abs(_ld(v1.grad) - rv.sum(1, keepdims=True)).max()) <= gc.dv_bound
+        return
+    _, gc, cert = _check(q, k, v, grad, scale=0.5, **kw)
+    if case in ("centre", "heavy"):
+        assert ("centred" if case == "centre" else "heavy") in cert.radius_source
+
+
+def test_feature_sums_bound_the_dense_sums():
+    """The O(n·r) column and row sums through the approximation are upper bounds of the exact weights' sums."""
+    q, k, v, g = _inputs((2, 150, 6), (2, 150, 6), spread=0.4)
+    grad = torch.randn(2, 150, 6, generator=g)
+    out, cert, gc = _run(q, k, v, grad, scale=0.5, method="relative", eps=1e-3, is_causal=True)
+    slot = cert.__dict__["_gradient_slot"]
+    qq, kk, vv, mask, c_q, c_k, sums = slot._tensors
+    dense = gr.gradient_bounds(qq, kk, vv, slot._grad, spec=slot.spec, mask=mask, c_q=c_q, c_k=c_k)
+    for name in ("dq_bound", "dk_bound", "dv_bound"):
+        assert getattr(gc, name) >= getattr(dense, name) * (1 - 1e-12), name
+        assert getattr(gc, name) <= getattr(dense, name) * 1.01, name  # and as tight
+
+
+def test_dv_bound_is_within_100x_of_the_error_on_gaussian_data():
+    """dV's error is η-sized weight errors times |G|: the bound reads within 100× of it on Gaussian heads."""
+    torch.manual_seed(0)
+    n, d = 512, 8
+    q, k = torch.randn(1, n, d), torch.randn(1, n, d)
+    q = (q / q.norm(dim=-1).max()).requires_grad_()
+    k = (k / k.norm(dim=-1).max()).requires_grad_()
+    v = torch.randn(1, n, d, requires_grad=True)
+    grad = torch.randn(1, n, d)
+    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    assert gc.dv_bound <= 100.0 * ev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# by hand
+
+
+@pytest.mark.parametrize("kind", ["softmax", "l2"])
+@pytest.mark.parametrize("centred", [False, True])
+def test_bound_formula_by_hand(kind, centred):
+    """One query, two keys, d = 1, the float32 rounding model: every term of the module docstring by hand."""
+    q = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([[1.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([[2.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    grad = torch.tensor([[3.0]], dtype=torch.float64)
+    c_q, c_k = (torch.tensor([[0.25]]), torch.tensor([[-0.5]])) if centred else (None, None)
+    eta, eta1, E = 1e-6, 3e-5, 1e-5
+    spec = gr.GradientSpec(method="relative", kind=kind, scale=1.0, is_causal=False, eta=eta, eta1=eta1,
+                           eta_fp=0.0, forward_bound=E, compute_dtype=torch.float32)
+    gc = gr.gradient_bounds(q, k, v, grad, spec=spec, c_q=c_q, c_k=c_k)
+    u = 2.0 ** -24
+    gam = lambda m: m * u / (1 - m * u)  # noqa: E731
+    eta_v = 2 * eta / (1 - eta)
+    eta_p = max(eta_v, (eta1 + eta) / (1 - eta))
+    rng, vmax = 3.0, 2.0 + E
+    b = 3.0 * (rng + E + 2 * gam(3) * vmax)
+    a = eta_p * b + 3.0 * E + 2 * gam(3) * 3.0 * vmax
+    x = np.array([0.5, -0.5]) if kind == "softmax" else -np.array([0.25, 2.25])
+    p = np.exp(x) / np.exp(x).sum()
+    s_e = 1.0 if kind == "softmax" else 2.0
+    cq, ck = (0.25, 0.5) if centred else (0.0, 0.0)
+    l2 = kind == "l2"
+    row = float(p @ np.array([1.0, 1.0])) + ck + (0.5 if l2 else 0.0)  # Σ_j P_ij(|k_j| + |c_k| [+ |q_i|])
+    dq = s_e * (a + gam(2 + 3) * (1 + eta_p) * b) * row
+    a_k = a + gam(1 + 3) * (1 + eta_p) * b
+    dk = s_e * a_k * p * (0.5 + 2 * cq + (np.array([1.0, 1.0]) if l2 else 0.0))  # κ^K_j: |q| + 2|c_q| [+ |k_j|]
+    dv = (eta_v + gam(4) * (1 + eta_v)) * 3.0 * p.max()
+    assert gc.dq_bound == pytest.approx(dq, rel=1e-9)
+    assert gc.dk_bound == pytest.approx(float(dk.max()), rel=1e-9)
+    assert gc.dv_bound == pytest.approx(dv, rel=1e-9)
+
+
+def test_backward_weights_are_within_eta_backward():
+    """The quantity the proof rests on, measured: the weights the Taylor backward uses, f'(x_ij)/Σ_l f(x_il),
+    are within η' of the exact weights (order 4, R = 1: the derivative's error dominates the forward's)."""
+    q = torch.tensor([[[1.0], [0.3], [-0.7]]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([[[1.0], [-1.0], [0.2]]], dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    out, cert = attnbound.attention(q, k, v, method="taylor", order=4, scale=1.0, return_certificate=True)
+    out.sum().backward()
+    gc = cert.gradient_certificate
+    a = family("taylor").coefficients(cert.radius, 4)
+    x = (q.detach() @ k.detach().transpose(-1, -2)).numpy()[0] / cert.radius
+    f = np.polynomial.polynomial.polyval(x, a)
+    fd = np.polynomial.polynomial.polyval(x, np.polynomial.polynomial.polyder(a)) / cert.radius
+    pb = fd / f.sum(-1, keepdims=True)
+    p = np.exp(x * cert.radius) / np.exp(x * cert.radius).sum(-1, keepdims=True)
+    measured = float(np.abs(pb / p - 1).max())
+    assert measured > 2 * cert.eta / (1 - cert.eta)  # the forward's η alone would not cover it
+    assert measured <= gc.eta_backward
+
+
+def test_exact_backward_charges_the_stored_log_sum_exp():
+    """The exact backward recomputes exp(x − lse) from the forward's float32 log-sum-exp: its rounding,
+    4u·(s·max‖q‖·max‖k‖ + max|mask| + ln(n_k + 1) + 4), is charged on top of η."""
+    q, k, v, g = _inputs((1, 20, 4), (1, 20, 4), spread=3.0)
+    mask = torch.randn(1, 20, 20, generator=g) * 7.0
+    out, cert = attnbound.attention(q, k, v, attn_mask=mask, return_certificate=True)
+    spec = cert.__dict__["_gradient_slot"].spec
+    big = 0.5 * float(q.detach().norm(dim=-1).max()) * float(k.detach().norm(dim=-1).max()) + \
+        float(mask.abs().max()) + math.log(21) + 4.0
+    assert spec.eta_fp == pytest.approx(math.expm1(4 * 2.0 ** -24 * big), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grad_eps, the modules, no-grad calls
+
+
+def test_grad_eps_raises_in_backward_and_leaves_grads_alone():
+    q, k, v, g = _inputs((1, 64, 6), (1, 64, 6), spread=0.4)
+    out = attnbound.attention(q, k, v, method="taylor", order=4, scale=0.5, grad_eps=1e-9)
+    with pytest.raises(ValueError, match="grad_eps"):
+        out.sum().backward()
+    assert q.grad is None and k.grad is None and v.grad is None
+    out = attnbound.attention(q, k, v, method="exact", grad_eps=1.0)
+    out.sum().backward()
+    assert q.grad is not None and attnbound.last_gradient_certificate().bound <= 1.0
+    with pytest.raises(ValueError, match="grad_eps"):
+        attnbound.attention(q, k, v, grad_eps=-1.0)
+
+
+def test_no_certificate_without_a_backward():
+    q, k, v, _ = _inputs((1, 8, 4), (1, 8, 4))
+    with torch.no_grad():
+        _, cert = attnbound.attention(q, k, v, return_certificate=True)
+    assert cert.gradient_certificate is None
+    _, cert = attnbound.attention(q, k, v, return_certificate=True)
+    assert cert.gradient_certificate is None  # no backward yet
+    assert "gradient" not in str(cert.as_dict())
+
+
+def test_modules_report_each_layers_gradient_certificate():
+    torch.manual_seed(0)
+    model = Transformer(2, 16, 2, method="relative", eps=1e-3)
+    x = torch.randn(2, 40, 16) * 0.2
+    assert model.last_gradient_certificates == [None, None]
+    model(x).square().mean().backward()
+    certs = model.last_gradient_certificates
+    assert all(c is not None and math.isfinite(c.bound) for c in certs)
+    att = Attention(16, 2, method="exact")
+    y, _ = att(x, x, x, need_weights=False)
+    y.sum().backward()
+    assert att.last_gradient_certificate.method == "exact"
+    assert attnbound.last_gradient_certificate() is att.last_gradient_certificate
