@@ -25,7 +25,7 @@ import torch
 from . import validation as val
 from .centring import Split, heavy_rows
 from .certificate import Certificate, CertificateMiss
-from .engines import registry
+from .engines import fused, registry
 from .engines.features import (_min_denominator, chunk_rows, feature_attention, feature_memory_bytes,
                                feature_request, normalize_readout, weighted_values)
 from .engines.flash import flash_attention, flash_candidate, flash_memory_bytes
@@ -214,12 +214,21 @@ def _run_reference(call: Call, method: str, logit: float, norms: float) -> tuple
 # features
 
 
-def check_feature_memory(call: Call, method: str, degree: int, rank: int) -> None:
+def _fused_backward(call: Call, var) -> bool:
+    """Whether this call's gradients come from the fused backward (no saved n × r features): the fused kernels
+    on the CPU, and under causality only keys weighted 0 or 1 (softmax, not centred: no per-key log-weights)."""
+    if call.q.device.type != "cpu" or not fused.runtime_available()[0]:
+        return False
+    return not call.is_causal or (call.kind == "softmax" and var is not None and not var.centre)
+
+
+def check_feature_memory(call: Call, method: str, degree: int, rank: int, var=None) -> None:
     """Refuse, naming what would fit, a feature run whose memory exceeds the budget (before any allocation)."""
     q, v = call.q, call.v
     chunk = chunk_rows(call.batch_numel, rank)
     need = feature_memory_bytes(call.batch_numel, q.shape[-2], call.k.shape[-2], q.shape[-1], v.shape[-1], rank,
-                                chunk, is_causal=call.is_causal, requires_grad=call.requires_grad)
+                                chunk, is_causal=call.is_causal,
+                                requires_grad=call.requires_grad and not _fused_backward(call, var))
     if need <= call.budget:
         return
     fam = family(method)
@@ -283,7 +292,7 @@ def run_features(call: Call, method: str, cert: Certificate, var: Variant, sp: S
     row sums (raises :class:`CertificateMiss` when that misses eps)."""
     q, v, st = call.q, call.v, call.stats
     g, d_v = cert.degree, v.shape[-1]
-    check_feature_memory(call, method, g, cert.rank)
+    check_feature_memory(call, method, g, cert.rank, var)
     coeffs, aq, ak = polynomial_setup(method, cert.radius, g, d=q.shape[-1],
                                       bound=call.bound if cert.radius_source == "bound" else None,
                                       norms=(sp.q_norm, sp.k_norm))

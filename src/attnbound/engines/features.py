@@ -29,7 +29,8 @@ import math
 import numpy as np
 import torch
 
-from . import fused, registry  # the fused float64 CPU kernels; this module is their reference and the autograd path
+from . import fused, fused_backward, registry  # the fused float64 CPU kernels (and their backward); this module is
+# their reference and the autograd path of every other case
 from .monomials import feature_rank, monomial_features, monomial_weights
 
 FEATURE_CHUNK_BYTES = 24 << 20  # target size of one (batch, r, chunk) float64 feature block (measured best ~1024 rows at r=3003)
@@ -98,17 +99,19 @@ def feature_attention(
             engine = registry.choose(req)[0]
         elif why := registry.ENGINES["fused"].not_supported_reasons(req):
             raise ValueError(f"engine: fused cannot take this call: {', '.join(why)}")
-    use_fused = engine == "fused" and fused.available(q, k, vv)[0]
+    grad = _records_grad(q, k, vv, key_log_weight)  # the fused kernels then run with their fused backward
+    use_fused = engine == "fused" and (
+        fused_backward.applies(q, k, vv, w, degree=degree, is_causal=is_causal) if grad else fused.available(q, k, vv)[0])
     ref = torch.zeros((1, 1), dtype=q.dtype, device=q.device)
     if is_causal:
-        if use_fused and key_log_weight is not None:
-            # weights 1 or 0 (key padding, heavy keys): the running maximum is 0 from a row's first visible
-            # key on (rows before it have no weight at all), so each row's sums are relative to ref = 0 and
-            # the weighting is the zeroing of the [v, 1] rows of the keys that do not count
-            vv = vv * torch.isfinite(key_log_weight).unsqueeze(-1).to(vv.dtype)
-            num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
-        elif use_fused and key_log_weight is None:
-            num = fused.causal_readout(q, k, vv, degree=degree, weights=w)
+        if use_fused:
+            if key_log_weight is not None:
+                # weights 1 or 0 (key padding, heavy keys): the running maximum is 0 from a row's first visible
+                # key on (rows before it have no weight at all), so each row's sums are relative to ref = 0 and
+                # the weighting is the zeroing of the [v, 1] rows of the keys that do not count
+                vv = vv * torch.isfinite(key_log_weight).unsqueeze(-1).to(vv.dtype)
+            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=True) if grad \
+                else fused.causal_readout(q, k, vv, degree=degree, weights=w)
         elif key_log_weight is None:
             num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
         else:
@@ -120,8 +123,11 @@ def feature_attention(
             ref = _safe_max(key_log_weight, -1).unsqueeze(-1)
             vv = vv * torch.exp(key_log_weight.unsqueeze(-1) - ref)
         eng = "fused" if use_fused else "torch"
-        num = readout_on(eng, q, key_state_on(eng, k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
-                         chunk=chunk)
+        if use_fused and grad:
+            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=False)
+        else:
+            num = readout_on(eng, q, key_state_on(eng, k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
+                             chunk=chunk)
     if return_parts:
         return num, ref
     return normalize_readout(num, d_v)

@@ -101,8 +101,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
            "the long-double reference of the tests", "the explicit n_q × n_k softmax"),
     Engine("blockwise", "exact", FLOATS, None, MASKS, MASKS, True,
            "engines.reference.dense_attention", "query chunks × key blocks, online softmax"),
-    Engine("fused", "features", (torch.float64,), ("cpu",), KEY_WEIGHTS, ("none", "0/1 key weights"), False,
-           "engines.features (torch engine)", "numba kernels: key state, readout, causal pass (Horner triangle)",
+    Engine("fused", "features", (torch.float64,), ("cpu",), KEY_WEIGHTS, ("none", "0/1 key weights"), True,
+           "engines.features (torch engine)", "numba kernels: key state, readout, causal pass (Horner triangle); "
+           "backward by reverse mode through the monomial map (engines.fused_backward)",
            causal_tile=fused.CAUSAL_TILE, available=lambda: fused.available()),  # late-bound: patchable
     Engine("torch", "features", FLOATS, None, KEY_WEIGHTS, KEY_WEIGHTS, True,
            "engines.naive.feature_attention", "chunked torch feature engine (autograd)", causal_tile=64),
