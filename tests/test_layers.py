@@ -15,7 +15,7 @@ ROOT = pathlib.Path(attnbound.__file__).resolve().parent
 LAYERS = [
     {"validation", "certificate", "stats", "numerics", "centring", "eager", "engines", "families"},
     {"planner"},
-    {"run", "pipeline"},
+    {"run", "pipeline", "gradient"},
     {"api"},
     {"calibration", "decoding", "distributed", "nn", "measure"},
     {"integrations", "hardness"},

@@ -470,7 +470,7 @@ def _feature_sums(cert, call, eta_fp: float):
     ≥ (1 − η)e^{−R} of each row's mean, the computed ones off by γ_N·Σ|a_j| each)."""
     import re
 
-    from .pipeline import Options
+    from .pipeline import Options, execute, statistics, tries, validate
 
     heavy = re.search(r"(\d+) heavy", cert.radius_source or "")
     opts = Options(scale=call.scale, is_causal=call.is_causal, kind=call.kind, method=cert.method,
@@ -482,16 +482,17 @@ def _feature_sums(cert, call, eta_fp: float):
     eta = cert.eta
     up = (1.0 + eta) / (1.0 - eta) * (1.0 + eta_fp) / (1.0 - eta_fp) if eta < 1.0 and eta_fp < 1.0 else math.inf
 
-    def sums(qe, ke, a, b):
-        from .api import run_call
+    def run(q64, k64, vals):
+        call_ = statistics(q64, k64, vals, validate(q64, k64, vals, key_mask, opts), opts)
+        return execute(call_, tries(call_, opts))[0]
 
+    def sums(qe, ke, a, b):
         q64, k64 = qe.contiguous(), ke.contiguous()
         with torch.enable_grad():
             vd = torch.zeros((*a.shape[:-2], ke.shape[-2], a.shape[-1]), dtype=torch.float64, requires_grad=True)
-            out, _, _ = run_call(q64, k64, vd, key_mask, opts)
-            (col,) = torch.autograd.grad(out, vd, a)
+            (col,) = torch.autograd.grad(run(q64, k64, vd), vd, a)
         with torch.no_grad():
-            row, _, _ = run_call(q64, k64, b.contiguous(), key_mask, opts)
+            row = run(q64, k64, b.contiguous())
         return col.clamp_min(0.0) * up, row.clamp_min(0.0) * up
 
     return sums
