@@ -37,8 +37,8 @@ try:
 except Exception:  # pragma: no cover - numba is a dependency; fused.available() says why it is missing
     numba = None
 
-ROW_TILE = 64  # rows per parallel work item of the row walk
-CAUSAL_TILE = 64  # rows per causal tile: the exact triangle costs T·(d + g + C) per row
+ROW_TILE = 32  # rows per work item of the row walk: two r × 32 blocks (monomials, adjoints) stay in L2
+CAUSAL_TILE = 32  # rows per causal tile: the exact triangle costs T·(d + g + C) per row
 
 
 def tree(d: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,35 +56,81 @@ def tree(d: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 if numba is not None:
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _load(x, b, t0, tl, out):  # pragma: no cover - compiled
+        """out[:, t] = x[b, t0 + t, :] (a tile, transposed so the loops over t are contiguous)."""
+        for t in range(tl):
+            for e in range(x.shape[2]):
+                out[e, t] = x[b, t0 + t, e]
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _monomials(xt, tl, parent, var, m):  # pragma: no cover - compiled
+        """m[a, t] = φ_a(x_t): each monomial its parent times one coordinate."""
+        for t in range(tl):
+            m[0, t] = 1.0
+        for a in range(1, m.shape[0]):
+            pa = parent[a]
+            vi = var[a]
+            for t in range(tl):
+                m[a, t] = m[pa, t] * xt[vi, t]
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _projected_adjoint(M, b, yt, tl, scale, ab, m, xt, parent, var, gt):  # pragma: no cover - compiled
+        """_project then _adjoint in one walk: monomial a's adjoint is its own projection scale[a]·M[b, a]·y_t plus
+        what its children (later in the order, so already visited) passed up in ab[a]."""
+        for a in range(ab.shape[0]):
+            for t in range(tl):
+                ab[a, t] = 0.0
+        for a in range(ab.shape[0] - 1, 0, -1):
+            for c in range(yt.shape[0]):
+                mac = M[b, a, c] * scale[a]
+                for t in range(tl):
+                    ab[a, t] += mac * yt[c, t]
+            pa = parent[a]
+            vi = var[a]
+            for t in range(tl):
+                g = ab[a, t]
+                gt[vi, t] += g * m[pa, t]
+                ab[pa, t] += g * xt[vi, t]
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _accumulate(S, m, yt, tl, scale):  # pragma: no cover - compiled
+        """S[a, c] += scale[a]·Σ_t m[a, t]·y_t[c]."""
+        for a in range(S.shape[0]):
+            for c in range(S.shape[1]):
+                s = 0.0
+                for t in range(tl):
+                    s += m[a, t] * yt[c, t]
+                S[a, c] += scale[a] * s
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _store(gt, out, b, t0, tl):  # pragma: no cover - compiled
+        for t in range(tl):
+            for e in range(gt.shape[0]):
+                out[b, t0 + t, e] += gt[e, t]
+
     @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
-    def _vjp_rows(x, M, Y, parent, var, out):  # pragma: no cover - compiled
-        """out[b, i] = J_φ(x_i)ᵀ·(M_b·Y_i) for x (B, n, d), M (B, r, C), Y (B, n, C)."""
+    def _vjp_rows(x, M, Y, scale, parent, var, T, out):  # pragma: no cover - compiled
+        """out[b, i] = J_φ(x_i)ᵀ·(diag(scale)·M_b·Y_i) for x (B, n, d), M (B, r, C), Y (B, n, C); tiles of T rows."""
         B, n, d = x.shape
         r, C = M.shape[1], M.shape[2]
-        nt = (n + ROW_TILE - 1) // ROW_TILE
+        nt = (n + T - 1) // T
         for p in prange(B * nt):
             b = p // nt
-            t0 = (p % nt) * ROW_TILE
-            t1 = min(n, t0 + ROW_TILE)
-            m = np.empty(r)
-            ab = np.empty(r)
-            for i in range(t0, t1):
-                m[0] = 1.0
-                for a in range(1, r):
-                    m[a] = m[parent[a]] * x[b, i, var[a]]
-                for a in range(r):
-                    s = 0.0
-                    for c in range(C):
-                        s += M[b, a, c] * Y[b, i, c]
-                    ab[a] = s
+            t0 = (p % nt) * T
+            tl = min(T, n - t0)
+            xt = np.empty((d, T))
+            yt = np.empty((C, T))
+            gt = np.zeros((d, T))
+            m = np.empty((r, T))
+            ab = np.empty((r, T))
+            _load(x, b, t0, tl, xt)
+            _load(Y, b, t0, tl, yt)
+            _monomials(xt, tl, parent, var, m)
+            _projected_adjoint(M, b, yt, tl, scale, ab, m, xt, parent, var, gt)
+            for t in range(tl):
                 for e in range(d):
-                    out[b, i, e] = 0.0
-                for a in range(r - 1, 0, -1):
-                    g = ab[a]
-                    pa = parent[a]
-                    vi = var[a]
-                    out[b, i, vi] += g * m[pa]
-                    ab[pa] += g * x[b, i, vi]
+                    out[b, t0 + t, e] = gt[e, t]
 
     @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
     def _causal_grads(q, k, vv, dn, w, dcoef, parent, var, T, dq, dk):  # pragma: no cover - compiled
@@ -93,83 +139,64 @@ if numba is not None:
         r = w.shape[0]
         C = vv.shape[2]
         gd = dcoef.shape[0] - 1
+        ones = np.ones(r)
         for b in prange(B):
-            S = np.zeros((r, C))
-            m = np.empty(r)
-            ab = np.empty(r)
+            S = np.zeros((1, r, C))
+            qt = np.empty((d, T))
+            kt = np.empty((d, T))
+            vt = np.empty((C, T))
+            dt = np.empty((C, T))
+            gq = np.empty((d, T))
+            gk = np.empty((d, T))
+            m = np.empty((r, T))
+            ab = np.empty((r, T))
             for i in range(n):
                 for e in range(d):
                     dq[b, i, e] = 0.0
                     dk[b, i, e] = 0.0
-            for t0 in range(0, n, T):
-                t1 = min(n, t0 + T)
-                for i in range(t0, t1):  # queries against the keys of earlier tiles
-                    m[0] = 1.0
-                    for a in range(1, r):
-                        m[a] = m[parent[a]] * q[b, i, var[a]]
-                    for a in range(r):
-                        s = 0.0
-                        for c in range(C):
-                            s += S[a, c] * dn[b, i, c]
-                        ab[a] = s
-                    for a in range(r - 1, 0, -1):
-                        g = ab[a]
-                        pa = parent[a]
-                        vi = var[a]
-                        dq[b, i, vi] += g * m[pa]
-                        ab[pa] += g * q[b, i, vi]
-                for i in range(t0, t1):  # the exact triangle: d/dq P(⟨q, k⟩) = P'(u)·k
-                    for j in range(t0, i + 1):
+            for t0 in range(0, n, T):  # forward scan: queries against the keys of earlier tiles, then the triangle
+                tl = min(T, n - t0)
+                _load(q, b, t0, tl, qt)
+                _load(k, b, t0, tl, kt)
+                _load(vv, b, t0, tl, vt)
+                _load(dn, b, t0, tl, dt)
+                gq[:, :] = 0.0
+                gk[:, :] = 0.0
+                _monomials(qt, tl, parent, var, m)
+                _projected_adjoint(S, 0, dt, tl, ones, ab, m, qt, parent, var, gq)
+                for i in range(tl):  # the exact triangle: d/dq P(⟨q, k⟩) = P'(u)·k
+                    for j in range(i + 1):
                         u = 0.0
                         for e in range(d):
-                            u += q[b, i, e] * k[b, j, e]
+                            u += qt[e, i] * kt[e, j]
                         h = dcoef[gd]
                         for jj in range(gd - 1, -1, -1):
                             h = h * u + dcoef[jj]
                         gv = 0.0
                         for c in range(C):
-                            gv += dn[b, i, c] * vv[b, j, c]
+                            gv += dt[c, i] * vt[c, j]
                         f = h * gv
                         for e in range(d):
-                            dq[b, i, e] += f * k[b, j, e]
-                            dk[b, j, e] += f * q[b, i, e]
-                for j in range(t0, t1):  # the tile's keys join the state
-                    m[0] = 1.0
-                    for a in range(1, r):
-                        m[a] = m[parent[a]] * k[b, j, var[a]]
-                    for a in range(r):
-                        wa = w[a] * m[a]
-                        for c in range(C):
-                            S[a, c] += wa * vv[b, j, c]
-            Tq = S  # reused: now the state of the queries after the tile
-            for a in range(r):
-                for c in range(C):
-                    Tq[a, c] = 0.0
+                            gq[e, i] += f * kt[e, j]
+                            gk[e, j] += f * qt[e, i]
+                _store(gq, dq, b, t0, tl)
+                _store(gk, dk, b, t0, tl)
+                _monomials(kt, tl, parent, var, m)  # the tile's keys join the state
+                _accumulate(S[0], m, vt, tl, w)
+            S[0, :, :] = 0.0  # now the state of the queries after the tile
             last = ((n - 1) // T) * T if n > 0 else 0
             for t0 in range(last, -1, -T):
-                t1 = min(n, t0 + T)
-                for j in range(t0, t1):  # keys against the queries of later tiles
-                    m[0] = 1.0
-                    for a in range(1, r):
-                        m[a] = m[parent[a]] * k[b, j, var[a]]
-                    for a in range(r):
-                        s = 0.0
-                        for c in range(C):
-                            s += Tq[a, c] * vv[b, j, c]
-                        ab[a] = w[a] * s
-                    for a in range(r - 1, 0, -1):
-                        g = ab[a]
-                        pa = parent[a]
-                        vi = var[a]
-                        dk[b, j, vi] += g * m[pa]
-                        ab[pa] += g * k[b, j, vi]
-                for i in range(t0, t1):  # the tile's queries join the backward state
-                    m[0] = 1.0
-                    for a in range(1, r):
-                        m[a] = m[parent[a]] * q[b, i, var[a]]
-                    for a in range(r):
-                        for c in range(C):
-                            Tq[a, c] += m[a] * dn[b, i, c]
+                tl = min(T, n - t0)
+                _load(q, b, t0, tl, qt)
+                _load(k, b, t0, tl, kt)
+                _load(vv, b, t0, tl, vt)
+                _load(dn, b, t0, tl, dt)
+                gk[:, :] = 0.0
+                _monomials(kt, tl, parent, var, m)  # keys against the queries of later tiles
+                _projected_adjoint(S, 0, vt, tl, w, ab, m, kt, parent, var, gk)
+                _store(gk, dk, b, t0, tl)
+                _monomials(qt, tl, parent, var, m)  # the tile's queries join the backward state
+                _accumulate(S[0], m, dt, tl, ones)
 
 
 def _np3(x: torch.Tensor, batch) -> np.ndarray:
@@ -189,7 +216,7 @@ def vjp_rows(x: torch.Tensor, M: torch.Tensor, Y: torch.Tensor, *, degree: int) 
     out = np.empty((B, n, d))
     if B and n:
         parent, var = tree(d, degree)
-        _vjp_rows(_np3(x, batch), _np3(M, batch), _np3(Y, batch), parent, var, out)
+        _vjp_rows(_np3(x, batch), _np3(M, batch), _np3(Y, batch), np.ones(M.shape[-2]), parent, var, ROW_TILE, out)
     return torch.from_numpy(out).reshape(*batch, n, d)
 
 
