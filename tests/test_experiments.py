@@ -8,7 +8,7 @@ import numpy as np
 from attnbound.experiments import minilm
 from attnbound.experiments.report import provenance, reproduce
 
-ARITHMETIC = ["scaling", "transition", "families", "taylor_order", "direct_sum", "gradient", "reductions"]
+ARITHMETIC = ["scaling", "transition", "families", "taylor_order", "direct_sum", "gradient", "training", "reductions"]
 
 
 def test_reproduce_test_scale_writes_every_artifact_and_passes(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnbound.experiments import (direct_sum, families, gradient, minilm, radii, reductions, scaling, taylor_order,
-                                   transition)
+                                   training, transition)
 from attnbound.experiments.common import count_ops, fit_slope, interleaved_min_times, overhead_fit, slope_verdict
 
 
@@ -530,3 +530,45 @@ def test_minilm_relative_need_is_the_certified_degree():
     assert how == "a priori" and g == c.degree and lr == pytest.approx(math.log10(math.comb(32 + g, g)))
     assert minilm.relative_need(8.0, **stats)[2] == "a posteriori"  # the a-priori rounding term misses at R = 8
     assert minilm.relative_need(20.0, **stats) == (None, None, "none")  # above the table
+
+
+# ------------------------------------------------------------------ training (Alman–Song 2024)
+
+
+def _checks(ratio):
+    return [{"step": s, "layer": 0, "dq_error": 1e-4 * ratio, "dq_bound": 1e-4, "dk_error": 1e-5, "dk_bound": 1e-4,
+             "dv_error": 1e-6, "dv_bound": 1e-5} for s in range(3)]
+
+
+def test_training_bound_verdict_fails_on_an_error_above_its_bound():
+    assert training.verdict_bounds(_checks(0.5))[0] == "PASS"
+    v, why = training.verdict_bounds(_checks(1.01))
+    assert v == "FAIL" and "exceeds" in why
+    assert training.verdict_bounds([])[0] == "INCONCLUSIVE"
+
+
+def test_training_ops_verdict():
+    rows = [{"ratio": 3.2, "fused_ratio": 3.1}, {"ratio": 3.3, "fused_ratio": 3.1}]
+    assert training.verdict_ops(rows)[0] == "PASS"
+    assert training.verdict_ops([{"ratio": 5.5, "fused_ratio": 3.1}])[0] == "FAIL"
+    assert training.verdict_ops([{"ratio": 3.0, "fused_ratio": 0.9}])[0] == "FAIL"
+
+
+def test_training_derivative_tail_matches_the_certified_eta1():
+    """The threshold's η₁ (Chebyshev derivative tail, log space) against attnbound.gradient's proved η₁ of the same
+    truncation: they agree where both apply (the proved one adds only the coefficients' rounding)."""
+    from attnbound.gradient import derivative_eta
+
+    for radius in (0.5, 1.0, 4.0):
+        tails = training.log_derivative_tail_all(radius, 60)
+        for g in (2, 5, 9):
+            eta1 = math.exp(tails[g] + radius - math.log(radius))
+            proved = derivative_eta("polynomial", radius, g)
+            assert proved == pytest.approx(eta1, rel=1e-3) or (eta1 < 1e-12 and proved < 1e-10), (radius, g)
+
+
+def test_training_gradient_degree_is_at_least_the_forward_degree():
+    for lg in (16, 64, 256):
+        for b in (0.5, 1.0, 2.0):
+            r = b * b
+            assert training.gradient_degree(r, -lg * math.log(2)) >= transition.needed_degree(r, -lg * math.log(2))

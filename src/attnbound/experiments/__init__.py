@@ -4,7 +4,7 @@ Each module has ``run(scale, seed, advance) -> Result`` and ``steps(scale)``; it
 are pure functions of the measured data, tested on synthetic data that must pass and must fail.
 """
 
-from . import direct_sum, families, gradient, minilm, peers, reductions, scaling, taylor_order, transition
+from . import direct_sum, families, gradient, minilm, peers, reductions, scaling, taylor_order, training, transition
 
 EXPERIMENTS = {
     "scaling": scaling,
@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "taylor_order": taylor_order,
     "direct_sum": direct_sum,
     "gradient": gradient,
+    "training": training,
     "reductions": reductions,
     "minilm": minilm,
     "peers": peers,
