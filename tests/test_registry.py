@@ -25,7 +25,6 @@ def test_the_records_and_their_order():
 @pytest.mark.parametrize("change, word", [({"dtype": torch.float32}, "dtype float32"),
                                           ({"dtype": torch.float16}, "dtype float16"),
                                           ({"device": "cuda"}, "device cuda"),
-                                          ({"requires_grad": True}, "requires_grad"),
                                           ({"causal": True, "mask": "key weights"}, "key weights mask with is_causal")])
 def test_fused_declines_with_a_reason_that_names_it_and_torch_takes_it(change, word):
     req = Request(**{**PLAIN.__dict__, **change})
@@ -33,6 +32,12 @@ def test_fused_declines_with_a_reason_that_names_it_and_torch_takes_it(change, w
     assert len(why) == 1 and word in why[0], why
     assert ENGINES["torch"].not_supported_reasons(req) == []
     assert choose(req) == ("torch", {"fused": why})
+
+
+def test_fused_takes_gradients_through_its_fused_backward():
+    req = Request(**{**PLAIN.__dict__, "requires_grad": True})
+    assert ENGINES["fused"].autograd and ENGINES["fused"].not_supported_reasons(req) == []
+    assert choose(req) == ("fused", {})
 
 
 def test_fused_takes_key_weights_without_causal_and_padding_with_it():
@@ -45,8 +50,8 @@ def test_fused_takes_key_weights_without_causal_and_padding_with_it():
 def test_every_reason_is_listed_and_a_general_mask_is_declined_by_every_feature_engine():
     req = Request("features", "cuda", torch.float32, "key weights", causal=True, requires_grad=True)
     why = ENGINES["fused"].not_supported_reasons(req)
-    assert len(why) == 4 and "float32" in why[0] and "cuda" in why[1] and "is_causal" in why[2] \
-        and "requires_grad" in why[3], why
+    assert len(why) == 3 and "float32" in why[0] and "cuda" in why[1] and "is_causal" in why[2], why
+    assert "requires_grad (no backward)" in ENGINES["flash"].not_supported_reasons(req) or ENGINES["flash"].autograd
     bool_mask = Request("features", "cpu", F64, "bool")
     for name in FEATURE_ORDER:
         assert ENGINES[name].not_supported_reasons(bool_mask) == ["bool mask"]
@@ -99,9 +104,9 @@ def test_certificate_engine_of_feature_methods():
     q, k, v = _qkv()
     _, cert = attnbound.attention(q, k, v, method="polynomial", eps=1e-3, return_certificate=True)
     assert cert.engine == "fused"  # float32 inputs: the engine computes on their float64 copies
-    q.requires_grad_()
+    q.requires_grad_()  # gradients: the fused kernels with their fused backward
     _, cert = attnbound.attention(q, k, v, method="polynomial", eps=1e-3, return_certificate=True)
-    assert cert.engine == "torch"
+    assert cert.engine == "fused"
     q = q.detach()
     with torch.no_grad():  # no graph to record: the fused kernels again
         q.requires_grad_()
@@ -141,5 +146,4 @@ def test_plan_passes_over_engines_that_cannot_take_the_device_or_gradients():
                for c in p.candidates[1:])
     p = attnbound.plan(4096, 4096, 64, 64, 1.0, 1e-3, out_dtype=torch.float32, requires_grad=True)
     assert p.candidates[0].engine.startswith("flash")
-    assert all(c.engine == "torch" and c.rejected == {"fused": ["requires_grad (no backward)"]}
-               for c in p.candidates[1:])
+    assert all(c.engine == "fused" and c.rejected == {} for c in p.candidates[1:])
