@@ -428,8 +428,8 @@ def _feature_candidates(shape: _Shape, cm: CostModel, budget: int, var: Variant,
     for fam in FAMILIES.values():
         for g in fam.degrees():
             r = feature_rank(d, g)
-            mem = feature_memory_bytes(b, n_q, n_k, d, d_v, r, chunk_rows(b, r), is_causal=causal,
-                                       requires_grad=shape.requires_grad)
+            mem = feature_memory_bytes(b, n_q, n_k, d, d_v, r, chunk_rows(b, r), is_causal=causal,  # the fused
+                                       requires_grad=shape.requires_grad and engine != "fused")  # backward saves none
             cert = degree_certificate(fam.name, var.radius, g, d=d, n_k=n_k, value_range=value_range,
                                       max_abs_value=max_abs_value, kind=shape.kind, radius_source=radius_source,
                                       out_dtype=out_dtype, eps=eps, key_log_weight=var.key_log_weight,
