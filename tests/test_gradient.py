@@ -215,8 +215,8 @@ def test_feature_sums_bound_the_dense_sums():
     grad = torch.randn(2, 150, 6, generator=g)
     out, cert, gc = _run(q, k, v, grad, scale=0.5, method="relative", eps=1e-3, is_causal=True)
     slot = cert.__dict__["_gradient_slot"]
-    qq, kk, vv, mask, c_q, c_k, sums = slot._tensors
-    dense = gr.gradient_bounds(qq, kk, vv, slot._grad, spec=slot.spec, mask=mask, c_q=c_q, c_k=c_k)
+    qq, kk, vv, mask, c_q, c_k, sums, out = slot._tensors
+    dense = gr.gradient_bounds(qq, kk, vv, slot._grad, spec=slot.spec, mask=mask, c_q=c_q, c_k=c_k, out=out)
     for name in ("dq_bound", "dk_bound", "dv_bound"):
         assert getattr(gc, name) >= getattr(dense, name) * (1 - 1e-12), name
         assert getattr(gc, name) <= getattr(dense, name) * 1.01, name  # and as tight

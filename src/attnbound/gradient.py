@@ -48,6 +48,7 @@ from scipy import special
 from .certificate import U64, _gamma, underflow_unit, unit_roundoff
 
 DENSE_KEY_CHUNK = 1024
+CS_MAX_DV = 16  # the Cauchy–Schwarz refinement sums d_v² more columns: only for narrow heads
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,11 +254,13 @@ def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool)
 
 
 def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=None, c_k=None,
-                    sums=None) -> GradientCertificate:
+                    sums=None, out=None) -> GradientCertificate:
     """The certificate of one backward (see the module docstring): q, k, v, the upstream ``grad_out``,
     ``mask`` an additive float mask broadcastable to (..., n_q, n_k) or None, c_q / c_k the centres or None.
-    ``sums(q, k, a, b) -> (upper bound on Pᵀa, upper bound on P·b)`` replaces the dense float64 pass (the feature
-    methods pass :func:`feature_sums`, O(n·r))."""
+    ``sums(q, k, a, b) -> (Σ̃ Pᵀa, Σ̃ P·b, up, ρ)`` replaces the dense float64 pass (the feature methods pass
+    :func:`_feature_sums`, O(n·r)): computed sums such that a true sum of nonnegative terms is ≤ up·(computed),
+    and a computed signed sum is within ρ·(the sum of its terms' absolute values) of the real one. ``out``, the
+    forward's output, enables the Cauchy–Schwarz refinement of dQ and dK (for d_v ≤ ``CS_MAX_DV``)."""
     spec = spec.resolved()
     with torch.no_grad():
         G = grad_out.detach().double()
@@ -290,27 +293,67 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         cq = (c_q.double().expand_as(qe[..., :1, :]) if c_q is not None else torch.zeros_like(qe[..., :1, :])).abs()
         ck = (c_k.double().expand_as(ke[..., :1, :]) if c_k is not None else torch.zeros_like(ke[..., :1, :])).abs()
         qa, ka = qe.abs(), ke.abs()
-        # column sums Σ_i P_ij·[a_k·|q_i|, a_k, (1 + η')b·|q_i|, (1 + η')b, |G_i|]; row sums Σ_j P_ij |k_j|
-        cols = torch.cat([a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga], -1)
+        d = qe.shape[-1]
+        # Cauchy–Schwarz refinement (small d_v): Σ_j P_ij|g_ij|κ_ij ≤ √(Σ_j P_ij g_ij²)·√(Σ_j P_ij κ_ij²), and
+        # Σ_j P_ij g_ij² ≤ Σ_j P_ij (G_i·v_j − c_i)² for any c_i (g's weighted mean square is the smallest)
+        cs = d_v <= CS_MAX_DV and out is not None
+        gl1 = Ga.sum(-1, keepdim=True)
+        a_rest = a - eta_p * b + eta_p * gl1 * E  # a_i without the η'·|g̃| term (|g̃_ij| ≤ |g_ij| + ‖G_i‖₁E)
+        parts_c = [a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga]
+        parts_r = [ka]
+        if cs:
+            c = (Ge * out.detach().double().expand(*batch, n_q, d_v)).sum(-1, keepdim=True)  # c_i = G_i·õ_i
+            gg = (Ge.unsqueeze(-1) * Ge.unsqueeze(-2)).flatten(-2)
+            m2 = ((Ga * ve.abs().amax(-2, keepdim=True)).sum(-1, keepdim=True) + c.abs()) ** 2
+            ar_k = a_rest + g_q * (1.0 + eta_p) * b
+            parts_c += [ar_k * qa, ar_k, gg, c * Ge, c * c, qe * qe, qa, torch.ones_like(c), m2]
+            parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke]
+        cols, rows = torch.cat(parts_c, -1), torch.cat(parts_r, -1)
         m = mask.double() if mask is not None else None
         if sums is None:
-            csum, rsum, rel = weighted_sums(qe, ke, cols, ka, mask=m, scale=spec.scale, kind=spec.kind,
+            csum, rsum, rel = weighted_sums(qe, ke, cols, rows, mask=m, scale=spec.scale, kind=spec.kind,
                                             is_causal=spec.is_causal)
-            csum, rsum = csum * (1.0 + rel), rsum * (1.0 + rel)
+            up, rho = 1.0 + rel, rel
         else:
-            csum, rsum = sums(qe, ke, cols, ka)
-        d = qe.shape[-1]
-        s_ak_q, s_ak = csum[..., :d], csum[..., d:d + 1]
-        s_b_q, s_b = csum[..., d + 1:2 * d + 1], csum[..., 2 * d + 1:2 * d + 2]
-        colG = csum[..., 2 * d + 2:]
-        # κ: |∂X_ij/∂q_ic| ≤ s_e(|k_jc| + |c_kc| [+ |q_ic| ℓ2]), |∂X_ij/∂k_jc| ≤ s_e(|q_ic| + 2|c_qc| [+ |k_jc| ℓ2])
-        kq = rsum + ck + (qa if spec.kind == "l2" else 0.0)  # Σ_j P_ij κ^Q_ijc / s_e (rows that see no key: 0 ≤ it)
+            csum, rsum, up, rho = sums(qe, ke, cols, rows)
+        pos_c, pos_r = csum.clamp_min(0.0) * up, rsum.clamp_min(0.0) * up  # upper bounds of sums of terms ≥ 0
+        s_ak_q, s_ak = pos_c[..., :d], pos_c[..., d:d + 1]
+        s_b_q, s_b = pos_c[..., d + 1:2 * d + 1], pos_c[..., 2 * d + 1:2 * d + 2]
+        colG = pos_c[..., 2 * d + 2:2 * d + 2 + d_v]
+        # κ: |∂X_ij/∂q_ic| ≤ s_e(|k_jc| + e^Q_ic), e^Q = |c_kc| [+ |q_ic| ℓ2]; |∂X_ij/∂k_jc| ≤ s_e(|q_ic| + e^K_jc),
+        # e^K = 2|c_qc| [+ |k_jc| ℓ2]
+        eq_ = ck + (qa if spec.kind == "l2" else 0.0)
         kk_extra = 2.0 * cq + (ka if spec.kind == "l2" else 0.0)
+        kq = pos_r[..., :d] + eq_  # Σ_j P_ij κ^Q_ijc / s_e (rows that see no key: 0 ≤ it)
         tiny = underflow_unit(spec.compute_dtype) * (n_k + n_q + 8)
-        dq = s_e * a_q * kq + tiny * (1.0 + s_e * kq)
-        dq = dq + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
-        dk = s_e * (s_ak_q + kk_extra * s_ak) + tiny * (1.0 + s_e * (ka + kk_extra))
-        dk = dk + u_out * s_e * (s_b_q + kk_extra * s_b) * (1.0 + g_q)
+        dq = s_e * a_q * kq
+        dk = s_e * (s_ak_q + kk_extra * s_ak)
+        if cs:
+            o = 2 * d + 2 + d_v
+            s_ar_q, s_ar = pos_c[..., o:o + d], pos_c[..., o + d:o + d + 1]
+            o += d + 1
+            A, B = csum[..., o:o + d_v * d_v], csum[..., o + d_v * d_v:o + d_v * d_v + d_v]
+            o += d_v * d_v + d_v
+            Cc, q2, qa_s, one_s, m2_s = (csum[..., o:o + 1], pos_c[..., o + 1:o + 1 + d],
+                                         pos_c[..., o + 1 + d:o + 1 + 2 * d], pos_c[..., o + 1 + 2 * d:o + 2 + 2 * d],
+                                         pos_c[..., o + 2 + 2 * d:o + 3 + 2 * d])
+            W, ov, k2 = (rsum[..., d:d + d_v * d_v], rsum[..., d + d_v * d_v:d + d_v * d_v + d_v],
+                         pos_r[..., d + d_v * d_v + d_v:])
+            # rows: Σ_j P̃_ij (G_i·v_j − c_i)² = G_iᵀW_iG_i − 2c_i G_i·o_i + c_i²·Σ_j P̃_ij (≤ c_i²), each term's
+            # rounding below ρ·2M_i²; the true weights' sum is ≤ up times it (terms ≥ 0)
+            GWG = (W.unflatten(-1, (d_v, d_v)) * (Ge.unsqueeze(-1) * Ge.unsqueeze(-2))).sum((-1, -2)).unsqueeze(-1)
+            s2r = (GWG - 2.0 * c * (Ge * ov).sum(-1, keepdim=True) + c * c + 2.0 * rho * m2).clamp_min(0.0) * up
+            kap2 = k2 + 2.0 * eq_ * pos_r[..., :d] + eq_ * eq_  # Σ_j P_ij (κ^Q_ijc / s_e)²
+            dq_cs = s_e * (eta_p * torch.sqrt(s2r * kap2) + (a_rest + g_k * (1.0 + eta_p) * b) * kq)
+            dq = torch.minimum(dq, dq_cs)
+            # columns: Σ_i P̃_ij (G_i·v_j − c_i)² = v_jᵀA_jv_j − 2v_j·B_j + C_j
+            vAv = (A.unflatten(-1, (d_v, d_v)) * (ve.unsqueeze(-1) * ve.unsqueeze(-2))).sum((-1, -2)).unsqueeze(-1)
+            s2c = (vAv - 2.0 * (ve * B).sum(-1, keepdim=True) + Cc + 2.0 * rho * m2_s).clamp_min(0.0) * up
+            kap2k = q2 + 2.0 * kk_extra * qa_s + kk_extra * kk_extra * one_s  # Σ_i P_ij (κ^K_ijc / s_e)²
+            dk_cs = s_e * (eta_p * torch.sqrt(s2c * kap2k) + s_ar_q + kk_extra * s_ar)
+            dk = torch.minimum(dk, dk_cs)
+        dq = dq + tiny * (1.0 + s_e * kq) + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
+        dk = dk + tiny * (1.0 + s_e * (ka + kk_extra)) + u_out * s_e * (s_b_q + kk_extra * s_b) * (1.0 + g_q)
         dv = (eta_v + g_q * (1.0 + eta_v)) * colG + tiny + u_out * (1.0 + eta_v) * colG
         # broadcast inputs receive the sum of their expanded gradients
         dq = dq.expand(*batch, n_q, dq.shape[-1]).sum_to_size(q.shape)
@@ -351,8 +394,9 @@ class GradientSlot:
     @property
     def certificate(self) -> GradientCertificate | None:
         if self._cert is None and self._grad is not None:
-            q, k, v, mask, c_q, c_k, sums = self._tensors
-            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums)
+            q, k, v, mask, c_q, c_k, sums, out = self._tensors
+            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums,
+                                         out=out)
         return self._cert
 
 
@@ -457,7 +501,8 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
     sums = None
     if cert.method != "exact":
         sums = _feature_sums(cert, call, eta_fp)
-    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums), on_fill=on_fill)
+    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums, out.detach()),
+                        on_fill=on_fill)
     object.__setattr__(cert, "_gradient_slot", slot)
     return watch(out, slot)
 
@@ -481,6 +526,7 @@ def _feature_sums(cert, call, eta_fp: float):
     key_mask = call.attn_mask
     eta = cert.eta
     up = (1.0 + eta) / (1.0 - eta) * (1.0 + eta_fp) / (1.0 - eta_fp) if eta < 1.0 and eta_fp < 1.0 else math.inf
+    rho = 4.0 * eta_fp + 1e-15  # a signed sum's float64 rounding, relative to the sum of its terms' magnitudes
 
     def run(q64, k64, vals):
         call_ = statistics(q64, k64, vals, validate(q64, k64, vals, key_mask, opts), opts)
@@ -493,6 +539,6 @@ def _feature_sums(cert, call, eta_fp: float):
             (col,) = torch.autograd.grad(run(q64, k64, vd), vd, a)
         with torch.no_grad():
             row = run(q64, k64, b.contiguous())
-        return col.clamp_min(0.0) * up, row.clamp_min(0.0) * up
+        return col, row, up, rho
 
     return sums
