@@ -61,7 +61,7 @@ def _monomial_to_chebyshev(a) -> list[Fraction]:
     g = len(a) - 1
     b = [Fraction(0)] * (g + 1)
     for j, aj in enumerate(a):
-        fa = Fraction(float(aj))
+        fa = aj if isinstance(aj, Fraction) else Fraction(float(aj))
         if fa == 0:
             continue
         if j == 0:
@@ -113,6 +113,59 @@ def polynomial_derivative_eta(coeffs: tuple[float, ...], radius: float) -> float
     return math.exp(log_eta) if log_eta < 700.0 else math.inf
 
 
+PIECES = 16
+
+
+def _chebyshev_exp(rho: float, k_stop: int) -> np.ndarray:
+    c = special.iv(np.arange(k_stop + 1), rho)
+    c[1:] *= 2.0
+    return c
+
+
+@lru_cache(maxsize=4096)
+def piecewise_derivative_eta(coeffs: tuple[float, ...], radius: float, pieces: int = PIECES) -> float:
+    """η₁ on ``pieces`` subintervals of u ∈ [−1, 1], each measured against its own smallest e^x (the relative form
+    the minimax fits are made for): on [u_m − h, u_m + h] with u = u_m + h·t, P(u_m + h t) has exact Chebyshev
+    coefficients b_k in t and e^{Ru} = e^{Ru_m}·Σ_k c_k(Rh) T_k(t), so
+
+        |P'(u) − R e^{Ru}| ≤ e^{Ru_m}/h·(Σ_{k≤K} k²·|b_k e^{−Ru_m} − c_k(Rh)| + Σ_{k>K} k² c_k(Rh)),
+
+    and dividing by R·e^{Ru} ≥ R·e^{R(u_m − h)} gives that piece's η₁. The maximum over the pieces; the rounding of
+    b_k·e^{−Ru_m} (2^-50 relative) and scipy's Bessel values (1e-14) are added."""
+    if not (math.isfinite(radius) and 0.0 < radius <= 700.0):
+        return math.inf
+    g = len(coeffs) - 1
+    a = [Fraction(float(x)) for x in coeffs]
+    h = Fraction(1, pieces)
+    K = g + 30
+    rho = radius / pieces
+    c = _chebyshev_exp(rho, K + 1)
+    if not np.all(np.isfinite(c)):
+        return math.inf
+    k = K + 1
+    ratio = rho * (k + 1) / (2.0 * k * k)
+    tail = float(c[K + 1]) * k * k / (1.0 - ratio) if ratio < 1.0 else math.inf
+    worst = 0.0
+    for m in range(pieces):
+        um = Fraction(-1) + (2 * m + 1) * h
+        local = [Fraction(0)] * (g + 1)  # P(u_m + h t) = Σ_l t^l Σ_{j≥l} a_j C(j, l) u_m^{j−l} h^l
+        for j, aj in enumerate(a):
+            if aj == 0:
+                continue
+            for l in range(j + 1):
+                local[l] += aj * math.comb(j, l) * um ** (j - l) * h ** l
+        b = [float(x) for x in _monomial_to_chebyshev(local)]
+        scale = math.exp(-radius * float(um))
+        total = 0.0
+        for kk in range(1, K + 1):
+            bk = b[kk] * scale if kk <= g else 0.0
+            ck = float(c[kk])
+            total += kk * kk * (abs(bk - ck) + 2.0 ** -50 * (abs(bk) + abs(ck)) + 1e-14 * abs(ck))
+        total = (total + tail) * (1.0 + 1e-12)
+        worst = max(worst, total * math.exp(radius / pieces) * pieces / radius)
+    return worst
+
+
 def derivative_eta(method: str, radius: float, degree: int) -> float:
     """η₁ of a family's degree-``degree`` polynomial at radius R (inf where nothing can be certified)."""
     from .families import family
@@ -123,7 +176,8 @@ def derivative_eta(method: str, radius: float, degree: int) -> float:
     coeffs = fam.coefficients(radius, degree)
     if not np.all(np.isfinite(coeffs)):
         return math.inf
-    return polynomial_derivative_eta(tuple(float(a) for a in coeffs), float(radius))
+    key = tuple(float(a) for a in coeffs)
+    return min(polynomial_derivative_eta(key, float(radius)), piecewise_derivative_eta(key, float(radius)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
