@@ -13,7 +13,9 @@ engine (autograd through the features, the path before the fused backward), inte
 Counted operations: forward 2·n·r·(d_v + 1)·2 (key state and readout multiply-adds) + 2·n·r (monomials); backward
 2·n·r·(d_v + 1)·2 (dS and dV) + 2·(n·r·(d_v + 1) + 3·n·r)·2 (the two adjoint walks), plus causal triangles. The
 float64 GEMM rate measured in the same run turns them into a flop floor. At n ≤ 2^12 the gradient error is
-measured against float64 autograd through SDPA and printed beside the bound. Wall times on a shared machine are
+measured against float64 autograd through SDPA and printed beside the bound. ``peak memory / inputs``: how much
+one forward + backward raises a fresh process's peak resident memory, over the bytes of q, k, v and the upstream
+gradient (the claim: a constant, independent of n). Wall times on a shared machine are
 noisy; one run is one sample.
 """
 
@@ -71,6 +73,31 @@ def counted_flops(n, rank, heads, d_v, is_causal):
     return heads * fwd, heads * bwd
 
 
+_MEMORY_PROBE = """
+import resource, sys, torch, attnbound
+torch.set_num_threads(1)
+n, causal = int(sys.argv[1]), sys.argv[2] == "1"
+g = torch.Generator().manual_seed(0)
+q, k, v, grad = (torch.randn(1, 2, n, 8, generator=g) * 0.3 for _ in range(4))
+small = [x[..., :256, :].clone().requires_grad_() for x in (q, k, v)]
+attnbound.attention(*small, method="relative", eps=1e-3, is_causal=causal).backward(grad[..., :256, :])
+leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attnbound.attention(*leaves, method="relative", eps=1e-3, is_causal=causal).backward(grad)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def peak_memory(n: int, is_causal: bool) -> int:
+    """Bytes the process's peak resident memory grows by during one forward + backward (a fresh process)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(n), "1" if is_causal else "0"],
+                         capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--log2n", type=int, nargs="+", default=[12, 14, 16])
@@ -122,6 +149,8 @@ def main() -> None:
             row |= {"counted_flops_forward": f_fwd, "counted_flops_backward": f_bwd,
                     "backward_over_forward_ops": f_bwd / f_fwd, "floor_s": (f_fwd + f_bwd) / peak64}
             row["over_floor"] = best["attnbound"] / row["floor_s"]
+            row["peak_memory_bytes"] = peak_memory(n, is_causal)
+            row["peak_over_inputs"] = row["peak_memory_bytes"] / (4 * 4 * args.heads * n * D)  # q, k, v, grad float32
             if lg <= 14:  # the path before the fused backward: autograd through the torch feature engine
                 saved = registry.FEATURE_ORDER
                 registry.FEATURE_ORDER = ("torch",)
@@ -148,15 +177,17 @@ def main() -> None:
     lines = [f"float32 GEMM {peak32 / 1e9:.0f} GFLOP/s, float64 GEMM {peak64 / 1e9:.0f} GFLOP/s, {args.threads} "
              f"threads, d={D}, R={RADIUS}, eps={EPS}",
              "| n | causal | SDPA fwd+bwd s | attnbound fwd+bwd s | × SDPA | torch-engine × SDPA | bwd/fwd ops | "
-             "× float64 floor | fwd s | cert s | degree, rank | dq bound (err) | dk bound (err) | dv bound (err) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "× float64 floor | fwd s | cert s | degree, rank | dq bound (err) | dk bound (err) | dv bound (err) | "
+             "peak memory / inputs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = lambda b, e: f"{r[b]:.2g} ({r[e]:.2g})" if e in r else f"{r[b]:.2g}"  # noqa: E731
         te = f"{r['torch_engine_ratio']:.2f}" if "torch_engine_ratio" in r else "—"
         lines.append(f"| 2^{int(math.log2(r['n']))} | {r['causal']} | {r['sdpa_s']:.3g} | {r['attnbound_s']:.3g} | "
                      f"{r['ratio']:.1f} | {te} | {r['backward_over_forward_ops']:.2f} | {r['over_floor']:.2f} | "
                      f"{r['attnbound_forward_s']:.3g} | {r['cert_s']:.3g} | {r['degree']}, {r['rank']} | "
-                     f"{err('dq_bound', 'dq_error')} | {err('dk_bound', 'dk_error')} | {err('dv_bound', 'dv_error')} |")
+                     f"{err('dq_bound', 'dq_error')} | {err('dk_bound', 'dk_error')} | {err('dv_bound', 'dv_error')} | "
+                     f"{r['peak_over_inputs']:.1f} |")
     path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
