@@ -35,9 +35,9 @@ import attnbound
 TARGETS = {"default": 1.15, "causal": 1.15, "auto_1e-2": 1.15, "auto_1e-3": 1.6}
 
 
-def gemm_peak(size: int = 2048, rounds: int = 5) -> float:
-    """Best float32 GEMM rate (flop/s) of this process over ``rounds`` products of size × size."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_peak(size: int = 2048, rounds: int = 5, dtype=torch.float32) -> float:
+    """Best GEMM rate (flop/s) of this process over ``rounds`` products of size × size."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = math.inf
     for _ in range(rounds):

@@ -64,6 +64,14 @@ if numba is not None:
                 out[e, t] = x[b, t0 + t, e]
 
     @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt):  # pragma: no cover - compiled
+        """The causal tile's q, k, [v, 1] and dnum rows, transposed."""
+        _load(q, b, t0, tl, qt)
+        _load(k, b, t0, tl, kt)
+        _load(vv, b, t0, tl, vt)
+        _load(dn, b, t0, tl, dt)
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
     def _monomials(xt, tl, parent, var, m):  # pragma: no cover - compiled
         """m[a, t] = φ_a(x_t): each monomial its parent times one coordinate."""
         for t in range(tl):
@@ -156,10 +164,7 @@ if numba is not None:
                     dk[b, i, e] = 0.0
             for t0 in range(0, n, T):  # forward scan: queries against the keys of earlier tiles, then the triangle
                 tl = min(T, n - t0)
-                _load(q, b, t0, tl, qt)
-                _load(k, b, t0, tl, kt)
-                _load(vv, b, t0, tl, vt)
-                _load(dn, b, t0, tl, dt)
+                _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt)
                 gq[:, :] = 0.0
                 gk[:, :] = 0.0
                 _monomials(qt, tl, parent, var, m)
@@ -187,10 +192,7 @@ if numba is not None:
             last = ((n - 1) // T) * T if n > 0 else 0
             for t0 in range(last, -1, -T):
                 tl = min(T, n - t0)
-                _load(q, b, t0, tl, qt)
-                _load(k, b, t0, tl, kt)
-                _load(vv, b, t0, tl, vt)
-                _load(dn, b, t0, tl, dt)
+                _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt)
                 gk[:, :] = 0.0
                 _monomials(kt, tl, parent, var, m)  # keys against the queries of later tiles
                 _projected_adjoint(S, 0, vt, tl, w, ab, m, kt, parent, var, gk)

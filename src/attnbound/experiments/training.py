@@ -29,8 +29,9 @@ import torch
 
 import attnbound
 
-from .common import Result, combine, count_ops, new_figure
-from .transition import LOG2NS, log_bessel, log_rank, needed_degree, verdict_exponent
+from .common import Result, combine, new_figure
+from .gradient import op_ratio
+from .transition import LOG2NS, log_bessel, log_rank, needed_degree, threshold_bound, verdict_exponent
 
 STEPS = {"test": 12, "small": 200, "medium": 300, "large": 300}
 TOKENS = {"test": 32, "small": 64, "medium": 96, "large": 128}
@@ -107,28 +108,15 @@ def train(scale: str, seed: int, advance=lambda: None) -> tuple[list[dict], list
 
 
 def op_ratios(n: int, seed: int) -> dict:
-    """Counted ops of f and f + ∇f for one certified call (torch reference path), and the fused backward's formula."""
+    """Counted ops of f and f + ∇f for one certified call (:func:`.gradient.op_ratio`: the torch reference path),
+    and the fused backward's multiply-adds over its forward's (the formula of the module docstring)."""
+    row = op_ratio("relative", {"eps": EPS}, n, 8, seed)
     g = torch.Generator().manual_seed(seed)
-    base = [torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) * 0.3 for _ in range(3)]
-    w = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64)
-    leaves = [b.clone().requires_grad_() for b in base]
-
-    def f():
-        return (attnbound.attention(*leaves, method="relative", eps=EPS) * w).sum()
-
-    def f_and_grad():
-        out = f()
-        out.backward()
-        return out
-
-    fwd, _ = count_ops(f)
-    both, _ = count_ops(f_and_grad)
-    _, cert = attnbound.attention(*base, method="relative", eps=EPS, return_certificate=True)
-    r, C = cert.rank, 9
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
+    r, C = attnbound.attention(q, k, v, method="relative", eps=EPS, return_certificate=True)[1].rank, 9
     fused_fwd = 2 * n * r * C + 2 * n * r
     fused_bwd = 2 * n * r * C + 2 * (n * r * C + 3 * n * r)
-    return {"n": n, "rank": r, "forward_ops": fwd.total, "forward_backward_ops": both.total,
-            "ratio": both.total / fwd.total, "fused_ratio": (fused_fwd + fused_bwd) / fused_fwd}
+    return row | {"rank": r, "fused_ratio": (fused_fwd + fused_bwd) / fused_fwd}
 
 
 # ---------------------------------------------------------------- the gradient threshold (exact arithmetic)
@@ -167,18 +155,8 @@ def gradient_rank_exponent(log2_n: int, bound: float) -> tuple[int, float]:
 
 
 def gradient_threshold(log2_n: int, iters: int = 30) -> float:
-    """B*_grad: the smallest B at which the gradient's certified rank reaches n (bisection)."""
-    hi = 2.0 * math.sqrt(log2_n * math.log(2))
-    while gradient_rank_exponent(log2_n, hi)[1] < 1.0:
-        hi *= 2
-    lo = 0.0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if gradient_rank_exponent(log2_n, mid)[1] >= 1.0:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    """B*_grad: the smallest B at which the gradient's certified rank reaches n (bisection, as the forward's)."""
+    return threshold_bound(log2_n, iters, exponent=gradient_rank_exponent)
 
 
 # ---------------------------------------------------------------- verdicts (pure functions of the data)
@@ -215,8 +193,6 @@ def run(scale: str, seed: int, advance) -> Result:
     advance()
     log2ns = LOG2NS if scale != "test" else LOG2NS[:9]
     grad_b = [gradient_threshold(lg) for lg in log2ns]
-    from .transition import threshold_bound
-
     fwd_b = [threshold_bound(lg) for lg in log2ns]
     advance()
     ln_ns = [lg * math.log(2) for lg in log2ns]

@@ -116,17 +116,19 @@ def relative_rank_exponent(log2_n: int, bound: float) -> tuple[int | None, float
     return None, None, f"no degree ≤ {RELATIVE_MAX_DEGREE} reaches η ≤ {target:.1e}"
 
 
-def threshold_bound(log2_n: int, iters: int = 40) -> float:
-    """B* = the smallest B at which the rank reaches n (log r / log n ≥ 1), by bisection."""
+def threshold_bound(log2_n: int, iters: int = 40, exponent=None) -> float:
+    """B* = the smallest B at which the rank reaches n (log r / log n ≥ 1), by bisection; ``exponent``
+    (default :func:`rank_exponent`) maps (log₂ n, B) to (degree, log r / log n)."""
+    exponent = exponent or rank_exponent
     hi = 2.0 * math.sqrt(log2_n * math.log(2))
-    if rank_exponent(log2_n, 0.0)[1] >= 1.0:
+    if exponent(log2_n, 0.0)[1] >= 1.0:
         return 0.0
-    while rank_exponent(log2_n, hi)[1] < 1.0:
+    while exponent(log2_n, hi)[1] < 1.0:
         hi *= 2
     lo = 0.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if rank_exponent(log2_n, mid)[1] >= 1.0:
+        if exponent(log2_n, mid)[1] >= 1.0:
             hi = mid
         else:
             lo = mid
