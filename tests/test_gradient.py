@@ -406,3 +406,121 @@ def test_cauchy_schwarz_refinement_by_hand():
     dq2 = min((a + gam(3 + 3) * (1 + eta_p) * b) * kabs2,
               eta_p * math.sqrt(s2r2 * k22) + (a_rest + gam(3 + 3) * (1 + eta_p) * b) * kabs2)
     assert gc2.dq_bound == pytest.approx(dq2, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the audit's cases (each failed before its fix)
+
+
+def _check_small(q, k, v, grad, **kw):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out, cert = attnbound.attention(q, k, v, return_certificate=True, **kw)
+    out.backward(grad)
+    gc = cert.gradient_certificate
+    errs = _errors(q, k, v, grad, scale=kw.get("scale", q.shape[-1] ** -0.5), is_causal=kw.get("is_causal", False),
+                   attn_mask=kw.get("attn_mask"))
+    for e, b in zip(errs, (gc.dq_bound, gc.dk_bound, gc.dv_bound)):
+        assert e <= b, (errs, gc)
+    return errs, gc, cert
+
+
+def test_weights_that_underflow_are_charged():
+    t = torch.tensor
+    _check_small(t([[1.0]]), t([[0.0], [-104.0]]), t([[0.0], [1e15]]), t([[1e15]]), scale=1.0)
+    d = torch.float64
+    _check_small(t([[1.0]], dtype=d), t([[0.0], [-740.0]], dtype=d), t([[0.0], [1e150]], dtype=d),
+                 t([[1e150]], dtype=d), scale=1.0)
+
+
+@pytest.mark.parametrize("dtype, g", [(torch.float16, 1e-6), (torch.bfloat16, 1e-40)])
+def test_gradients_cast_into_the_subnormal_range_are_charged(dtype, g):
+    t = torch.tensor
+    _check_small(t([[0.5]], dtype=dtype), t([[1.0], [-1.0]], dtype=dtype), t([[1.0], [-1.0]], dtype=dtype),
+                 t([[g]], dtype=dtype), scale=1.0)
+
+
+def test_heavy_query_rows_carry_their_exact_engines_rounding():
+    gen = torch.Generator().manual_seed(0)
+    n = 32
+    q = torch.randn(1, n, 2, generator=gen) * 0.1
+    k = torch.randn(1, n, 2, generator=gen) * 0.1
+    v = torch.randn(1, n, 2, generator=gen)
+    q[0, 5] = torch.tensor([60.0, -45.0])
+    grad = torch.zeros(1, n, 2)
+    grad[0, 5] = torch.tensor([1.0, -1.0])
+    _, gc, cert = _check_small(q, k, v, grad, method="relative", degree=8, heavy=1, scale=1.0)
+    assert "heavy rows" in cert.engine and gc.compute_dtype == "float32"
+    row = attnbound.attention(q[:, 5:6], k, v, scale=1.0, return_certificate=True)[1]
+    assert cert.eta >= row.eta  # the exact rows' weight error is the certificate's η too
+
+
+@pytest.mark.parametrize("method", ["dense", "blockwise"])
+def test_project_kernels_do_not_differentiate_through_the_row_maximum(method):
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        n = 512
+        q = torch.randn(1, n, 2, generator=gen) * 0.3
+        k = torch.randn(1, n, 2, generator=gen) * 0.3
+        v = torch.full((1, n, 3), 0.7)
+        grad = torch.zeros(1, n, 3)
+        grad[0, n - 1] = 5.0
+        _check_small(q, k, v, grad, method=method, block_size=64, scale=0.05)
+
+
+def test_two_backward_passes_are_bounded_together():
+    q, k, v, g = _inputs((1, 16, 4), (1, 16, 4))
+    g1, g2 = torch.randn(1, 16, 4, generator=g) * 1e3, torch.randn(1, 16, 4, generator=g) * 1e-3
+    for kw in ({}, {"method": "relative", "eps": 1e-3, "scale": 0.1}):
+        for x in (q, k, v):
+            x.grad = None
+        out, cert = attnbound.attention(q, k, v, return_certificate=True, **kw)
+        out.backward(g1, retain_graph=True)
+        out.backward(g2)
+        gc = cert.gradient_certificate
+        errs = _errors(q, k, v, g1 + g2, scale=kw.get("scale", 0.5))
+        assert all(e <= b for e, b in zip(errs, (gc.dq_bound, gc.dk_bound, gc.dv_bound))), (errs, gc)
+
+
+def test_the_certificate_reads_the_call_as_it_was():
+    q, k, v, g = _inputs((1, 16, 4), (1, 16, 4))
+    grad = torch.randn(1, 16, 4, generator=g)
+    out, cert = attnbound.attention(q, k, v, return_certificate=True)
+    out.backward(grad)
+    before = attnbound.attention(q.detach(), k.detach(), v.detach(), return_certificate=True)[1]  # unrelated call
+    grad.mul_(0.0)  # the caller reuses its upstream tensor: the slot kept a copy
+    assert cert.gradient_certificate.dq_bound > 1e-10
+    del before
+    out, cert = attnbound.attention(q, k, v, return_certificate=True)
+    out.backward(torch.randn(1, 16, 4, generator=g))
+    with torch.no_grad():
+        q.add_(1.0)  # an optimizer step on a leaf before the certificate was read
+    with pytest.raises(RuntimeError, match="modified in place"):
+        cert.gradient_certificate
+
+
+def test_overflow_and_non_finite_upstream_gradients_certify_nothing():
+    t = torch.tensor
+    q, k, v = t([[0.5]]), t([[1.0], [-1.0]]), t([[1e20], [-1e20]])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, cert = attnbound.attention(*leaves, scale=1.0, return_certificate=True)
+    out.backward(t([[1e19]]))
+    assert cert.gradient_certificate.dq_bound == math.inf and cert.gradient_certificate.dk_bound == math.inf
+    h = torch.float16
+    leaves = [x.clone().requires_grad_() for x in (t([[0.0]], dtype=h), t([[100.0], [-100.0]], dtype=h),
+                                                   t([[300.0], [-300.0]], dtype=h))]
+    out, cert = attnbound.attention(*leaves, scale=1.0, return_certificate=True)
+    out.backward(t([[1000.0]], dtype=h))
+    assert not torch.isfinite(leaves[0].grad).all() and cert.gradient_certificate.dq_bound == math.inf
+    leaves = [x.clone().requires_grad_() for x in (t([[0.5]]), t([[1.0], [-1.0]]), t([[1.0], [-1.0]]))]
+    out, cert = attnbound.attention(*leaves, scale=1.0, return_certificate=True)
+    out.backward(t([[float("nan")]]))
+    assert cert.gradient_certificate.bound == math.inf and not cert.gradient_certificate.certified
+
+
+def test_a_padding_mask_of_finfo_min_keeps_the_bound_finite():
+    """Hugging Face pads with finfo.min: the stored log-sum-exp is bounded by each row's largest mask entry (0)."""
+    q, k, v, g = _inputs((1, 2, 24, 8), (1, 2, 24, 8))
+    mask = torch.zeros(1, 1, 24, 24)
+    mask[..., 20:] = torch.finfo(torch.float32).min
+    _, gc, _ = _check(q, k, v, torch.randn(1, 2, 24, 8, generator=g), scale=8 ** -0.5, attn_mask=mask)
+    assert gc.bound < 1e-2

@@ -72,7 +72,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         centre: families: centre q and k (:mod:`attnbound.centring`); ``None``: off, weighed under ``auto``.
         heavy: families: the ``heavy`` keys and queries of largest norm exactly; ``None``: 0, planned under auto.
         grad_eps: the largest acceptable gradient error ‖dX − dX_exact‖∞ (X = q, k, v) of the backward through
-            this call: the backward raises ValueError saying why when its bound (:mod:`attnbound.gradient`) exceeds it.
+            this call: the backward raises ValueError saying why when its bound (:mod:`attnbound.gradient`) exceeds it,
+            before q, k and v receive gradients (tensors autograd reaches first — layers after this call — may
+            already have theirs: zero the gradients after such an error).
         return_certificate: also return the :class:`~attnbound.Certificate`.
 
     Returns:

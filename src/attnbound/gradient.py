@@ -46,6 +46,7 @@ import torch
 from scipy import special
 
 from .certificate import U64, _gamma, underflow_unit, unit_roundoff
+from .validation import compute_dtype
 
 DENSE_KEY_CHUNK = 1024
 CS_MAX_DV = 16  # the Cauchy–Schwarz refinement sums d_v² more columns: only for narrow heads
@@ -330,7 +331,7 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         u_out = unit_roundoff(q.dtype) if q.dtype != spec.compute_dtype else 0.0
         eta_v, eta_p = backward_etas(spec)
         E = spec.forward_bound
-        if not (math.isfinite(eta_p) and math.isfinite(E)) or G.numel() == 0:
+        if not (math.isfinite(eta_p) and math.isfinite(E)) or G.numel() == 0 or not bool(torch.isfinite(G).all()):
             inf = math.inf if G.numel() else 0.0
             return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, inf, inf, inf,
                                        str(spec.compute_dtype).replace("torch.", ""), spec.grad_eps)
@@ -409,14 +410,32 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         dq = dq + tiny * (1.0 + s_e * kq) + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
         dk = dk + tiny * (1.0 + s_e * (ka + kk_extra)) + u_out * s_e * (s_b_q + kk_extra * s_b) * (1.0 + g_q)
         dv = (eta_v + g_q * (1.0 + eta_v)) * colG + tiny + u_out * (1.0 + eta_v) * colG
-        # broadcast inputs receive the sum of their expanded gradients
-        dq = dq.expand(*batch, n_q, dq.shape[-1]).sum_to_size(q.shape)
-        dk = dk.expand(*batch, n_k, dk.shape[-1]).sum_to_size(k.shape)
-        dv = dv.expand(*batch, n_k, dv.shape[-1]).sum_to_size(v.shape)
+        # weights that underflow (to a subnormal or, flushed, to 0) carry an absolute error ≤ tiny each, not a
+        # relative one: Σ_j tiny·|g̃_ij|·κ_ijc over the keys, Σ_i tiny·|G_ic| for dV
+        t_w = float(torch.finfo(spec.compute_dtype).tiny)
+        kmax = ke.abs().amax(-2, keepdim=True)
+        qmax = qa.amax(-2, keepdim=True)
+        dq = dq + s_e * t_w * n_k * b * (kmax + eq_)
+        dk = dk + s_e * t_w * (qmax + kk_extra) * b.sum(-2, keepdim=True)
+        dv = dv + t_w * Ga.sum(-2, keepdim=True)
+        # broadcast inputs receive the sum of their expanded gradients; the cast into each input's dtype may land
+        # in its subnormal range: one subnormal step per entry
+        dq = dq.expand(*batch, n_q, dq.shape[-1]).sum_to_size(q.shape) + underflow_unit(q.dtype)
+        dk = dk.expand(*batch, n_k, dk.shape[-1]).sum_to_size(k.shape) + underflow_unit(k.dtype)
+        dv = dv.expand(*batch, n_k, dv.shape[-1]).sum_to_size(v.shape) + underflow_unit(v.dtype)
+        # nothing is certified where a gradient, or a product G_i·v_j on the way, could overflow its dtype
+        big = float((Ga * ve.abs().amax(-2, keepdim=True)).sum(-1).amax()) * (1.0 + eta_p) * max(n_k, n_q, 1)
+        mags = (s_e * (1.0 + eta_p) * float(b.amax()) * float((kmax + eq_).amax()) * 2.0,
+                s_e * (1.0 + eta_p) * float(b.sum(-2).amax()) * float((qmax + kk_extra).amax()) * 2.0,
+                (1.0 + eta_v) * float(Ga.sum(-2).amax()) * 2.0)
+        over = not big < float(torch.finfo(spec.compute_dtype).max) / 8.0
 
-        def top(x):
+        def top(x, mag, dtype):
+            if over or not mag < float(torch.finfo(dtype).max) / 2.0:
+                return math.inf
             return float(x.amax()) if x.numel() else 0.0
-        return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, top(dq), top(dk), top(dv),
+        return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, top(dq, mags[0], q.dtype),
+                                   top(dk, mags[1], k.dtype), top(dv, mags[2], v.dtype),
                                    str(spec.compute_dtype).replace("torch.", ""), spec.grad_eps)
 
 
@@ -425,21 +444,33 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
 
 
 class GradientSlot:
-    """Filled by the backward of one call: ``certificate`` computes the bound when first read."""
+    """Filled by each backward through one call: ``certificate`` computes the bound when first read.
+
+    Several backward passes through the same call (``retain_graph=True``) accumulate their gradients in ``.grad``:
+    the certificate then bounds that sum, as the sum of each upstream gradient's bound. The inputs are kept as the
+    call's own tensors: a read after any of them was modified in place raises instead of bounding other numbers."""
 
     def __init__(self, spec: GradientSpec, tensors, on_fill=None):
         self.spec = spec
-        self._tensors = tensors  # (q, k, v, mask, c_q, c_k)
-        self._grad = None
+        self._tensors = tensors  # (q, k, v, mask, c_q, c_k, sums, out)
+        self._versions = [t._version for t in tensors[:3]]
+        self._grads: list[torch.Tensor] = []
         self._cert: GradientCertificate | None = None
         self._on_fill = on_fill
 
     @property
     def ready(self) -> bool:
-        return self._grad is not None or self._cert is not None
+        return bool(self._grads) or self._cert is not None
+
+    @property
+    def _grad(self) -> torch.Tensor | None:
+        """The upstream gradient (the sum of them after several backward passes)."""
+        if not self._grads:
+            return None
+        return self._grads[0] if len(self._grads) == 1 else torch.stack(self._grads).sum(0)
 
     def fill(self, grad_out: torch.Tensor) -> None:
-        self._grad = grad_out.detach()
+        self._grads.append(grad_out.detach().clone())  # a copy: the caller may reuse its tensor
         self._cert = None
         _LAST.slot = self
         if self._on_fill is not None:
@@ -447,10 +478,17 @@ class GradientSlot:
 
     @property
     def certificate(self) -> GradientCertificate | None:
-        if self._cert is None and self._grad is not None:
+        if self._cert is None and self._grads:
+            if [t._version for t in self._tensors[:3]] != self._versions:
+                raise RuntimeError("gradient certificate: q, k or v of this call was modified in place after its "
+                                   "forward (an optimizer step on a leaf?); read the certificate before changing them")
             q, k, v, mask, c_q, c_k, sums, out = self._tensors
-            self._cert = gradient_bounds(q, k, v, self._grad, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums,
-                                         out=out)
+            certs = [gradient_bounds(q, k, v, g, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums, out=out)
+                     for g in self._grads]
+            first = certs[0]
+            self._cert = dataclasses.replace(first, dq_bound=sum(c.dq_bound for c in certs),
+                                             dk_bound=sum(c.dk_bound for c in certs),
+                                             dv_bound=sum(c.dv_bound for c in certs))
         return self._cert
 
 
@@ -512,6 +550,27 @@ def _feature_rounding(method: str, radius: float, degree: int, *, rank: int, n_q
     return _gamma(rank + n_k + n_q + d + 2 * degree + 8, U64) * size * math.exp(radius) / min(1.0, max(radius, 1e-300))
 
 
+def _lse_rounding(call, dtype: torch.dtype) -> float:
+    """The exact backward recomputes each weight as exp(x̃_ij − l̃se_i): beyond the forward's η (which covers x̃ and
+    the exp), the stored log-sum-exp carries at most 4u·|lse_i|, and |lse_i| ≤ L + |max_j m_ij| + ln(n_k + 1) (it lies
+    within ln n_k above the row's largest logit plus mask; rows whose keys are all masked have no weights)."""
+    q, k = call.q, call.k
+    with torch.no_grad():
+        qn = float(q.detach().double().norm(dim=-1).amax()) if q.numel() else 0.0
+        kn = float(k.detach().double().norm(dim=-1).amax()) if k.numel() else 0.0
+        span = 0.0
+        m = call.attn_mask
+        if m is not None and m.dtype != torch.bool and m.numel():
+            top = m.detach().double().amax(-1)  # each row's largest mask entry
+            top = top[torch.isfinite(top)]
+            span = float(top.abs().amax()) if top.numel() else 0.0
+    s_e = abs(call.scale) * (2.0 if call.kind == "l2" else 1.0)
+    big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + span + \
+        math.log(k.shape[-2] + 1) + 4.0
+    lam = 4.0 * unit_roundoff(dtype) * big
+    return math.expm1(lam) if lam < 700.0 else math.inf
+
+
 def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_fill=None) -> torch.Tensor:
     """Watch ``out``'s backward when autograd records through it: the call's :class:`GradientSlot` is kept on
     ``cert`` (``cert.gradient_certificate`` reads it) and filled by the backward. Returns ``out`` (watched)."""
@@ -522,27 +581,18 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
     q, k, v = call.q, call.k, call.v
     n_q, n_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     dtype = getattr(torch, cert.compute_dtype) if cert.compute_dtype else q.dtype
+    exact_rows = cert.method == "exact" or "(heavy rows)" in (cert.engine or "")
+    if exact_rows and cert.method != "exact":  # heavy query rows ran on an exact engine in the input's compute
+        dtype = max((dtype, compute_dtype(q.dtype)), key=unit_roundoff)  # dtype: the coarser rounding rules
     c_q = c_k = None
-    if cert.method == "exact":
-        # the backward recomputes each weight as exp(x̃_ij − l̃se_i): beyond the forward's η (which covers x̃ and the
-        # exp), the stored log-sum-exp carries at most 4u·|lse| with |lse| ≤ L + max|mask| + ln n_k
-        eta1 = 0.0
-        with torch.no_grad():
-            qn = float(q.detach().double().norm(dim=-1).amax()) if q.numel() else 0.0
-            kn = float(k.detach().double().norm(dim=-1).amax()) if k.numel() else 0.0
-            span = 0.0
-            if call.attn_mask is not None and call.attn_mask.dtype != torch.bool and call.attn_mask.numel():
-                fin = call.attn_mask.detach()[torch.isfinite(call.attn_mask.detach())]
-                span = float(fin.abs().amax()) if fin.numel() else 0.0
-        s_e = abs(call.scale) * (2.0 if call.kind == "l2" else 1.0)
-        big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + span + math.log(n_k + 1) + 4.0
-        lam = 4.0 * unit_roundoff(dtype) * big
-        eta_fp = math.expm1(lam) if lam < 700.0 else math.inf
-    else:
+    eta1, eta_fp = 0.0, 0.0
+    if cert.method != "exact":
         eta1 = None  # computed when the bound is first read
         eta_fp = _feature_rounding(cert.method, cert.radius, cert.degree, rank=cert.rank, n_q=n_q, n_k=n_k, d=d)
         if cert.radius_source and ("centred" in cert.radius_source or "heavy" in cert.radius_source):
             c_q, c_k = centres(q, k, call.key_mask)
+    if exact_rows:
+        eta_fp += _lse_rounding(call, dtype)
     mask = call.attn_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask.detach(), -math.inf)
@@ -555,6 +605,7 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
     sums = None
     if cert.method != "exact":
         sums = _feature_sums(cert, call, eta_fp)
+    # detached views share storage and version counter with the inputs: the slot holds no graph, and sees edits
     slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums, out.detach()),
                         on_fill=on_fill)
     object.__setattr__(cert, "_gradient_slot", slot)

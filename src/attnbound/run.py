@@ -349,5 +349,7 @@ def exact_query_rows(call: Call, out: torch.Tensor, rows: torch.Tensor, cert: Ce
     out = out.expand(*batch, *out.shape[-2:]).scatter(-2, idx.unsqueeze(-1).expand(*idx.shape, out.shape[-1]),
                                                        oh.to(out.dtype))
     bound = max(cert.output_error_bound, ch.output_error_bound)
+    # the heavy rows' weights carry the exact engine's relative error: η is the larger of the two
     return out, dataclasses.replace(cert, rounding_bound=max(cert.rounding_bound, ch.output_error_bound),
-                                    output_error_bound=bound, engine=f"{cert.engine} + {ch.engine} (heavy rows)")
+                                    output_error_bound=bound, eta=max(cert.eta, ch.eta),
+                                    engine=f"{cert.engine} + {ch.engine} (heavy rows)")

@@ -64,7 +64,7 @@ def dense_attention(q, k, v, *, scale: float, kind: str = "softmax", is_causal: 
     if is_causal:
         n = q.shape[-2]
         scores = scores.masked_fill(~_causal_block_mask(0, n, 0, n, q.device), float("-inf"))
-    m = scores.amax(-1, keepdim=True)
+    m = scores.detach().amax(-1, keepdim=True)  # a shift the output does not depend on: no gradient through it
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(scores - m)
     denom = p.sum(-1, keepdim=True)
@@ -106,7 +106,7 @@ def blockwise_attention(
 
 def online_softmax_step(m, l, acc, scores, v_block):
     """Fold one block of logits (..., rows, keys) and its values into the running (max, sum, output)."""
-    m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+    m_new = torch.maximum(m, scores.detach().amax(-1, keepdim=True))  # a shift: no gradient through it
     m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
     p = torch.exp(scores - m_safe)
     alpha = torch.exp(m - m_safe)
