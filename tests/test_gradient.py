@@ -300,13 +300,13 @@ def test_backward_weights_are_within_eta_backward():
 
 def test_exact_backward_charges_the_stored_log_sum_exp():
     """The exact backward recomputes exp(x − lse) from the forward's float32 log-sum-exp: its rounding,
-    4u·(s·max‖q‖·max‖k‖ + max|mask| + ln(n_k + 1) + 4), is charged on top of η."""
+    4u·(s·max‖q‖·max‖k‖ + ln(n_k + 1) + 4), is charged on top of η. The engines add the mask shifted by its row
+    maximum, so however large the mask's entries, the log-sum-exp stays within that."""
     q, k, v, g = _inputs((1, 20, 4), (1, 20, 4), spread=3.0)
-    mask = torch.randn(1, 20, 20, generator=g) * 7.0
+    mask = torch.randn(1, 20, 20, generator=g) * 7.0 - 1e6
     out, cert = attnbound.attention(q, k, v, attn_mask=mask, return_certificate=True)
     spec = cert.__dict__["_gradient_slot"].spec
-    big = 0.5 * float(q.detach().norm(dim=-1).max()) * float(k.detach().norm(dim=-1).max()) + \
-        float(mask.abs().max()) + math.log(21) + 4.0
+    big = 0.5 * float(q.detach().norm(dim=-1).max()) * float(k.detach().norm(dim=-1).max()) + math.log(21) + 4.0
     assert spec.eta_fp == pytest.approx(math.expm1(4 * 2.0 ** -24 * big), rel=1e-6)
 
 
@@ -375,7 +375,7 @@ def test_cauchy_schwarz_refinement_by_hand():
     G, vmax = 3.0, 2.0 + E
     b = G * (3.0 + E + 2 * gam(3) * vmax)
     a = eta_p * b + G * E + 2 * gam(3) * G * vmax
-    a_rest = a - eta_p * b + eta_p * G * E
+    a_rest = (1 + eta_p) * (a - eta_p * b)  # e_i = a − η′b: the dot products and E, times 1 + η′
     lam = 2 * gam(2 + 6, u64) * (0.7 * 1.0) + 2 * gam(3 + 4, u64) + 8 * u64
     rel = math.expm1(lam) + gam(3 + 2, u64)
     up = 1 + rel
@@ -524,3 +524,91 @@ def test_a_padding_mask_of_finfo_min_keeps_the_bound_finite():
     mask[..., 20:] = torch.finfo(torch.float32).min
     _, gc, _ = _check(q, k, v, torch.randn(1, 2, 24, 8, generator=g), scale=8 ** -0.5, attn_mask=mask)
     assert gc.bound < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the review's cases
+
+
+def test_the_output_can_be_edited_in_place_and_the_hook_sees_the_calls_gradient():
+    q, k, v, g = _inputs((1, 20, 4), (1, 20, 4))
+    grad = torch.randn(1, 20, 4, generator=g)
+    out, cert = attnbound.attention(q, k, v, return_certificate=True)
+    out.mul_(2.0)  # a later in-place edit (worked before the watch existed)
+    out.backward(grad)
+    errs = _errors(q, k, v, 2.0 * grad, scale=0.5)
+    gc = cert.gradient_certificate
+    assert all(e <= b for e, b in zip(errs, (gc.dq_bound, gc.dk_bound, gc.dv_bound)))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_second_derivatives_through_the_fused_engine(is_causal, monkeypatch):
+    """create_graph through the fused kernels gives the approximation's second derivative, as the torch engine does."""
+    from attnbound.engines import registry
+
+    q, k, v, g = _inputs((1, 40, 3), (1, 40, 3), spread=0.3, dtype=torch.float64)
+    hess = {}
+    for name in ("fused", "torch"):
+        if name == "torch":
+            monkeypatch.setattr(registry, "FEATURE_ORDER", ("torch",))
+        out, cert = attnbound.attention(q, k, v, method="relative", eps=1e-4, is_causal=is_causal,
+                                        return_certificate=True)
+        assert cert.engine == name
+        (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        hess[name] = torch.autograd.grad(gq.square().sum(), k)[0]
+    assert torch.allclose(hess["fused"], hess["torch"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_refused_backward_leaves_the_slot_and_the_last_certificate_alone():
+    q, k, v, g = _inputs((1, 30, 4), (1, 30, 4), spread=0.4)
+    good = attnbound.attention(q, k, v)
+    good.sum().backward()
+    last = attnbound.last_gradient_certificate()
+    out, cert = attnbound.attention(q, k, v, method="taylor", order=4, scale=0.5, grad_eps=1e-12,
+                                    return_certificate=True)
+    with pytest.raises(ValueError, match="grad_eps"):
+        out.sum().backward(retain_graph=True)
+    slot = cert.__dict__["_gradient_slot"]
+    assert slot._grads == [] and cert.gradient_certificate is None
+    assert attnbound.last_gradient_certificate() == last
+
+
+def test_certificates_pickle_without_their_slot():
+    import pickle
+
+    q, k, v, _ = _inputs((1, 30, 4), (1, 30, 4), spread=0.4)
+    for kw in ({}, {"method": "relative", "eps": 1e-3}):
+        out, cert = attnbound.attention(q, k, v, return_certificate=True, **kw)
+        out.sum().backward()
+        back = pickle.loads(pickle.dumps(cert))
+        assert back == cert and back.gradient_certificate is None and cert.gradient_certificate is not None
+
+
+def test_mask_edits_are_seen():
+    q, k, v, g = _inputs((1, 12, 4), (1, 12, 4))
+    mask = torch.randn(1, 12, 12, generator=g)
+    out, cert = attnbound.attention(q, k, v, attn_mask=mask, return_certificate=True)
+    out.sum().backward()
+    mask.zero_()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        cert.gradient_certificate
+
+
+def test_fully_padded_query_rows_keep_the_bound_finite():
+    """Hugging Face's 4-D masks fill a padded query's whole row with finfo.min: shifted by its row maximum, as the
+    engines add it, the row is ordinary (and the dense pass's weights stay the true ones)."""
+    q, k, v, g = _inputs((1, 16, 4), (1, 16, 4))
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 12:, :] = torch.finfo(torch.float32).min
+    mask[:, :, 14:] = torch.finfo(torch.float32).min
+    _, gc, _ = _check(q, k, v, torch.randn(1, 16, 4, generator=g), scale=0.5, attn_mask=mask)
+    assert gc.bound < 1e-2
+
+
+def test_the_feature_path_takes_the_cheaper_sums():
+    q, k, v, g = _inputs((1, 20, 6), (1, 20, 6), spread=0.3)
+    out, cert = attnbound.attention(q, k, v, method="relative", eps=1e-3, scale=0.5, return_certificate=True)
+    assert cert.__dict__["_gradient_slot"]._tensors[6] is None  # n² ≪ n·r: the dense pass
+    q, k, v, g = _inputs((1, 3000, 2), (1, 3000, 2), spread=0.3)
+    out, cert = attnbound.attention(q, k, v, method="relative", eps=1e-3, scale=0.5, return_certificate=True)
+    assert cert.__dict__["_gradient_slot"]._tensors[6] is not None  # n ≫ r: through the approximation

@@ -24,16 +24,18 @@ from pathlib import Path
 import pytest
 
 from attnbound.experiments import (EXPERIMENTS, direct_sum, families, gradient, minilm, reductions, scaling,
-                                   taylor_order, transition)
+                                   taylor_order, training, transition)
 from attnbound.experiments.common import combine
 
 DATA = Path(__file__).resolve().parent / "data" / "report_rows"
 SCALES = ("small", "medium", "large")
 DEFAULT = [name for name, mod in EXPERIMENTS.items() if getattr(mod, "DEFAULT", True)]
 # the entries of Result.numbers a verdict reads (the rest of numbers is illustration)
-NUMBERS = {"families": ("measured",), "gradient": ("product",), "minilm": ("runs", "eps")}
+NUMBERS = {"families": ("measured",), "gradient": ("product",), "minilm": ("runs", "eps"),
+           "training": ("checks", "ops", "threshold")}
 # the two experiments with many wide rows keep only the columns their verdicts read (others keep every column)
 ROW_KEYS = {"reductions": ("problem", "method", "degree", "certified", "truth", "answer", "correct"),
+            "training": ("step", "loss_exact", "loss_relative", "forward_bound", "gradient_bound"),
             "minilm": ("layer", "head", "n", "R", "max_abs_logit", "B_over_sqrt_ln_n", "log10_rank_tight@*",
                        "R_recomputed", "R_centred", "R_heavy*")}  # name* : every column whose name starts so
 
@@ -122,8 +124,17 @@ def _minilm(rows, numbers):
     return combine([v1, v2]), f"{why1}; {why2}"
 
 
+def _training(rows, numbers):
+    v1, why1 = training.verdict_bounds(numbers["checks"])
+    v2, why2 = training.verdict_ops(numbers["ops"])
+    thr = numbers["threshold"]
+    v3, why3, _ = transition.verdict_exponent([t["log2_n"] * math.log(2) for t in thr], [t["B_grad"] for t in thr])
+    return combine([v1, v2, v3]), f"{why1} → {v1}. {why2} → {v2}. {why3} → {v3}"
+
+
 RECOMPUTE = {"scaling": _scaling, "transition": _transition, "families": _families, "taylor_order": _taylor_order,
-             "direct_sum": _direct_sum, "gradient": _gradient, "reductions": _reductions, "minilm": _minilm}
+             "direct_sum": _direct_sum, "gradient": _gradient, "reductions": _reductions, "minilm": _minilm,
+             "training": _training}
 
 
 # ------------------------------------------------------------------ the tests

@@ -545,13 +545,16 @@ def test_training_bound_verdict_fails_on_an_error_above_its_bound():
     v, why = training.verdict_bounds(_checks(1.01))
     assert v == "FAIL" and "exceeds" in why
     assert training.verdict_bounds([])[0] == "INCONCLUSIVE"
+    unbounded = _checks(0.5)
+    unbounded[1]["dk_bound"] = math.inf
+    assert training.verdict_bounds(unbounded) == ("FAIL", "step 1 layer 0: no finite gradient bound")
 
 
 def test_training_ops_verdict():
     rows = [{"ratio": 3.2, "fused_ratio": 3.1}, {"ratio": 3.3, "fused_ratio": 3.1}]
     assert training.verdict_ops(rows)[0] == "PASS"
     assert training.verdict_ops([{"ratio": 5.5, "fused_ratio": 3.1}])[0] == "FAIL"
-    assert training.verdict_ops([{"ratio": 3.0, "fused_ratio": 0.9}])[0] == "FAIL"
+    assert training.verdict_ops([{"ratio": 0.9, "fused_ratio": 3.1}])[0] == "FAIL"  # a free backward: impossible
 
 
 def test_training_derivative_tail_matches_the_certified_eta1():

@@ -131,6 +131,6 @@ def heavy_rows(num: torch.Tensor, ref: torch.Tensor, q1: torch.Tensor, k1: torch
     # a row that sees only heavy keys is scaled by its largest heavy term, or every term could underflow
     light = torch.where(num[..., -1:] > 0, torch.zeros((), dtype=t.dtype, device=t.device),
                         torch.full((), -math.inf, dtype=t.dtype, device=t.device))
-    m = torch.maximum(t.amax(-1, keepdim=True), light)
+    m = torch.maximum(t.detach().amax(-1, keepdim=True), light)  # a shift: no gradient through it
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return num * torch.exp(light - m) + torch.exp(t - m) @ vh  # exp(light − m) ≤ 1, and 0 for rows without light

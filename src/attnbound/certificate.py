@@ -100,6 +100,12 @@ class Certificate:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the gradient slot (it holds the call's tensors and a closure over the call)."""
+        state = dict(self.__dict__)
+        state.pop("_gradient_slot", None)
+        return state
+
     def __str__(self) -> str:
         if self.method == "exact":
             return (f"Certificate(exact, {self.kind}, {self.compute_dtype}, rounding only: "

@@ -22,20 +22,23 @@ the backward's unit roundoff u; all proved in docs/theory.md §7):
     |dK̂_jc − dK_jc| ≤ κ^K_jc·Σ_i P_ij·(a_i + γ_{n_q+3}·(1 + η')·b_i)
     |dV̂_jc − dV_jc| ≤ (η_v + γ_{n_q+3}·(1 + η_v))·Σ_i P_ij·|G_ic|
 
-plus the cast of the gradient to the input dtype and one subnormal step per summed term. κ bounds the
-coordinate factor |∂X_ij/∂q_ic| the backward multiplies by, from the exact relation Σ_j dX_ij = 0 (which lets
-the exact gradient use k_j − c for any centre c): κ^Q_ic = s_e·(max_j |k_jc| + |c_kc|), κ^K_jc =
-s_e·(max_i |q_ic| + 2|c_qc| + [ℓ2]·|k_jc|), s_e = s (2s for ℓ2), c the centres of a centred call (else 0).
+plus the cast of the gradient to the input dtype (relative, and one subnormal step per entry), a tiny per weight
+that underflows, and one subnormal step per summed term. κ bounds the coordinate factor the backward multiplies
+by, from the exact relation Σ_j dX_ij = 0 (which lets the exact gradient use k_j − c for any centre c):
+κ^Q_ijc = s_e·(|k_jc| + |c_kc| + [ℓ2]·|q_ic|), κ^K_ijc = s_e·(|q_ic| + 2|c_qc| + [ℓ2]·|k_jc|), s_e = s (2s for ℓ2),
+c the centres of a centred call (else 0); the bounds sum P_ij·κ over the keys (rows) with the exact weights.
+For d_v ≤ 16 the η'-terms are also bounded by Cauchy–Schwarz through g'_ij = G_i·v_j − G_i·õ_i (docs/theory.md
+§7), and the smaller bound is kept per entry. Nothing is certified where a gradient could overflow its dtype.
 
-The column sums Σ_i P_ij a_i and Σ_i P_ij |G_ic| use the exact weights, computed in float64 in key chunks
-from the logits (O(n_q·n_k·(d + d_v)) work, a bound on their own float64 rounding included); they are computed
-when the certificate is first read (or in the backward, when ``grad_eps`` asks for a check there).
+The row and column sums Σ_j P_ij·(…), Σ_i P_ij·(…) use the exact weights: a float64 pass in key chunks from the
+logits (O(n_q·n_k·(d + d_v²)) work, a bound on its own rounding included), or, for the feature methods when
+cheaper, the call's own approximation in O(n·r·(d + d_v²)). They are computed when the certificate is first
+read (or in the backward, when ``grad_eps`` asks for a check there).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import dataclasses
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -46,6 +49,7 @@ import torch
 from scipy import special
 
 from .certificate import U64, _gamma, underflow_unit, unit_roundoff
+from .stats import shift_mask
 from .validation import compute_dtype
 
 DENSE_KEY_CHUNK = 1024
@@ -261,11 +265,12 @@ def _dense_weights(q64, k64, mask, *, scale: float, kind: str, is_causal: bool, 
     if kind == "l2":
         x = 2.0 * x - scale * (q64 * q64).sum(-1, keepdim=True) - scale * (k64[..., j0:j1, :] ** 2).sum(-1).unsqueeze(-2)
     if mask is not None:
-        x = x + mask[..., j0:j1]
+        part = mask[..., j0:j1]
+        x = x.masked_fill(~part, -math.inf) if part.dtype == torch.bool else x + part
     if is_causal:
         n_q = q64.shape[-2]
-        i = torch.arange(n_q).unsqueeze(-1)
-        j = torch.arange(j0, j1).unsqueeze(0)
+        i = torch.arange(n_q, device=x.device).unsqueeze(-1)
+        j = torch.arange(j0, j1, device=x.device).unsqueeze(0)
         x = x.masked_fill(j > i, -math.inf)
     if lse is None:
         return x
@@ -285,6 +290,8 @@ def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool)
     rows = max(1, math.prod(q64.shape[:-1]))
     chunk = int(max(16, min(DENSE_KEY_CHUNK, (16 << 20) // rows)))
     if mask is not None:
+        if mask.dtype != torch.bool:  # shifted by its row maximum in float64, as the engines do: x + finfo.min
+            mask = shift_mask(mask, torch.float64)  # would otherwise lose x
         mask = mask.expand(*mask.shape[:-2], n_q, n_k) if mask.dim() >= 2 else mask.expand(n_q, n_k)
     lse = None
     for j0 in range(0, n_k, chunk):
@@ -339,8 +346,11 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         vmax = ve.abs().amax(-2, keepdim=True) + E
         g_dv = _gamma(d_v + 2, u)
         Ga = Ge.abs()
-        b = (Ga * (rng + E + 2.0 * g_dv * vmax)).sum(-1, keepdim=True)  # (..., n_q, 1) ≥ |g̃_ij|, |g_ij|
-        a = eta_p * b + Ga.sum(-1, keepdim=True) * E + 2.0 * g_dv * (Ga * vmax).sum(-1, keepdim=True)
+        # the feature backward never forms g̃: it sums f·(G·v_j) and f·(G·õ_i) apart, whose float64 rounding is
+        # relative (η_fp, the polynomial's) to their magnitudes: 2η_fp·Σ_c|G_ic|V_c more per pair
+        r_dot = 2.0 * g_dv + 2.0 * spec.eta_fp
+        b = (Ga * (rng + E + r_dot * vmax)).sum(-1, keepdim=True)  # (..., n_q, 1) ≥ |g̃_ij|, |g_ij|
+        a = eta_p * b + Ga.sum(-1, keepdim=True) * E + r_dot * (Ga * vmax).sum(-1, keepdim=True)
         g_k, g_q = _gamma(n_k + 3, u), _gamma(n_q + 3, u)
         a_q = a + g_k * (1.0 + eta_p) * b  # what multiplies P_ij|∂X/∂q| in dQ's error
         a_k = a + g_q * (1.0 + eta_p) * b
@@ -353,7 +363,9 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         # Σ_j P_ij g_ij² ≤ Σ_j P_ij (G_i·v_j − c_i)² for any c_i (g's weighted mean square is the smallest)
         cs = d_v <= CS_MAX_DV and out is not None
         gl1 = Ga.sum(-1, keepdim=True)
-        a_rest = a - eta_p * b + eta_p * gl1 * E  # a_i without the η'·|g̃| term (|g̃_ij| ≤ |g_ij| + ‖G_i‖₁E)
+        # with g'_ij = G_i·v_j − c_i, c_i = G_i·õ_i: |g̃_ij| ≤ |g'_ij| + r_i and |g̃_ij − g_ij| ≤ ‖G_i‖₁E + r_i = e_i
+        # (r_i the two dot products' rounding), so |dX̃_ij − dX_ij| ≤ P_ij(η'|g'_ij| + (1 + η')e_i), e_i = a_i − η'b_i
+        a_rest = (1.0 + eta_p) * (a - eta_p * b)
         parts_c = [a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga]
         parts_r = [ka]
         if cs:
@@ -364,7 +376,7 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             parts_c += [ar_k * qa, ar_k, gg, c * Ge, c * c, qe * qe, qa, torch.ones_like(c), m2]
             parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke]
         cols, rows = torch.cat(parts_c, -1), torch.cat(parts_r, -1)
-        m = mask.double() if mask is not None else None
+        m = mask
         if sums is None:
             csum, rsum, rel = weighted_sums(qe, ke, cols, rows, mask=m, scale=spec.scale, kind=spec.kind,
                                             is_causal=spec.is_causal)
@@ -448,19 +460,48 @@ class GradientSlot:
 
     Several backward passes through the same call (``retain_graph=True``) accumulate their gradients in ``.grad``:
     the certificate then bounds that sum, as the sum of each upstream gradient's bound. The inputs are kept as the
-    call's own tensors: a read after any of them was modified in place raises instead of bounding other numbers."""
+    call's own tensors (detached views: no graph; the output as a copy, which the caller may edit): a read after
+    q, k, v or the mask was modified in place raises instead of bounding other numbers."""
 
-    def __init__(self, spec: GradientSpec, tensors, on_fill=None):
+    def __init__(self, spec: GradientSpec, tensors):
         self.spec = spec
         self._tensors = tensors  # (q, k, v, mask, c_q, c_k, sums, out)
-        self._versions = [t._version for t in tensors[:3]]
+        self._versions = self._current_versions()
         self._grads: list[torch.Tensor] = []
         self._cert: GradientCertificate | None = None
-        self._on_fill = on_fill
 
-    @property
-    def ready(self) -> bool:
-        return bool(self._grads) or self._cert is not None
+    def _current_versions(self) -> list[int]:
+        q, k, v, mask = self._tensors[:4]
+        return [t._version for t in (q, k, v, mask) if t is not None]
+
+    def _bound(self, grads: list[torch.Tensor]) -> GradientCertificate:
+        if self._current_versions() != self._versions:
+            raise RuntimeError("gradient certificate: q, k, v or the mask of this call was modified in place after "
+                               "its forward (an optimizer step on a leaf?); read the certificate first")
+        q, k, v, mask, c_q, c_k, sums, out = self._tensors
+        certs = [gradient_bounds(q, k, v, g, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums, out=out)
+                 for g in grads]
+        return dataclasses.replace(certs[0], dq_bound=sum(c.dq_bound for c in certs),
+                                   dk_bound=sum(c.dk_bound for c in certs), dv_bound=sum(c.dv_bound for c in certs))
+
+    def hook(self, grad: torch.Tensor) -> None:
+        """The output's gradient hook: with ``grad_eps``, the bound is checked before anything is kept, so a
+        refused backward leaves the slot (and q, k, v's gradients) as they were."""
+        grads = self._grads + [grad.detach().clone()]  # a copy: the caller may reuse its tensor
+        cert = None
+        eps = self.spec.grad_eps
+        if eps is not None:
+            cert = self._bound(grads)
+            if not cert.bound <= eps:
+                raise ValueError(
+                    f"grad_eps: the gradient bound of this {self.spec.method} call is {cert.bound:.3g} > "
+                    f"grad_eps={eps:g} (dq {cert.dq_bound:.3g}, dk {cert.dk_bound:.3g}, dv {cert.dv_bound:.3g}); "
+                    f"it scales with the forward's η = {cert.eta_forward:.3g} and the derivative's "
+                    f"η₁ = {cert.eta_derivative:.3g}: ask a forward eps about {_scaled_eps(cert, eps)} or "
+                    f"method='exact'")
+        self._grads, self._cert = grads, cert
+        global _LAST
+        _LAST = self
 
     @property
     def _grad(self) -> torch.Tensor | None:
@@ -469,61 +510,19 @@ class GradientSlot:
             return None
         return self._grads[0] if len(self._grads) == 1 else torch.stack(self._grads).sum(0)
 
-    def fill(self, grad_out: torch.Tensor) -> None:
-        self._grads.append(grad_out.detach().clone())  # a copy: the caller may reuse its tensor
-        self._cert = None
-        _LAST.slot = self
-        if self._on_fill is not None:
-            self._on_fill(self)
-
     @property
     def certificate(self) -> GradientCertificate | None:
         if self._cert is None and self._grads:
-            if [t._version for t in self._tensors[:3]] != self._versions:
-                raise RuntimeError("gradient certificate: q, k or v of this call was modified in place after its "
-                                   "forward (an optimizer step on a leaf?); read the certificate before changing them")
-            q, k, v, mask, c_q, c_k, sums, out = self._tensors
-            certs = [gradient_bounds(q, k, v, g, spec=self.spec, mask=mask, c_q=c_q, c_k=c_k, sums=sums, out=out)
-                     for g in self._grads]
-            first = certs[0]
-            self._cert = dataclasses.replace(first, dq_bound=sum(c.dq_bound for c in certs),
-                                             dk_bound=sum(c.dk_bound for c in certs),
-                                             dv_bound=sum(c.dv_bound for c in certs))
+            self._cert = self._bound(self._grads)
         return self._cert
 
 
-_LAST = threading.local()
+_LAST: GradientSlot | None = None  # the slot of the most recent backward (a module global: CUDA backward threads)
 
 
 def last_gradient_certificate() -> GradientCertificate | None:
-    """The gradient certificate of the most recent attnbound call whose backward ran (in this thread)."""
-    slot = getattr(_LAST, "slot", None)
-    return slot.certificate if slot is not None else None
-
-
-class _Watch(torch.autograd.Function):
-    """Identity on the output; its backward hands the upstream gradient to the call's slot (and checks grad_eps)."""
-
-    @staticmethod
-    def forward(ctx, out, slot):
-        ctx.slot = slot
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        slot = ctx.slot
-        slot.fill(grad)
-        eps = slot.spec.grad_eps
-        if eps is not None:
-            cert = slot.certificate
-            if not cert.bound <= eps:
-                raise ValueError(
-                    f"grad_eps: the gradient bound of this {slot.spec.method} call is {cert.bound:.3g} > "
-                    f"grad_eps={eps:g} (dq {cert.dq_bound:.3g}, dk {cert.dk_bound:.3g}, dv {cert.dv_bound:.3g}); "
-                    f"it scales with the forward's η = {cert.eta_forward:.3g} and the derivative's "
-                    f"η₁ = {cert.eta_derivative:.3g}: ask a forward eps about {_scaled_eps(cert, eps)} or "
-                    f"method='exact'")
-        return grad, None
+    """The gradient certificate of the most recent attnbound call whose backward ran."""
+    return _LAST.certificate if _LAST is not None else None
 
 
 def _scaled_eps(cert: GradientCertificate, eps: float) -> str:
@@ -533,8 +532,10 @@ def _scaled_eps(cert: GradientCertificate, eps: float) -> str:
 
 
 def watch(out: torch.Tensor, slot: GradientSlot) -> torch.Tensor:
-    """``out`` with the gradient watch attached (a view; autograd records the watch only)."""
-    return _Watch.apply(out, slot)
+    """``out`` itself, its gradient hook handing each upstream gradient to ``slot`` (in-place edits of ``out``
+    stay allowed: the hook sees the gradient of the value the call returned)."""
+    out.register_hook(slot.hook)
+    return out
 
 
 def _feature_rounding(method: str, radius: float, degree: int, *, rank: int, n_q: int, n_k: int, d: int) -> float:
@@ -552,26 +553,20 @@ def _feature_rounding(method: str, radius: float, degree: int, *, rank: int, n_q
 
 def _lse_rounding(call, dtype: torch.dtype) -> float:
     """The exact backward recomputes each weight as exp(x̃_ij − l̃se_i): beyond the forward's η (which covers x̃ and
-    the exp), the stored log-sum-exp carries at most 4u·|lse_i|, and |lse_i| ≤ L + |max_j m_ij| + ln(n_k + 1) (it lies
-    within ln n_k above the row's largest logit plus mask; rows whose keys are all masked have no weights)."""
+    the exp), the stored log-sum-exp carries at most 4u·|lse_i|. The exact engines add the mask shifted by its row
+    maximum (:func:`attnbound.stats.shift_mask`, b' ≤ 0 with one entry 0), so lse_i lies within ln n_k above the row's
+    largest logit plus b': |lse_i| ≤ L + ln(n_k + 1) whatever the mask (rows with no finite entry have no weights)."""
     q, k = call.q, call.k
     with torch.no_grad():
-        qn = float(q.detach().double().norm(dim=-1).amax()) if q.numel() else 0.0
-        kn = float(k.detach().double().norm(dim=-1).amax()) if k.numel() else 0.0
-        span = 0.0
-        m = call.attn_mask
-        if m is not None and m.dtype != torch.bool and m.numel():
-            top = m.detach().double().amax(-1)  # each row's largest mask entry
-            top = top[torch.isfinite(top)]
-            span = float(top.abs().amax()) if top.numel() else 0.0
+        qn = float(q.detach().norm(dim=-1, dtype=torch.float64).amax()) if q.numel() else 0.0
+        kn = float(k.detach().norm(dim=-1, dtype=torch.float64).amax()) if k.numel() else 0.0
     s_e = abs(call.scale) * (2.0 if call.kind == "l2" else 1.0)
-    big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + span + \
-        math.log(k.shape[-2] + 1) + 4.0
+    big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + math.log(k.shape[-2] + 1) + 4.0
     lam = 4.0 * unit_roundoff(dtype) * big
     return math.expm1(lam) if lam < 700.0 else math.inf
 
 
-def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_fill=None) -> torch.Tensor:
+def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None) -> torch.Tensor:
     """Watch ``out``'s backward when autograd records through it: the call's :class:`GradientSlot` is kept on
     ``cert`` (``cert.gradient_certificate`` reads it) and filled by the backward. Returns ``out`` (watched)."""
     if call is None or not (torch.is_grad_enabled() and out.requires_grad):
@@ -593,21 +588,18 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None, on_f
             c_q, c_k = centres(q, k, call.key_mask)
     if exact_rows:
         eta_fp += _lse_rounding(call, dtype)
-    mask = call.attn_mask
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask.detach(), -math.inf)
-    elif mask is not None:
-        mask = mask.detach()
+    mask = call.attn_mask.detach() if call.attn_mask is not None else None  # bool or additive, as given
     spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
                         eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
                         compute_dtype=dtype, grad_eps=grad_eps,
                         poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree))
     sums = None
-    if cert.method != "exact":
+    # the feature methods' sums in O(n·r·C) through the approximation, or the dense float64 pass in O(n_q·n_k·C)
+    # where that is cheaper (short sequences against a large rank)
+    if cert.method != "exact" and n_q * n_k > 3 * (n_q + n_k) * cert.rank:
         sums = _feature_sums(cert, call, eta_fp)
     # detached views share storage and version counter with the inputs: the slot holds no graph, and sees edits
-    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums, out.detach()),
-                        on_fill=on_fill)
+    slot = GradientSlot(spec, (q.detach(), k.detach(), v.detach(), mask, c_q, c_k, sums, out.detach().clone()))
     object.__setattr__(cert, "_gradient_slot", slot)
     return watch(out, slot)
 

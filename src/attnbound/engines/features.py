@@ -196,7 +196,7 @@ def _min_denominator(den: torch.Tensor, key_log_weight: torch.Tensor | None, is_
 
 def _safe_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     """max over ``dim`` (kept), with 0 where every entry is −inf."""
-    m = x.amax(dim, keepdim=True)
+    m = x.detach().amax(dim, keepdim=True)  # a shift the result does not depend on: no gradient through it
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
@@ -321,7 +321,7 @@ def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight
     for r0, fq_t, fk_t, vv_t in _causal_tiles(q, k, vv, degree, weights, chunk):
         t = fq_t.shape[-2]
         lw = key_log_weight[..., r0:r0 + t]
-        pm = torch.cummax(lw, -1).values.unsqueeze(-1)  # (..., t, 1): this tile's prefix maxima
+        pm = torch.cummax(lw.detach(), -1).values.unsqueeze(-1)  # (..., t, 1): this tile's prefix maxima (shifts)
         if ref is not None:
             pm = torch.maximum(pm, ref)
         pm_safe = torch.where(torch.isfinite(pm), pm, torch.zeros_like(pm))
@@ -333,7 +333,7 @@ def _causal_readout_weighted(q, k, vv, *, degree, weights, chunk, key_log_weight
         if with_reference:  # the log-weight each row's sums are relative to, as one more column
             num = torch.cat([num, pm_safe.expand(*num.shape[:-1], 1)], -1)
         outs = _put(outs, num, r0, q.shape[-2])
-        top = lw.amax(-1, keepdim=True).unsqueeze(-1)
+        top = lw.detach().amax(-1, keepdim=True).unsqueeze(-1)
         new_ref = top if ref is None else torch.maximum(ref, top)
         new_safe = torch.where(torch.isfinite(new_ref), new_ref, torch.zeros_like(new_ref))
         part = (fk_t * torch.exp(lw.unsqueeze(-2) - new_safe)) @ vv_t

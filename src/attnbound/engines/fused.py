@@ -86,7 +86,8 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
     """(True, "") when the fused kernels can compute on ``tensors``; else (False, why not).
 
     Requirements: numba importable, every tensor a float64 strided CPU tensor, and none requiring
-    grad while autograd is on (the kernels are forward only; use the reference engine for autograd).
+    grad while autograd is on (the kernels themselves are forward only: with gradients they run inside
+    :class:`attnbound.engines.fused_backward.FusedFeatures`, which checks its own :func:`~.fused_backward.applies`).
     """
     ok, why = runtime_available()
     if not ok:
@@ -101,7 +102,7 @@ def available(*tensors: torch.Tensor) -> tuple[bool, str]:
         if t.layout != torch.strided:
             return False, f"layout {t.layout}"
         if t.requires_grad and torch.is_grad_enabled():
-            return False, "requires_grad (the fused kernels have no backward)"
+            return False, "requires_grad (the bare kernels record no graph: engines.fused_backward wraps them)"
     return True, ""
 
 

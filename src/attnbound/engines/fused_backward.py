@@ -240,6 +240,8 @@ class FusedFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dnum):
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward, by autograd through the reference
+            return _reference_backward(ctx, dnum)
         q, k, vv = (t.detach() for t in ctx.saved_tensors)
         w, g = ctx.weights, ctx.degree
         dnum = dnum.detach().to(torch.float64).contiguous()
@@ -247,7 +249,6 @@ class FusedFeatures(torch.autograd.Function):
         dq = dk = dvv = None
         if ctx.is_causal:
             B, n, d = math.prod(batch), q.shape[-2], q.shape[-1]
-            C = vv.shape[-1]
             if ctx.needs_input_grad[2]:
                 flip = lambda x: x.expand(*batch, *x.shape[-2:]).flip(-2).contiguous()  # noqa: E731
                 dvv = fused.causal_readout(flip(k), flip(q), flip(dnum), degree=g, weights=w).flip(-2)
@@ -262,7 +263,6 @@ class FusedFeatures(torch.autograd.Function):
                                   parent, var, CAUSAL_TILE, dqn, dkn)
                 dq = torch.from_numpy(dqn).reshape(*batch, n, d)
                 dk = torch.from_numpy(dkn).reshape(*batch, n, d)
-            del C
         else:
             ones = torch.ones_like(w)
             ds = fused.key_state(q, dnum, degree=g, weights=ones)  # φ(Q)ᵀ dnum
@@ -275,6 +275,26 @@ class FusedFeatures(torch.autograd.Function):
                 dk = vjp_rows(k, wds, vv, degree=g)
         return (_reduce(dq, q) if dq is not None else None, _reduce(dk, k) if dk is not None else None,
                 _reduce(dvv, vv) if dvv is not None else None, None, None, None)
+
+
+def _reference_backward(ctx, dnum):
+    """The backward with its own graph (``create_graph=True``: second derivatives): autograd through the torch
+    feature engine's same products (:mod:`attnbound.engines.features`)."""
+    from . import features
+
+    leaves = list(ctx.saved_tensors)  # with create_graph, these carry the graph to the call's inputs
+    w, g = ctx.weights, ctx.degree
+    chunk = features.chunk_rows(1, features.feature_rank(leaves[0].shape[-1], g))
+    with torch.enable_grad():
+        if ctx.is_causal:
+            num = features.causal_readout(*leaves, degree=g, weights=w, chunk=chunk)
+        else:
+            state = features.key_state(leaves[1], leaves[2], degree=g, weights=w, chunk=chunk)
+            num = features.state_readout(leaves[0], state, degree=g, chunk=chunk)
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad(num, wanted, dnum, create_graph=True))
+    out = [next(grads) if x.requires_grad else None for x in leaves]
+    return (*(o if need else None for o, need in zip(out, ctx.needs_input_grad[:3])), None, None, None)
 
 
 def applies(q, k, vv, weights, *, degree: int, is_causal: bool) -> bool:

@@ -33,9 +33,9 @@ from .common import Result, combine, new_figure
 from .gradient import op_ratio
 from .transition import LOG2NS, log_bessel, log_rank, needed_degree, threshold_bound, verdict_exponent
 
-STEPS = {"test": 12, "small": 200, "medium": 300, "large": 300}
+STEPS = {"test": 12, "small": 100, "medium": 300, "large": 300}
 TOKENS = {"test": 32, "small": 64, "medium": 96, "large": 128}
-EVERY = {"test": 4, "small": 20, "medium": 25, "large": 25}
+EVERY = {"test": 4, "small": 20, "medium": 30, "large": 30}
 EMBED, HEADS, LAYERS, LR, EPS = 16, 2, 2, 0.2, 1e-3
 BAUR_STRASSEN = 5.0
 
@@ -163,11 +163,17 @@ def gradient_threshold(log2_n: int, iters: int = 30) -> float:
 
 
 def verdict_bounds(checks: list[dict]) -> tuple[str, str]:
-    """PASS when every sampled measured gradient error is ≤ its bound."""
+    """PASS when every sampled measured gradient error is ≤ its bound and every bound is finite (an infinite bound
+    certifies nothing: FAIL)."""
     if not checks:
         return "INCONCLUSIVE", "no sampled gradient checks"
+    unbounded = [c for c in checks for x in ("dq", "dk", "dv") if not math.isfinite(c[f"{x}_bound"])]
+    if unbounded:
+        c = unbounded[0]
+        return "FAIL", f"step {c['step']} layer {c['layer']}: no finite gradient bound"
     bad = [c for c in checks for x in ("dq", "dk", "dv") if not c[f"{x}_error"] <= c[f"{x}_bound"]]
-    worst = max(c[f"{x}_error"] / c[f"{x}_bound"] for c in checks for x in ("dq", "dk", "dv") if c[f"{x}_bound"] > 0)
+    worst = max((c[f"{x}_error"] / c[f"{x}_bound"] for c in checks for x in ("dq", "dk", "dv") if c[f"{x}_bound"] > 0),
+                default=0.0)
     why = (f"{len(checks)} layer-steps checked against float64 exact gradients: largest error/bound "
            f"{worst:.2g}")
     if bad:
@@ -177,13 +183,14 @@ def verdict_bounds(checks: list[dict]) -> tuple[str, str]:
 
 
 def verdict_ops(rows: list[dict], bound: float = BAUR_STRASSEN) -> tuple[str, str]:
-    """PASS when the counted and the fused backward's ratios are all in [1, bound]."""
+    """PASS when every counted ratio ops(f + ∇f)/ops(f) is in [1, bound] (the fused backward's formula ratio, the
+    same at every n, is shown beside it, not judged)."""
     if not rows:
         return "INCONCLUSIVE", "no operation counts"
-    ratios = [r["ratio"] for r in rows] + [r["fused_ratio"] for r in rows]
-    ok = all(1.0 <= x <= bound for x in ratios)
-    why = (f"ops(f + ∇f)/ops(f): counted {min(r['ratio'] for r in rows):.2f}–{max(r['ratio'] for r in rows):.2f}, "
-           f"fused backward {max(r['fused_ratio'] for r in rows):.2f} ({'≤' if ok else 'not within [1,'} {bound:g})")
+    ok = all(1.0 <= r["ratio"] <= bound for r in rows)
+    why = (f"ops(f + ∇f)/ops(f) counted {min(r['ratio'] for r in rows):.2f}–{max(r['ratio'] for r in rows):.2f} "
+           f"({'within' if ok else 'not within'} [1, {bound:g}]; the fused backward's multiply-adds "
+           f"{max(r['fused_ratio'] for r in rows):.2f}× its forward's)")
     return ("PASS" if ok else "FAIL"), why
 
 

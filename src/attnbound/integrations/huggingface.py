@@ -44,7 +44,7 @@ the per-head statistics each record carries (B, R, value range).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -247,6 +247,12 @@ def _head_stats_of(call, scale: float) -> list[tuple[float, float, float, float]
         return _per_head(qn, kn, q_abs, k_abs, hi, lo, 1, scale)
 
 
+def _forward_only(cert: Certificate) -> Certificate:
+    """The certificate without its gradient slot: a log keeps thousands of records, and a slot keeps its call's
+    tensors alive (gradient certificates are read from :func:`attnbound.attention` or the nn modules)."""
+    return replace(cert) if "_gradient_slot" in cert.__dict__ else cert
+
+
 def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: float | None = 1e-3,
                             **options):
     """The function :func:`register` installs; ``options`` go to :func:`attnbound.attention`."""
@@ -313,7 +319,7 @@ def make_attention_function(log: CertificateLog, *, method: str = "auto", eps: f
             stats = _head_stats(query, key, value, key_pad, scale)
         layer = log.layer_of(module)  # after every head ran: a refused call numbers no layer
         records = [HeadRecord(layer=layer, head=h, n_q=n_q, n_k=longest, scale=scale, max_entry=b, radius=r,
-                              value_range=vr, max_abs_value=mv, certificate=certs[h])
+                              value_range=vr, max_abs_value=mv, certificate=_forward_only(certs[h]))
                    for h, (b, r, vr, mv) in enumerate(stats)]
         out = out.transpose(1, 2).contiguous()
         log.add(records)  # every head computed: commit
