@@ -487,6 +487,8 @@ class GradientSlot:
     def hook(self, grad: torch.Tensor) -> None:
         """The output's gradient hook: with ``grad_eps``, the bound is checked before anything is kept, so a
         refused backward leaves the slot (and q, k, v's gradients) as they were."""
+        if grad is None:  # an undefined gradient (autograd's "zero" without a tensor): nothing flows through the call
+            return
         grads = self._grads + [grad.detach().clone()]  # a copy: the caller may reuse its tensor
         cert = None
         eps = self.spec.grad_eps
