@@ -110,7 +110,8 @@ def feature_attention(
                 # key on (rows before it have no weight at all), so each row's sums are relative to ref = 0 and
                 # the weighting is the zeroing of the [v, 1] rows of the keys that do not count
                 vv = vv * torch.isfinite(key_log_weight).unsqueeze(-1).to(vv.dtype)
-            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=True) if grad \
+            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=True,
+                                                reference=reference_readout) if grad \
                 else fused.causal_readout(q, k, vv, degree=degree, weights=w)
         elif key_log_weight is None:
             num = causal_readout(q, k, vv, degree=degree, weights=w, chunk=chunk)
@@ -124,13 +125,22 @@ def feature_attention(
             vv = vv * torch.exp(key_log_weight.unsqueeze(-1) - ref)
         eng = "fused" if use_fused else "torch"
         if use_fused and grad:
-            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=False)
+            num = fused_backward.fused_features(q, k, vv, weights=w, degree=degree, is_causal=False,
+                                                reference=reference_readout)
         else:
             num = readout_on(eng, q, key_state_on(eng, k, vv, degree=degree, weights=w, chunk=chunk), degree=degree,
                              chunk=chunk)
     if return_parts:
         return num, ref
     return normalize_readout(num, d_v)
+
+
+def reference_readout(q, k, vv, weights, degree: int, is_causal: bool) -> torch.Tensor:
+    """The fused kernels' num in differentiable torch operations (their backward's second derivatives)."""
+    chunk = chunk_rows(1, feature_rank(q.shape[-1], degree))
+    if is_causal:
+        return causal_readout(q, k, vv, degree=degree, weights=weights, chunk=chunk)
+    return state_readout(q, key_state(k, vv, degree=degree, weights=weights, chunk=chunk), degree=degree, chunk=chunk)
 
 
 def key_state_on(engine: str, k, vv, *, degree: int, weights: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -226,7 +226,7 @@ class FusedFeatures(torch.autograd.Function):
     """num = φ(Q)·diag(w)φ(K)ᵀ·VV (or its causal prefix form) on the fused kernels, with the fused backward."""
 
     @staticmethod
-    def forward(ctx, q, k, vv, weights, degree, is_causal):
+    def forward(ctx, q, k, vv, weights, degree, is_causal, reference=None):
         qd, kd, vd = q.detach(), k.detach(), vv.detach()
         if is_causal:
             num = fused.causal_readout(qd, kd, vd, degree=degree, weights=weights)
@@ -236,6 +236,7 @@ class FusedFeatures(torch.autograd.Function):
             num = fused.state_readout(qd, state, degree=degree)
         ctx.save_for_backward(q, k, vv)
         ctx.state, ctx.weights, ctx.degree, ctx.is_causal = state, weights, degree, is_causal
+        ctx.reference = reference
         return num
 
     @staticmethod
@@ -274,27 +275,23 @@ class FusedFeatures(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 dk = vjp_rows(k, wds, vv, degree=g)
         return (_reduce(dq, q) if dq is not None else None, _reduce(dk, k) if dk is not None else None,
-                _reduce(dvv, vv) if dvv is not None else None, None, None, None)
+                _reduce(dvv, vv) if dvv is not None else None, None, None, None, None)
 
 
 def _reference_backward(ctx, dnum):
-    """The backward with its own graph (``create_graph=True``: second derivatives): autograd through the torch
-    feature engine's same products (:mod:`attnbound.engines.features`)."""
-    from . import features
-
+    """The backward with its own graph (``create_graph=True``: second derivatives): autograd through the reference
+    the caller named (``reference(q, k, vv, weights, degree, is_causal) -> num``, the torch feature engine's same
+    products)."""
+    if ctx.reference is None:
+        raise RuntimeError("create_graph through the fused feature kernels needs a reference to differentiate; "
+                           "pass reference= to fused_features")
     leaves = list(ctx.saved_tensors)  # with create_graph, these carry the graph to the call's inputs
-    w, g = ctx.weights, ctx.degree
-    chunk = features.chunk_rows(1, features.feature_rank(leaves[0].shape[-1], g))
     with torch.enable_grad():
-        if ctx.is_causal:
-            num = features.causal_readout(*leaves, degree=g, weights=w, chunk=chunk)
-        else:
-            state = features.key_state(leaves[1], leaves[2], degree=g, weights=w, chunk=chunk)
-            num = features.state_readout(leaves[0], state, degree=g, chunk=chunk)
+        num = ctx.reference(*leaves, ctx.weights, ctx.degree, ctx.is_causal)
         wanted = [x for x in leaves if x.requires_grad]
         grads = iter(torch.autograd.grad(num, wanted, dnum, create_graph=True))
     out = [next(grads) if x.requires_grad else None for x in leaves]
-    return (*(o if need else None for o, need in zip(out, ctx.needs_input_grad[:3])), None, None, None)
+    return (*(o if need else None for o, need in zip(out, ctx.needs_input_grad[:3])), None, None, None, None)
 
 
 def applies(q, k, vv, weights, *, degree: int, is_causal: bool) -> bool:
@@ -312,6 +309,7 @@ def applies(q, k, vv, weights, *, degree: int, is_causal: bool) -> bool:
     return True
 
 
-def fused_features(q, k, vv, *, weights: torch.Tensor, degree: int, is_causal: bool) -> torch.Tensor:
-    """The unnormalised readout num (…, n_q, C) with the fused backward recorded."""
-    return FusedFeatures.apply(q, k, vv, weights, degree, is_causal)
+def fused_features(q, k, vv, *, weights: torch.Tensor, degree: int, is_causal: bool, reference=None) -> torch.Tensor:
+    """The unnormalised readout num (…, n_q, C) with the fused backward recorded; ``reference`` (the same products in
+    differentiable torch operations) serves second derivatives."""
+    return FusedFeatures.apply(q, k, vv, weights, degree, is_causal, reference)
