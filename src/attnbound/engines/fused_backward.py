@@ -17,7 +17,8 @@ tile are exact through P'(⟨q_i, k_j⟩) (Horner on the derivative's coefficien
 monomial sum); dVV is the fused causal readout run on the reversed sequence with the roles of q and k swapped.
 
 Cost: about two forward passes (key state + readout) plus two row walks of 2·r·C + 3r operations: the backward
-is a small constant times the forward. Memory beyond inputs and outputs: the r × C states S, dS (and, causal,
+is a small constant times the forward. With ``create_graph=True`` (second derivatives) the backward is instead
+autograd through the reference the caller passes (:func:`attnbound.engines.features.reference_readout`). Memory beyond inputs and outputs: the r × C states S, dS (and, causal,
 S and T per batch row), one r-vector pair per thread — never an n × r activation.
 """
 
