@@ -558,10 +558,8 @@ def _lse_rounding(call, dtype: torch.dtype) -> float:
     the exp), the stored log-sum-exp carries at most 4u·|lse_i|. The exact engines add the mask shifted by its row
     maximum (:func:`attnbound.stats.shift_mask`, b' ≤ 0 with one entry 0), so lse_i lies within ln n_k above the row's
     largest logit plus b': |lse_i| ≤ L + ln(n_k + 1) whatever the mask (rows with no finite entry have no weights)."""
-    q, k = call.q, call.k
-    with torch.no_grad():
-        qn = float(q.detach().norm(dim=-1, dtype=torch.float64).amax()) if q.numel() else 0.0
-        kn = float(k.detach().norm(dim=-1, dtype=torch.float64).amax()) if k.numel() else 0.0
+    k, st = call.k, call.stats
+    qn, kn = st.q_norm, max(st.k_norm, st.hidden_k_norm)  # the call's own row norms (all keys, hidden ones too)
     s_e = abs(call.scale) * (2.0 if call.kind == "l2" else 1.0)
     big = s_e * qn * kn + (abs(call.scale) * kn * kn if call.kind == "l2" else 0.0) + math.log(k.shape[-2] + 1) + 4.0
     lam = 4.0 * unit_roundoff(dtype) * big

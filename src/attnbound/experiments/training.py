@@ -113,10 +113,17 @@ def op_ratios(n: int, seed: int) -> dict:
     row = op_ratio("relative", {"eps": EPS}, n, 8, seed)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
-    r, C = attnbound.attention(q, k, v, method="relative", eps=EPS, return_certificate=True)[1].rank, 9
-    fused_fwd = 2 * n * r * C + 2 * n * r
-    fused_bwd = 2 * n * r * C + 2 * (n * r * C + 3 * n * r)
+    r = attnbound.attention(q, k, v, method="relative", eps=EPS, return_certificate=True)[1].rank
+    fused_fwd, fused_bwd = fused_multiply_adds(n, r, 9)
     return row | {"rank": r, "fused_ratio": (fused_fwd + fused_bwd) / fused_fwd}
+
+
+def fused_multiply_adds(n: int, rank: int, columns: int) -> tuple[int, int]:
+    """(forward, backward) multiply-adds of the fused kernels for one head of n rows, rank r, C = d_v + 1 columns:
+    key state and readout n·r·C each plus n·r monomials; backward dS and dV n·r·C each plus the two adjoint walks,
+    n·r·C + 3n·r each."""
+    fwd = 2 * n * rank * columns + 2 * n * rank
+    return fwd, 2 * n * rank * columns + 2 * (n * rank * columns + 3 * n * rank)
 
 
 # ---------------------------------------------------------------- the gradient threshold (exact arithmetic)
