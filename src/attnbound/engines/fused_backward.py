@@ -30,176 +30,183 @@ import numpy as np
 import torch
 
 from . import fused
-from .monomials import feature_rank, gather_plan, polynomial_of_weights
-
-try:
-    import numba
-    from numba import njit, prange
-except Exception:  # pragma: no cover - numba is a dependency; fused.available() says why it is missing
-    numba = None
-
-ROW_TILE = 32  # rows per work item of the row walk: two r × 32 blocks (monomials, adjoints) stay in L2
-CAUSAL_TILE = 32  # rows per causal tile: the exact triangle costs T·(d + g + C) per row
+from .fused import _TAB, _block
+from .monomials import dfs_order, polynomial_of_weights
 
 
-def tree(d: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
-    """(parent, variable) of every monomial in the engine order (index 0, the constant, has parent −1)."""
-    r = feature_rank(d, degree)
-    parent = np.full(r, -1, dtype=np.int64)
-    var = np.zeros(r, dtype=np.int64)
-    off = 1
-    for parents, variables in gather_plan(d, degree, "cpu"):
-        c = parents.numel()
-        parent[off:off + c] = parents.numpy()
-        var[off:off + c] = variables.numpy()
-        off += c
-    return parent, var
+ROW_TILE = 128  # rows per work item of the row walk: (g + 1) × 128 monomial and adjoint vectors stay in L1
+CAUSAL_TILE = 64  # rows per causal tile: the exact triangle costs T·(d + g + C) per row
 
 
-if numba is not None:
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _load(x, b, t0, tl, out):  # pragma: no cover - compiled
-        """out[:, t] = x[b, t0 + t, :] (a tile, transposed so the loops over t are contiguous)."""
+# ----------------------------------------------------------------------------------------------
+# generated kernels (one set per column count C; a state row's C entries are named locals, as in engines.fused)
+#
+# The monomials are walked depth first (monomials.dfs_order: each entry's parent is the latest earlier entry one
+# degree lower), a tile of T rows keeping one T-vector per depth for the monomials (phi) and one for the adjoints
+# (acc), all in L1. Reverse mode needs each monomial's adjoint ā_α = scale_α·⟨M_α, y⟩ + Σ_children ā_child·x_child
+# only once its subtree is done: in the depth-first order that is when the next entry is no deeper than it, so an
+# entry at depth j first closes (:func:`_close`) the open entries at depths ≥ j — passing ā·x_v up to its parent's
+# adjoint and ā·φ_parent into dx_v — and then opens itself. A leaf (degree g) closes at once.
+
+
+def _proj(C: int, Y: str) -> str:
+    return " + ".join(f"m{c} * {Y}[{c}, t]" for c in range(C))
+
+
+def _close(G: str, X: str, depth: str) -> list[str]:
+    return ["u = vs[%s]" % depth,
+            "for t in range(tl):",
+            _TAB + f"h = acc[{depth}, t]",
+            _TAB + f"{G}[u, t] += h * phi[{depth} - 1, t]",
+            _TAB + f"acc[{depth} - 1, t] += h * {X}[u, t]"]
+
+
+def _adjoint_walk(C: int, M: str, scale: str, X: str, Y: str, G: str) -> list[str]:
+    """G[e, t] += Σ_α (scale_α·Σ_c M[α, c]·Y[c, t])·∂φ_α(x_t)/∂x_e for the tile's rows X (d × T), Y (C × T)."""
+    loads = "; ".join(f"m{c} = {M}[a, {c}] * sa" for c in range(C))
+    return (["for t in range(tl):", _TAB + "phi[0, t] = 1.0", _TAB + "acc[0, t] = 0.0", "top = 0"]
+            + _block("for m in range(idx.shape[0]):",
+                     ["a = idx[m]", "j = dep[m]", "v = var[m]"],
+                     _block("while top >= j:", _close(G, X, "top"), ["top -= 1"]),
+                     [f"sa = {scale}[a]", loads],
+                     _block("if j == g:",  # a leaf: its adjoint is its projection, passed on at once
+                            _block("for t in range(tl):", [f"h = {_proj(C, Y)}", f"{G}[v, t] += h * phi[j - 1, t]",
+                                                           f"acc[j - 1, t] += h * {X}[v, t]"])),
+                     _block("else:",
+                            _block("for t in range(tl):", [f"phi[j, t] = phi[j - 1, t] * {X}[v, t]",
+                                                           f"acc[j, t] = {_proj(C, Y)}"]),
+                            ["vs[j] = v", "top = j"]))
+            + _block("while top >= 1:", _close(G, X, "top"), ["top -= 1"]))
+
+
+def _state_walk(C: int, S: str, scale: str, X: str, Y: str) -> list[str]:
+    """S[α, c] += scale_α·Σ_t φ_α(x_t)·Y[c, t] for every monomial α (the constant one included)."""
+    sums = [f"x{c} += f * {Y}[{c}, t]" for c in range(C)]
+    zeros = "; ".join(f"x{c} = 0.0" for c in range(C))
+    adds = [f"{S}[a, {c}] += sa * x{c}" for c in range(C)]
+    return (["for t in range(tl):", _TAB + "phi[0, t] = 1.0", zeros,
+             "for t in range(tl):"] + [_TAB + f"x{c} += {Y}[{c}, t]" for c in range(C)]
+            + ["a = 0", f"sa = {scale}[0]"] + adds
+            + _block("for m in range(idx.shape[0]):",
+                     ["a = idx[m]", "j = dep[m]", "v = var[m]", zeros],
+                     _block("if j == g:", _block("for t in range(tl):", [f"f = phi[j - 1, t] * {X}[v, t]"], sums)),
+                     _block("else:", _block("for t in range(tl):", [f"f = phi[j - 1, t] * {X}[v, t]",
+                                                                    "phi[j, t] = f"], sums)),
+                     [f"sa = {scale}[a]"], adds))
+
+
+_VJP = """
+@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
+def vjp(x, M, Y, scale, idx, dep, var, g, T, out):
+    B, n, d = x.shape
+    nt = (n + T - 1) // T
+    for p in prange(B * nt):
+        b = p // nt
+        t0 = (p % nt) * T
+        tl = min(T, n - t0)
+        xt = np.empty((d, T)); yt = np.empty(({C}, T)); gt = np.zeros((d, T))
+        phi = np.empty((g + 1, T)); acc = np.empty((g + 1, T)); vs = np.zeros(g + 1, dtype=np.int64)
         for t in range(tl):
-            for e in range(x.shape[2]):
-                out[e, t] = x[b, t0 + t, e]
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt):  # pragma: no cover - compiled
-        """The causal tile's q, k, [v, 1] and dnum rows, transposed."""
-        _load(q, b, t0, tl, qt)
-        _load(k, b, t0, tl, kt)
-        _load(vv, b, t0, tl, vt)
-        _load(dn, b, t0, tl, dt)
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _monomials(xt, tl, parent, var, m):  # pragma: no cover - compiled
-        """m[a, t] = φ_a(x_t): each monomial its parent times one coordinate."""
+            for e in range(d):
+                xt[e, t] = x[b, t0 + t, e]
+            for c in range({C}):
+                yt[c, t] = Y[b, t0 + t, c]
+        Mb = M[b]
+        <walk>
         for t in range(tl):
-            m[0, t] = 1.0
-        for a in range(1, m.shape[0]):
-            pa = parent[a]
-            vi = var[a]
-            for t in range(tl):
-                m[a, t] = m[pa, t] * xt[vi, t]
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _projected_adjoint(M, b, yt, tl, scale, ab, m, xt, parent, var, gt):  # pragma: no cover - compiled
-        """_project then _adjoint in one walk: monomial a's adjoint is its own projection scale[a]·M[b, a]·y_t plus
-        what its children (later in the order, so already visited) passed up in ab[a]."""
-        for a in range(ab.shape[0]):
-            for t in range(tl):
-                ab[a, t] = 0.0
-        for a in range(ab.shape[0] - 1, 0, -1):
-            for c in range(yt.shape[0]):
-                mac = M[b, a, c] * scale[a]
-                for t in range(tl):
-                    ab[a, t] += mac * yt[c, t]
-            pa = parent[a]
-            vi = var[a]
-            for t in range(tl):
-                g = ab[a, t]
-                gt[vi, t] += g * m[pa, t]
-                ab[pa, t] += g * xt[vi, t]
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _accumulate(S, m, yt, tl, scale):  # pragma: no cover - compiled
-        """S[a, c] += scale[a]·Σ_t m[a, t]·y_t[c]."""
-        for a in range(S.shape[0]):
-            for c in range(S.shape[1]):
-                s = 0.0
-                for t in range(tl):
-                    s += m[a, t] * yt[c, t]
-                S[a, c] += scale[a] * s
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _store(gt, out, b, t0, tl):  # pragma: no cover - compiled
-        for t in range(tl):
-            for e in range(gt.shape[0]):
+            for e in range(d):
                 out[b, t0 + t, e] += gt[e, t]
+"""
 
-    @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
-    def _vjp_rows(x, M, Y, scale, parent, var, T, out):  # pragma: no cover - compiled
-        """out[b, i] = J_φ(x_i)ᵀ·(diag(scale)·M_b·Y_i) for x (B, n, d), M (B, r, C), Y (B, n, C); tiles of T rows."""
-        B, n, d = x.shape
-        r, C = M.shape[1], M.shape[2]
-        nt = (n + T - 1) // T
-        for p in prange(B * nt):
-            b = p // nt
-            t0 = (p % nt) * T
+_CAUSAL = """
+@njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
+def causal_grads(q, k, vv, dn, w, ones, dcoef, idx, dep, var, g, T, sin, tin, nseg, per, dq, dk):
+    B, n, d = q.shape
+    r = w.shape[0]
+    gd = dcoef.shape[0] - 1
+    ntiles = (n + T - 1) // T
+    for p in prange(B * nseg):
+        b = p // nseg
+        sgi = p % nseg
+        S = np.empty((r, {C}))
+        qt = np.empty((d, T)); kt = np.empty((d, T)); vt = np.empty(({C}, T)); dt = np.empty(({C}, T))
+        gq = np.empty((d, T)); gk = np.empty((d, T))
+        phi = np.empty((g + 1, T)); acc = np.empty((g + 1, T)); vs = np.zeros(g + 1, dtype=np.int64)
+        first = sgi * per
+        last = min(ntiles, (sgi + 1) * per)
+        for a in range(r):
+            for c in range({C}):
+                S[a, c] = sin[p, a, c]
+        for tile in range(first, last):
+            t0 = tile * T
             tl = min(T, n - t0)
-            xt = np.empty((d, T))
-            yt = np.empty((C, T))
-            gt = np.zeros((d, T))
-            m = np.empty((r, T))
-            ab = np.empty((r, T))
-            _load(x, b, t0, tl, xt)
-            _load(Y, b, t0, tl, yt)
-            _monomials(xt, tl, parent, var, m)
-            _projected_adjoint(M, b, yt, tl, scale, ab, m, xt, parent, var, gt)
+            <load>
+            gq[:, :] = 0.0
+            gk[:, :] = 0.0
+            <query_walk>
+            for i in range(tl):
+                for j in range(i + 1):
+                    u = 0.0
+                    for e in range(d):
+                        u += qt[e, i] * kt[e, j]
+                    h = dcoef[gd]
+                    for jj in range(gd - 1, -1, -1):
+                        h = h * u + dcoef[jj]
+                    f = h * ({pair})
+                    for e in range(d):
+                        gq[e, i] += f * kt[e, j]
+                        gk[e, j] += f * qt[e, i]
             for t in range(tl):
                 for e in range(d):
-                    out[b, t0 + t, e] = gt[e, t]
-
-    @njit(parallel=True, fastmath=True, boundscheck=False, cache=True)
-    def _causal_grads(q, k, vv, dn, w, dcoef, parent, var, T, dq, dk):  # pragma: no cover - compiled
-        """dq, dk of the causal readout (see the module docstring), one batch row per work item."""
-        B, n, d = q.shape
-        r = w.shape[0]
-        C = vv.shape[2]
-        gd = dcoef.shape[0] - 1
-        ones = np.ones(r)
-        for b in prange(B):
-            S = np.zeros((1, r, C))
-            qt = np.empty((d, T))
-            kt = np.empty((d, T))
-            vt = np.empty((C, T))
-            dt = np.empty((C, T))
-            gq = np.empty((d, T))
-            gk = np.empty((d, T))
-            m = np.empty((r, T))
-            ab = np.empty((r, T))
-            for i in range(n):
+                    dq[b, t0 + t, e] += gq[e, t]
+                    dk[b, t0 + t, e] += gk[e, t]
+            <key_state>
+        for a in range(r):
+            for c in range({C}):
+                S[a, c] = tin[p, a, c]
+        for tile in range(last - 1, first - 1, -1):
+            t0 = tile * T
+            tl = min(T, n - t0)
+            <load>
+            gk[:, :] = 0.0
+            <key_walk>
+            for t in range(tl):
                 for e in range(d):
-                    dq[b, i, e] = 0.0
-                    dk[b, i, e] = 0.0
-            for t0 in range(0, n, T):  # forward scan: queries against the keys of earlier tiles, then the triangle
-                tl = min(T, n - t0)
-                _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt)
-                gq[:, :] = 0.0
-                gk[:, :] = 0.0
-                _monomials(qt, tl, parent, var, m)
-                _projected_adjoint(S, 0, dt, tl, ones, ab, m, qt, parent, var, gq)
-                for i in range(tl):  # the exact triangle: d/dq P(⟨q, k⟩) = P'(u)·k
-                    for j in range(i + 1):
-                        u = 0.0
-                        for e in range(d):
-                            u += qt[e, i] * kt[e, j]
-                        h = dcoef[gd]
-                        for jj in range(gd - 1, -1, -1):
-                            h = h * u + dcoef[jj]
-                        gv = 0.0
-                        for c in range(C):
-                            gv += dt[c, i] * vt[c, j]
-                        f = h * gv
-                        for e in range(d):
-                            gq[e, i] += f * kt[e, j]
-                            gk[e, j] += f * qt[e, i]
-                _store(gq, dq, b, t0, tl)
-                _store(gk, dk, b, t0, tl)
-                _monomials(kt, tl, parent, var, m)  # the tile's keys join the state
-                _accumulate(S[0], m, vt, tl, w)
-            S[0, :, :] = 0.0  # now the state of the queries after the tile
-            last = ((n - 1) // T) * T if n > 0 else 0
-            for t0 in range(last, -1, -T):
-                tl = min(T, n - t0)
-                _load_tile(q, k, vv, dn, b, t0, tl, qt, kt, vt, dt)
-                gk[:, :] = 0.0
-                _monomials(kt, tl, parent, var, m)  # keys against the queries of later tiles
-                _projected_adjoint(S, 0, vt, tl, w, ab, m, kt, parent, var, gk)
-                _store(gk, dk, b, t0, tl)
-                _monomials(qt, tl, parent, var, m)  # the tile's queries join the backward state
-                _accumulate(S[0], m, dt, tl, ones)
+                    dk[b, t0 + t, e] += gk[e, t]
+            <query_state>
+"""
+
+_LOAD = ["for t in range(tl):",
+         _TAB + "for e in range(d):",
+         _TAB * 2 + "qt[e, t] = q[b, t0 + t, e]",
+         _TAB * 2 + "kt[e, t] = k[b, t0 + t, e]",
+         _TAB + "for c in range({C}):",
+         _TAB * 2 + "vt[c, t] = vv[b, t0 + t, c]",
+         _TAB * 2 + "dt[c, t] = dn[b, t0 + t, c]"]
+
+
+def _source(C: int) -> str:
+    head = ["# generated by attnbound.fused_backward: backward kernels for %d columns" % C,
+            "import numpy as np",
+            "from numba import njit, prange",
+            "FM = {'reassoc', 'contract', 'nsz'}",
+            "CACHE = True", ""]
+    vjp = fused._frame(_VJP, C, walk=_adjoint_walk(C, "Mb", "scale", "xt", "yt", "gt"))
+    pair = " + ".join(f"dt[{c}, i] * vt[{c}, j]" for c in range(C))
+    causal = fused._frame(_CAUSAL.replace("{pair}", pair), C, load=[line.replace("{C}", str(C)) for line in _LOAD],
+                          query_walk=_adjoint_walk(C, "S", "ones", "qt", "dt", "gq"),
+                          key_state=_state_walk(C, "S", "w", "kt", "vt"),
+                          key_walk=_adjoint_walk(C, "S", "w", "kt", "vt", "gk"),
+                          query_state=_state_walk(C, "S", "ones", "qt", "dt"))
+    return "\n".join(head + vjp + [""] + causal) + "\n"
+
+
+_NAMES = ("vjp", "causal_grads")
+
+
+def _kernels(C: int):
+    """(vjp, causal_grads) for C columns, generated, compiled on first use and cached on disk like the forward's."""
+    return fused.generated(C, _source, _NAMES)
 
 
 def _np3(x: torch.Tensor, batch) -> np.ndarray:
@@ -212,15 +219,63 @@ def _reduce(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.sum_to_size(like.shape) if g.shape != like.shape else g
 
 
+def _vjp(x: np.ndarray, M: np.ndarray, Y: np.ndarray, scale: np.ndarray, degree: int) -> np.ndarray:
+    """J_φ(x_i)ᵀ·(diag(scale)·M_b·Y_i) for numpy x (B, n, d), M (B, r, C), Y (B, n, C), in column groups."""
+    B, n, d = x.shape
+    out = np.zeros((B, n, d))
+    if B and n:
+        idx, dep, var = dfs_order(d, degree)
+        size, starts = fused._column_groups(M.shape[-1])
+        kern = _kernels(size)[0]
+        for c0 in starts:
+            kern(x, fused._take(M, c0, size), fused._take(Y, c0, size), scale, idx, dep, var, degree, ROW_TILE, out)
+    return out
+
+
 def vjp_rows(x: torch.Tensor, M: torch.Tensor, Y: torch.Tensor, *, degree: int) -> torch.Tensor:
     """J_φ(x_i)ᵀ·(M·Y_i) for every row (float64, over the broadcast batch of x, M, Y)."""
     batch = torch.broadcast_shapes(x.shape[:-2], M.shape[:-2], Y.shape[:-2])
-    B, n, d = math.prod(batch), x.shape[-2], x.shape[-1]
-    out = np.empty((B, n, d))
-    if B and n:
-        parent, var = tree(d, degree)
-        _vjp_rows(_np3(x, batch), _np3(M, batch), _np3(Y, batch), np.ones(M.shape[-2]), parent, var, ROW_TILE, out)
+    n, d = x.shape[-2], x.shape[-1]
+    out = _vjp(_np3(x, batch), _np3(M, batch), _np3(Y, batch), np.ones(M.shape[-2]), degree)
     return torch.from_numpy(out).reshape(*batch, n, d)
+
+
+def causal_grads(q: np.ndarray, k: np.ndarray, vv: np.ndarray, dn: np.ndarray, w: np.ndarray, degree: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """dq, dk of the causal readout for numpy (B, n, ·) inputs: each sequence split into segments of whole tiles
+    run in parallel, each starting from the weighted key state of the segments before it (forward scan) and the
+    query state of the segments after it (backward scan), both from the forward's key_partials kernel."""
+    B, n, d = q.shape
+    C = vv.shape[-1]
+    r = w.shape[0]
+    dq, dk = np.zeros((B, n, d)), np.zeros((B, n, d))
+    if not (B and n):
+        return dq, dk
+    a = polynomial_of_weights(w, d, degree)
+    dcoef = np.array([(j + 1) * a[j + 1] for j in range(len(a) - 1)] or [0.0])
+    T = CAUSAL_TILE
+    ntiles = -(-n // T)
+    nseg = max(1, min(ntiles // 4, -(-fused._threads() // B)))
+    per = -(-ntiles // nseg)
+    nseg = -(-ntiles // per)
+    sin, tin = np.zeros((B, nseg, r, C)), np.zeros((B, nseg, r, C))
+    if nseg > 1:
+        m = (nseg - 1) * per * T  # the keys before the last segment, the queries after the first
+        keys = fused._key_partials(np.ascontiguousarray(k[:, :m]), np.ascontiguousarray(vv[:, :m]), degree,
+                                   nseg - 1, per, T).reshape(B, nseg - 1, r, C)
+        sin[:, 1:] = np.cumsum(keys * w[:, None], axis=1)
+        qs = fused._key_partials(np.ascontiguousarray(q[:, per * T:]), np.ascontiguousarray(dn[:, per * T:]),
+                                 degree, nseg - 1, per, T).reshape(B, nseg - 1, r, C)
+        tin[:, :-1] = np.cumsum(qs[:, ::-1], axis=1)[:, ::-1]
+    sin, tin = sin.reshape(B * nseg, r, C), tin.reshape(B * nseg, r, C)
+    idx, dep, var = dfs_order(d, degree)
+    size, starts = fused._column_groups(C)
+    kern = _kernels(size)[1]
+    for c0 in starts:
+        take = lambda x: fused._take(x, c0, size)  # noqa: E731
+        kern(q, k, take(vv), take(dn), w, np.ones(r), dcoef, idx, dep, var, degree, T, take(sin), take(tin),
+             nseg, per, dq, dk)
+    return dq, dk
 
 
 class FusedFeatures(torch.autograd.Function):
@@ -256,13 +311,7 @@ class FusedFeatures(torch.autograd.Function):
                 dvv = fused.causal_readout(flip(k), flip(q), flip(dnum), degree=g, weights=w).flip(-2)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
                 wn = np.ascontiguousarray(w.detach().double().numpy())
-                a = polynomial_of_weights(wn, d, g)
-                dcoef = np.array([(j + 1) * a[j + 1] for j in range(len(a) - 1)] or [0.0])
-                parent, var = tree(d, g)
-                dqn, dkn = np.empty((B, n, d)), np.empty((B, n, d))
-                if B and n:
-                    _causal_grads(_np3(q, batch), _np3(k, batch), _np3(vv, batch), _np3(dnum, batch), wn, dcoef,
-                                  parent, var, CAUSAL_TILE, dqn, dkn)
+                dqn, dkn = causal_grads(_np3(q, batch), _np3(k, batch), _np3(vv, batch), _np3(dnum, batch), wn, g)
                 dq = torch.from_numpy(dqn).reshape(*batch, n, d)
                 dk = torch.from_numpy(dkn).reshape(*batch, n, d)
         else:
@@ -298,7 +347,7 @@ def _reference_backward(ctx, dnum):
 def applies(q, k, vv, weights, *, degree: int, is_causal: bool) -> bool:
     """Whether :class:`FusedFeatures` can take the call: the fused kernels available on float64 CPU tensors and,
     causal, the engine's weights (Horner on the triangle)."""
-    if numba is None or not fused.runtime_available()[0]:
+    if not fused.runtime_available()[0]:
         return False
     for t in (q, k, vv):
         if t.dtype != torch.float64 or t.device.type != "cpu" or t.layout != torch.strided:
