@@ -94,3 +94,31 @@ def test_saves_no_feature_activation():
         for causal in (False, True):
             fb.fused_features(q, k, vv, weights=w, degree=g, is_causal=causal)
     assert saved and max(saved) <= 3000 * 5 < 3000 * r
+
+
+def _np(*xs):
+    return [np.ascontiguousarray(x.detach().reshape(-1, *x.shape[-2:]).numpy()) for x in xs]
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3, 7])
+def test_causal_segments_agree_with_the_reference(segments):
+    """Segments of a sequence run in parallel from the prefix key state and the suffix query state: every cut
+    (between tiles, a short last segment) gives the reference's gradients."""
+    g, n = 3, 6 * T + 5
+    q, k, vv, w, grad = _case(n, batch=(1,), seed=segments)
+    want = torch.autograd.grad(_reference(q, k, vv, w, g, True), (q, k, vv), grad)
+    got = fb.causal_grads(*_np(q, k, vv, grad), w.numpy(), g, segments=segments)
+    for x, y in zip(got, want):
+        assert np.allclose(x, y[0].numpy(), rtol=1e-11, atol=1e-12), float(np.abs(x - y[0].numpy()).max())
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_columns_in_groups(is_causal):
+    """More columns than one generated kernel holds: the column groups' gradients add up (the last group padded)."""
+    g = 2
+    q, k, vv, w, grad = _case(2 * T + 7, d=3, C=fb.fused.MAX_COLUMNS + 3, g=g, batch=(1,))
+    num = fb.fused_features(q, k, vv, weights=w, degree=g, is_causal=is_causal)
+    got = torch.autograd.grad(num, (q, k, vv), grad)
+    want = torch.autograd.grad(_reference(q, k, vv, w, g, is_causal), (q, k, vv), grad)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, rtol=1e-11, atol=1e-12), float((x - y).abs().max())

@@ -6,20 +6,28 @@ weighted per key), or causally num_i = φ(q_i)·S_i with S_i the state of keys j
 
     dS   = φ(Q)ᵀ·dnum                          (the key-state kernel on (Q, dnum), unit weights)
     dVV  = φ(K)·(w ⊙ dS)                        (the readout kernel)
-    dq_i = J_φ(q_i)ᵀ·(S·dnum_i)                 (:func:`_vjp_rows`: reverse mode through the monomial tree)
+    dq_i = J_φ(q_i)ᵀ·(S·dnum_i)                 (:func:`vjp_rows`: reverse mode through the monomial tree)
     dk_j = J_φ(k_j)ᵀ·((w ⊙ dS)·vv_j)
 
-Each monomial is its parent times one coordinate (φ_α = φ_{p(α)}·x_{v(α)}), so the adjoint walk visits the
-monomials in reverse order with ā_{p(α)} += ā_α·x_{v(α)} and dx_{v(α)} += ā_α·φ_{p(α)}: 2r multiply-adds per
-row after the r·C of S·dnum_i. Causal: row i reads the state of the keys before its tile (S, carried forward),
-key j the state of the queries after its tile (T = Σ φ(q_i)·dnum_iᵀ, carried backward), and the pairs inside a
-tile are exact through P'(⟨q_i, k_j⟩) (Horner on the derivative's coefficients, the same real number as the
-monomial sum); dVV is the fused causal readout run on the reversed sequence with the roles of q and k swapped.
+Each monomial is its parent times one coordinate (φ_α = φ_{p(α)}·x_{v(α)}), so reverse mode gives monomial α the
+adjoint ā_α = ⟨M_α, y⟩ + Σ_{children β} ā_β·x_{v(β)} and adds ā_α·φ_{p(α)} into dx_{v(α)}: r·C multiply-adds for the
+projections and 3r more per row. The walk is depth first (:func:`_adjoint_walk`): one monomial vector and one adjoint
+vector per depth for a tile of rows, in L1, each adjoint closed as soon as its subtree is done.
 
-Cost: about two forward passes (key state + readout) plus two row walks of 2·r·C + 3r operations: the backward
-is a small constant times the forward. With ``create_graph=True`` (second derivatives) the backward is instead
-autograd through the reference the caller passes (:func:`attnbound.engines.features.reference_readout`). Memory beyond inputs and outputs: the r × C states S, dS (and, causal,
-S and T per batch row), one r-vector pair per thread — never an n × r activation.
+Causal: row i reads the state of the keys before its tile (S, carried forward) and key j the state of the queries
+after its tile (T = Σ φ(q_i)·dnum_iᵀ, carried backward); the pairs inside a tile are exact through P(⟨q_i, k_j⟩)
+and P'(⟨q_i, k_j⟩) (Horner on the polynomial's and its derivative's coefficients, the same real numbers as the
+monomial sums). dVV_j = φ(k_j)·(w ⊙ T) is read out in the same walk over the keys as dk_j. Each sequence is cut into
+segments of whole tiles run in parallel, each starting from the key state of the segments before it and the query
+state of the segments after it (the forward's key-state kernel).
+
+Cost: non-causal, the key state and readout of the forward plus two walks of r·(C + 3) per row; causal, four walks
+(two adjoint, two state updates) and one readout per row. The kernels are generated per column count C (the state
+row's C entries in registers) like the forward's and cached on disk with them. With ``create_graph=True`` (second
+derivatives) the backward is instead autograd through the reference the caller passes
+(:func:`attnbound.engines.features.reference_readout`). Memory beyond inputs and outputs: the r × C states S, dS
+(causal: one S per segment and the segments' incoming states), O((g + d + C)·T) per tile — never an n × r
+activation.
 """
 
 from __future__ import annotations
@@ -61,14 +69,20 @@ def _close(G: str, X: str, depth: str) -> list[str]:
             _TAB + f"acc[{depth} - 1, t] += h * {X}[u, t]"]
 
 
-def _adjoint_walk(C: int, M: str, scale: str, X: str, Y: str, G: str) -> list[str]:
-    """G[e, t] += Σ_α (scale_α·Σ_c M[α, c]·Y[c, t])·∂φ_α(x_t)/∂x_e for the tile's rows X (d × T), Y (C × T)."""
+def _adjoint_walk(C: int, M: str, scale: str, X: str, Y: str, G: str, O: str | None = None) -> list[str]:
+    """G[e, t] += Σ_α (scale_α·Σ_c M[α, c]·Y[c, t])·∂φ_α(x_t)/∂x_e for the tile's rows X (d × T), Y (C × T); with
+    ``O`` also the readout O[c, t] += Σ_α φ_α(x_t)·scale_α·M[α, c] (the constant monomial included), same walk.
+    (The readout has a loop over the tile of its own: one loop writing O, G and the adjoints is not vectorised.)"""
     loads = "; ".join(f"m{c} = {M}[a, {c}] * sa" for c in range(C))
-    return (["for t in range(tl):", _TAB + "phi[0, t] = 1.0", _TAB + "acc[0, t] = 0.0", "top = 0"]
+    read = _block("for t in range(tl):", ["f = phi[j - 1, t] * %s[v, t]" % X]
+                  + [f"{O}[{c}, t] += f * m{c}" for c in range(C)]) if O else []
+    const = ([f"sa = {scale}[0]", "a = 0", loads, "for t in range(tl):"]
+             + [_TAB + f"{O}[{c}, t] += m{c}" for c in range(C)]) if O else []
+    return (["for t in range(tl):", _TAB + "phi[0, t] = 1.0", _TAB + "acc[0, t] = 0.0"] + const + ["top = 0"]
             + _block("for m in range(idx.shape[0]):",
                      ["a = idx[m]", "j = dep[m]", "v = var[m]"],
                      _block("while top >= j:", _close(G, X, "top"), ["top -= 1"]),
-                     [f"sa = {scale}[a]", loads],
+                     [f"sa = {scale}[a]", loads], read,
                      _block("if j == g:",  # a leaf: its adjoint is its projection, passed on at once
                             _block("for t in range(tl):", [f"h = {_proj(C, Y)}", f"{G}[v, t] += h * phi[j - 1, t]",
                                                            f"acc[j - 1, t] += h * {X}[v, t]"])),
@@ -118,19 +132,21 @@ def vjp(x, M, Y, scale, idx, dep, var, g, T, out):
                 out[b, t0 + t, e] += gt[e, t]
 """
 
+
 _CAUSAL = """
 @njit(parallel=True, fastmath=FM, boundscheck=False, cache=CACHE)
-def causal_grads(q, k, vv, dn, w, ones, dcoef, idx, dep, var, g, T, sin, tin, nseg, per, dq, dk):
+def causal_grads(q, k, vv, dn, w, ones, coef, dcoef, idx, dep, var, g, T, sin, tin, nseg, per, dq, dk, dvv):
     B, n, d = q.shape
     r = w.shape[0]
     gd = dcoef.shape[0] - 1
+    gc = coef.shape[0] - 1
     ntiles = (n + T - 1) // T
     for p in prange(B * nseg):
         b = p // nseg
         sgi = p % nseg
         S = np.empty((r, {C}))
         qt = np.empty((d, T)); kt = np.empty((d, T)); vt = np.empty(({C}, T)); dt = np.empty(({C}, T))
-        gq = np.empty((d, T)); gk = np.empty((d, T))
+        gq = np.empty((d, T)); gk = np.empty((d, T)); ov = np.empty(({C}, T))
         phi = np.empty((g + 1, T)); acc = np.empty((g + 1, T)); vs = np.zeros(g + 1, dtype=np.int64)
         first = sgi * per
         last = min(ntiles, (sgi + 1) * per)
@@ -143,6 +159,7 @@ def causal_grads(q, k, vv, dn, w, ones, dcoef, idx, dep, var, g, T, sin, tin, ns
             <load>
             gq[:, :] = 0.0
             gk[:, :] = 0.0
+            ov[:, :] = 0.0
             <query_walk>
             for i in range(tl):
                 for j in range(i + 1):
@@ -156,10 +173,16 @@ def causal_grads(q, k, vv, dn, w, ones, dcoef, idx, dep, var, g, T, sin, tin, ns
                     for e in range(d):
                         gq[e, i] += f * kt[e, j]
                         gk[e, j] += f * qt[e, i]
+                    h = coef[gc]
+                    for jj in range(gc - 1, -1, -1):
+                        h = h * u + coef[jj]
+                    <pair_value>
             for t in range(tl):
                 for e in range(d):
                     dq[b, t0 + t, e] += gq[e, t]
                     dk[b, t0 + t, e] += gk[e, t]
+                for c in range({C}):
+                    dvv[b, t0 + t, c] += ov[c, t]
             <key_state>
         for a in range(r):
             for c in range({C}):
@@ -169,10 +192,13 @@ def causal_grads(q, k, vv, dn, w, ones, dcoef, idx, dep, var, g, T, sin, tin, ns
             tl = min(T, n - t0)
             <load>
             gk[:, :] = 0.0
+            ov[:, :] = 0.0
             <key_walk>
             for t in range(tl):
                 for e in range(d):
                     dk[b, t0 + t, e] += gk[e, t]
+                for c in range({C}):
+                    dvv[b, t0 + t, c] += ov[c, t]
             <query_state>
 """
 
@@ -196,7 +222,8 @@ def _source(C: int) -> str:
     causal = fused._frame(_CAUSAL.replace("{pair}", pair), C, load=[line.replace("{C}", str(C)) for line in _LOAD],
                           query_walk=_adjoint_walk(C, "S", "ones", "qt", "dt", "gq"),
                           key_state=_state_walk(C, "S", "w", "kt", "vt"),
-                          key_walk=_adjoint_walk(C, "S", "w", "kt", "vt", "gk"),
+                          key_walk=_adjoint_walk(C, "S", "w", "kt", "vt", "gk", "ov"),
+                          pair_value=[f"ov[{c}, j] += h * dt[{c}, i]" for c in range(C)],
                           query_state=_state_walk(C, "S", "ones", "qt", "dt"))
     return "\n".join(head + vjp + [""] + causal) + "\n"
 
@@ -219,44 +246,45 @@ def _reduce(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.sum_to_size(like.shape) if g.shape != like.shape else g
 
 
-def _vjp(x: np.ndarray, M: np.ndarray, Y: np.ndarray, scale: np.ndarray, degree: int) -> np.ndarray:
-    """J_φ(x_i)ᵀ·(diag(scale)·M_b·Y_i) for numpy x (B, n, d), M (B, r, C), Y (B, n, C), in column groups."""
+def _vjp(x: np.ndarray, M: np.ndarray, Y: np.ndarray, degree: int) -> np.ndarray:
+    """J_φ(x_i)ᵀ·(M_b·Y_i) for numpy x (B, n, d), M (B, r, C), Y (B, n, C), in column groups."""
     B, n, d = x.shape
     out = np.zeros((B, n, d))
     if B and n:
         idx, dep, var = dfs_order(d, degree)
         size, starts = fused._column_groups(M.shape[-1])
         kern = _kernels(size)[0]
+        ones = np.ones(M.shape[-2])
         for c0 in starts:
-            kern(x, fused._take(M, c0, size), fused._take(Y, c0, size), scale, idx, dep, var, degree, ROW_TILE, out)
+            kern(x, fused._take(M, c0, size), fused._take(Y, c0, size), ones, idx, dep, var, degree, ROW_TILE, out)
     return out
 
 
 def vjp_rows(x: torch.Tensor, M: torch.Tensor, Y: torch.Tensor, *, degree: int) -> torch.Tensor:
     """J_φ(x_i)ᵀ·(M·Y_i) for every row (float64, over the broadcast batch of x, M, Y)."""
     batch = torch.broadcast_shapes(x.shape[:-2], M.shape[:-2], Y.shape[:-2])
-    n, d = x.shape[-2], x.shape[-1]
-    out = _vjp(_np3(x, batch), _np3(M, batch), _np3(Y, batch), np.ones(M.shape[-2]), degree)
-    return torch.from_numpy(out).reshape(*batch, n, d)
+    out = _vjp(_np3(x, batch), _np3(M, batch), _np3(Y, batch), degree)
+    return torch.from_numpy(out).reshape(*batch, x.shape[-2], x.shape[-1])
 
 
-def causal_grads(q: np.ndarray, k: np.ndarray, vv: np.ndarray, dn: np.ndarray, w: np.ndarray, degree: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """dq, dk of the causal readout for numpy (B, n, ·) inputs: each sequence split into segments of whole tiles
-    run in parallel, each starting from the weighted key state of the segments before it (forward scan) and the
-    query state of the segments after it (backward scan), both from the forward's key_partials kernel."""
+def causal_grads(q: np.ndarray, k: np.ndarray, vv: np.ndarray, dn: np.ndarray, w: np.ndarray, degree: int,
+                 segments: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dq, dk, dvv of the causal readout for numpy (B, n, ·) inputs: each sequence split into segments of whole
+    tiles run in parallel, each starting from the weighted key state of the segments before it (forward scan) and
+    the query state of the segments after it (backward scan), both from the forward's key_partials kernel.
+    ``segments`` (default: enough for every thread, at least 4 tiles each) sets their number."""
     B, n, d = q.shape
     C = vv.shape[-1]
     r = w.shape[0]
-    dq, dk = np.zeros((B, n, d)), np.zeros((B, n, d))
+    dq, dk, dvv = np.zeros((B, n, d)), np.zeros((B, n, d)), np.zeros((B, n, C))
     if not (B and n):
-        return dq, dk
+        return dq, dk, dvv
     a = polynomial_of_weights(w, d, degree)
     dcoef = np.array([(j + 1) * a[j + 1] for j in range(len(a) - 1)] or [0.0])
     T = CAUSAL_TILE
     ntiles = -(-n // T)
-    nseg = max(1, min(ntiles // 4, -(-fused._threads() // B)))
-    per = -(-ntiles // nseg)
+    nseg = segments or max(1, min(ntiles // 4, -(-fused._threads() // B)))
+    per = -(-ntiles // max(1, min(int(nseg), ntiles)))
     nseg = -(-ntiles // per)
     sin, tin = np.zeros((B, nseg, r, C)), np.zeros((B, nseg, r, C))
     if nseg > 1:
@@ -273,9 +301,11 @@ def causal_grads(q: np.ndarray, k: np.ndarray, vv: np.ndarray, dn: np.ndarray, w
     kern = _kernels(size)[1]
     for c0 in starts:
         take = lambda x: fused._take(x, c0, size)  # noqa: E731
-        kern(q, k, take(vv), take(dn), w, np.ones(r), dcoef, idx, dep, var, degree, T, take(sin), take(tin),
-             nseg, per, dq, dk)
-    return dq, dk
+        part = np.zeros((B, n, size))
+        kern(q, k, take(vv), take(dn), w, np.ones(r), a, dcoef, idx, dep, var, degree, T, take(sin), take(tin),
+             nseg, per, dq, dk, part)
+        dvv[..., c0:c0 + size] = part[..., :min(size, C - c0)]
+    return dq, dk, dvv
 
 
 class FusedFeatures(torch.autograd.Function):
@@ -305,15 +335,11 @@ class FusedFeatures(torch.autograd.Function):
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], vv.shape[:-2], dnum.shape[:-2])
         dq = dk = dvv = None
         if ctx.is_causal:
-            B, n, d = math.prod(batch), q.shape[-2], q.shape[-1]
-            if ctx.needs_input_grad[2]:
-                flip = lambda x: x.expand(*batch, *x.shape[-2:]).flip(-2).contiguous()  # noqa: E731
-                dvv = fused.causal_readout(flip(k), flip(q), flip(dnum), degree=g, weights=w).flip(-2)
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                wn = np.ascontiguousarray(w.detach().double().numpy())
-                dqn, dkn = causal_grads(_np3(q, batch), _np3(k, batch), _np3(vv, batch), _np3(dnum, batch), wn, g)
-                dq = torch.from_numpy(dqn).reshape(*batch, n, d)
-                dk = torch.from_numpy(dkn).reshape(*batch, n, d)
+            n, d = q.shape[-2], q.shape[-1]
+            wn = np.ascontiguousarray(w.detach().double().numpy())
+            grads = causal_grads(_np3(q, batch), _np3(k, batch), _np3(vv, batch), _np3(dnum, batch), wn, g)
+            dq, dk, dvv = (torch.from_numpy(x).reshape(*batch, n, x.shape[-1]) if need else None
+                           for x, need in zip(grads, ctx.needs_input_grad[:3]))
         else:
             ones = torch.ones_like(w)
             ds = fused.key_state(q, dnum, degree=g, weights=ones)  # φ(Q)ᵀ dnum
