@@ -122,3 +122,16 @@ def test_columns_in_groups(is_causal):
     want = torch.autograd.grad(_reference(q, k, vv, w, g, is_causal), (q, k, vv), grad)
     for x, y in zip(got, want):
         assert torch.allclose(x, y, rtol=1e-11, atol=1e-12), float((x - y).abs().max())
+
+
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (0, 2)])
+def test_causal_backward_of_some_inputs(wanted):
+    """Only some inputs want gradients (dV alone takes the reversed causal readout): each is the reference's."""
+    g = 3
+    q, k, vv, w, grad = _case(2 * T + 9, batch=(2,), seed=5)
+    leaves = [x.detach().requires_grad_(i in wanted) for i, x in enumerate((q, k, vv))]
+    got = torch.autograd.grad(fb.fused_features(*leaves, weights=w, degree=g, is_causal=True),
+                              [leaves[i] for i in wanted], grad)
+    want = torch.autograd.grad(_reference(*leaves, w, g, True), [leaves[i] for i in wanted], grad)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, rtol=1e-11, atol=1e-12)

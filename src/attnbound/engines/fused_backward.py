@@ -334,7 +334,11 @@ class FusedFeatures(torch.autograd.Function):
         dnum = dnum.detach().to(torch.float64).contiguous()
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], vv.shape[:-2], dnum.shape[:-2])
         dq = dk = dvv = None
-        if ctx.is_causal:
+        if ctx.is_causal and not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            if ctx.needs_input_grad[2]:  # dV alone: the causal readout of the reversed sequence, q and k swapped
+                flip = lambda x: x.expand(*batch, *x.shape[-2:]).flip(-2).contiguous()  # noqa: E731
+                dvv = fused.causal_readout(flip(k), flip(q), flip(dnum), degree=g, weights=w).flip(-2)
+        elif ctx.is_causal:
             n, d = q.shape[-2], q.shape[-1]
             wn = np.ascontiguousarray(w.detach().double().numpy())
             grads = causal_grads(_np3(q, batch), _np3(k, batch), _np3(vv, batch), _np3(dnum, batch), wn, g)
