@@ -4,6 +4,7 @@ heavy tokens; the derivative's η₁ against the polynomial itself; grad_eps; th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -68,6 +69,80 @@ def test_derivative_eta_covers_the_polynomial(method, radius):
         assert measured <= piecewise
         if measured > 1e-12:  # below, the grid's own float64 evaluation is what is measured
             assert eta1 <= piecewise <= 3.0 * measured, (g, measured, piecewise)
+
+
+@pytest.mark.parametrize("method", ["taylor", "polynomial", "relative"])
+@pytest.mark.parametrize("radius", [0.25, 1.0, 3.0])
+def test_derivative_eta_profile_covers_each_range(method, radius):
+    """η₁ of the arguments |u| ≤ ρ (the profile the plain bucket refinement charges) covers the polynomial's measured
+    derivative error there, is the whole η₁ from ρ = 1 on, and is smaller inside for the minimax fits."""
+    fam = family(method)
+    u = np.linspace(-1.0, 1.0, 40001)
+    for g in (3, 5, 8):
+        a = fam.coefficients(radius, g)
+        dp = np.polynomial.polynomial.polyval(u, np.polynomial.polynomial.polyder(a)) / radius
+        err = np.abs(dp * np.exp(-radius * u) - 1.0)
+        prof = gr.derivative_eta_profile(method, radius, g)
+        rhos = torch.tensor([0.0, 0.05, 0.125, 0.2, 0.37, 0.5, 0.75, 0.99, 1.0, 1.5], dtype=torch.float64)
+        within = gr._eta1_within(prof, rhos)
+        for rho, e in zip(rhos.tolist(), within.tolist()):
+            assert float(err[np.abs(u) <= rho].max()) <= e, (g, rho, e)
+        assert within[-2] == within[-1] == gr.derivative_eta(method, radius, g)
+        assert list(within) == sorted(within)
+    if method == "relative" and radius == 1.0:  # the equioscillating fits err most at the ends
+        assert gr._eta1_within(prof, torch.tensor([0.5], dtype=torch.float64)) < 0.3 * within[-1]
+
+
+def test_norm_buckets_partition_the_rows():
+    """Every row in exactly one bucket, its norm at most the bucket's edge (ties at an edge included)."""
+    norms = torch.cat([torch.rand(500, dtype=torch.float64), torch.full((40,), 0.5, dtype=torch.float64)])
+    edges = gr._norm_edges(norms)
+    assert edges[-1] == norms.max() and list(edges) == sorted(edges)
+    ind = torch.cat(gr._bucket_indicators(norms, edges), -1)
+    assert torch.equal(ind.sum(-1), torch.ones(540, dtype=torch.float64))
+    assert bool((norms <= (ind * edges).sum(-1)).all())
+    assert gr._norm_edges(norms[:10]).tolist() == [float(norms[:10].max())]  # few rows: one bucket
+
+
+def test_plain_softmax_charges_each_key_bucket_its_own_range():
+    """Plain softmax (no centres, no heavy tokens): the refined bounds are below the whole-range ones and still above
+    the long-double error, also when a few large keys align with the largest query (their pairs reach |u| ≈ 1)."""
+    torch.manual_seed(3)
+    n, d = 600, 8
+    q, k = torch.randn(1, n, d), torch.randn(1, n, d)
+    k[0, :12] = q[0, :1] * 3.0  # a few keys along the largest query, three times as long
+    q = (q / q.norm(dim=-1).max()).requires_grad_()
+    k = (k / k.norm(dim=-1).max()).requires_grad_()
+    v = torch.randn(1, n, d)
+    v[0, :12] = 4.0  # and large values there
+    v.requires_grad_()
+    grad = torch.randn(1, n, d)
+    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    slot = cert._gradient_slot
+    assert slot.spec.plain
+    whole = dataclasses.replace(slot.spec, plain=False)
+    saved = slot.spec
+    try:
+        object.__setattr__(slot, "spec", whole)
+        slot._cert = None
+        gw = slot.certificate
+    finally:
+        object.__setattr__(slot, "spec", saved)
+    assert gc.dq_bound < gw.dq_bound and gc.dk_bound < gw.dk_bound
+
+
+def test_dq_dk_bounds_are_within_100x_of_the_error_on_gaussian_data():
+    """The plain refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
+    dQ through the signed key mean: dQ and dK read within 100× of the long-double error on Gaussian heads."""
+    torch.manual_seed(0)
+    n, d = 1024, 8
+    q, k = torch.randn(1, n, d), torch.randn(1, n, d)
+    q = (q / q.norm(dim=-1).max()).requires_grad_()
+    k = (k / k.norm(dim=-1).max()).requires_grad_()
+    v = torch.randn(1, n, d, requires_grad=True)
+    grad = torch.randn(1, n, d)
+    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    assert gc.dq_bound <= 100.0 * eq and gc.dk_bound <= 100.0 * ek, (eq, ek, gc)
 
 
 def test_derivative_eta_of_taylor_by_hand():
@@ -352,11 +427,13 @@ def test_modules_report_each_layers_gradient_certificate():
     assert attnbound.last_gradient_certificate() is att.last_gradient_certificate
 
 
-def test_cauchy_schwarz_refinement_by_hand():
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cauchy_schwarz_refinement_by_hand(sign):
     """One query, three keys, d = d_v = 1 with the forward's output given: the refined dQ and dK bounds, worked out
-    from the formulas (Σ_j P_j (G·v_j − c)² expanded into row and column sums, c = G·õ), each below the plain one."""
-    q = torch.tensor([[0.7]], dtype=torch.float64)
-    k = torch.tensor([[1.0], [-0.5], [0.25]], dtype=torch.float64)
+    from the formulas (Σ_j P_j (G·v_j − c)² expanded into row and column sums, c = G·õ), each below the plain one.
+    ``sign`` flips q and k (the same weights, a key mean of the other sign: the bound takes its magnitude)."""
+    q = sign * torch.tensor([[0.7]], dtype=torch.float64)
+    k = sign * torch.tensor([[1.0], [-0.5], [0.25]], dtype=torch.float64)
     v = torch.tensor([[2.0], [-1.0], [0.5]], dtype=torch.float64)
     grad = torch.tensor([[3.0]], dtype=torch.float64)
     x = 0.7 * np.array([1.0, -0.5, 0.25])
@@ -383,8 +460,10 @@ def test_cauchy_schwarz_refinement_by_hand():
     m2 = (G * 2.0 + abs(c)) ** 2
     s2r = (G * G * (p @ vv ** 2) - 2 * c * G * (p @ vv) + c * c + 2 * rel * m2) * up
     kabs, k2 = (p @ np.abs(k.numpy()[:, 0])) * up, (p @ k.numpy()[:, 0] ** 2) * up
+    r_i = 2 * gam(3) * G * vmax  # the dot products' rounding
+    kmean = abs(p @ k.numpy()[:, 0]) + (rel + up - 1) * (1 + rel) * kabs  # |Σ_j P_j k_j|: E enters through it
     dq = min((a + gam(3 + 3) * (1 + eta_p) * b) * kabs,
-             eta_p * math.sqrt(s2r * k2) + (a_rest + gam(3 + 3) * (1 + eta_p) * b) * kabs)
+             eta_p * math.sqrt(s2r * k2) + ((1 + eta_p) * r_i + gam(3 + 3) * (1 + eta_p) * b) * kabs + G * E * kmean)
     ar_k = a_rest + gam(1 + 3) * (1 + eta_p) * b
     a_k = a + gam(1 + 3) * (1 + eta_p) * b
     s2c = (p * G * G * vv ** 2 - 2 * vv * p * c * G + p * c * c + 2 * rel * p * m2) * up
@@ -403,8 +482,10 @@ def test_cauchy_schwarz_refinement_by_hand():
     gc2 = gr.gradient_bounds(q, k, v, grad, spec=spec, out=out, sums=sums)
     s2r2 = (G * G * (p @ vv ** 2) - 2 * c * G * (p @ vv) + c * c + 2 * rho2 * m2) * up2
     kabs2, k22 = kabs / up * up2, k2 / up * up2
+    kmean2 = abs(p @ k.numpy()[:, 0]) + (rho2 + up2 - 1) * (1 + rho2) * kabs2  # the mean's margin: ρ and up − 1
     dq2 = min((a + gam(3 + 3) * (1 + eta_p) * b) * kabs2,
-              eta_p * math.sqrt(s2r2 * k22) + (a_rest + gam(3 + 3) * (1 + eta_p) * b) * kabs2)
+              eta_p * math.sqrt(s2r2 * k22) + ((1 + eta_p) * r_i + gam(3 + 3) * (1 + eta_p) * b) * kabs2
+              + G * E * kmean2)
     assert gc2.dq_bound == pytest.approx(dq2, rel=1e-9)
 
 

@@ -127,18 +127,23 @@ def _chebyshev_exp(rho: float, k_stop: int) -> np.ndarray:
     return c
 
 
-@lru_cache(maxsize=4096)
 def piecewise_derivative_eta(coeffs: tuple[float, ...], radius: float, pieces: int = PIECES) -> float:
+    """The largest of :func:`piecewise_derivative_etas`: η₁ on all of u ∈ [−1, 1]."""
+    return max(piecewise_derivative_etas(coeffs, radius, pieces))
+
+
+@lru_cache(maxsize=4096)
+def piecewise_derivative_etas(coeffs: tuple[float, ...], radius: float, pieces: int = PIECES) -> tuple[float, ...]:
     """η₁ on ``pieces`` subintervals of u ∈ [−1, 1], each measured against its own smallest e^x (the relative form
     the minimax fits are made for): on [u_m − h, u_m + h] with u = u_m + h·t, P(u_m + h t) has exact Chebyshev
     coefficients b_k in t and e^{Ru} = e^{Ru_m}·Σ_k c_k(Rh) T_k(t), so
 
         |P'(u) − R e^{Ru}| ≤ e^{Ru_m}/h·(Σ_{k≤K} k²·|b_k e^{−Ru_m} − c_k(Rh)| + Σ_{k>K} k² c_k(Rh)),
 
-    and dividing by R·e^{Ru} ≥ R·e^{R(u_m − h)} gives that piece's η₁. The maximum over the pieces; the rounding of
-    b_k·e^{−Ru_m} (2^-50 relative) and scipy's Bessel values (1e-14) are added."""
+    and dividing by R·e^{Ru} ≥ R·e^{R(u_m − h)} gives that piece's η₁ (piece m: u ∈ [−1 + 2mh, −1 + 2(m + 1)h]);
+    the rounding of b_k·e^{−Ru_m} (2^-50 relative) and scipy's Bessel values (1e-14) are added."""
     if not (math.isfinite(radius) and 0.0 < radius <= 700.0):
-        return math.inf
+        return (math.inf,) * pieces
     g = len(coeffs) - 1
     a = [Fraction(float(x)) for x in coeffs]
     h = Fraction(1, pieces)
@@ -146,11 +151,11 @@ def piecewise_derivative_eta(coeffs: tuple[float, ...], radius: float, pieces: i
     rho = radius / pieces
     c = _chebyshev_exp(rho, K + 1)
     if not np.all(np.isfinite(c)):
-        return math.inf
+        return (math.inf,) * pieces
     k = K + 1
     ratio = rho * (k + 1) / (2.0 * k * k)
     tail = float(c[K + 1]) * k * k / (1.0 - ratio) if ratio < 1.0 else math.inf
-    worst = 0.0
+    etas = []
     for m in range(pieces):
         um = Fraction(-1) + (2 * m + 1) * h
         local = [Fraction(0)] * (g + 1)  # P(u_m + h t) = Σ_l t^l Σ_{j≥l} a_j C(j, l) u_m^{j−l} h^l
@@ -167,8 +172,8 @@ def piecewise_derivative_eta(coeffs: tuple[float, ...], radius: float, pieces: i
             ck = float(c[kk])
             total += kk * kk * (abs(bk - ck) + 2.0 ** -50 * (abs(bk) + abs(ck)) + 1e-14 * abs(ck))
         total = (total + tail) * (1.0 + 1e-12)
-        worst = max(worst, total * math.exp(radius / pieces) * pieces / radius)
-    return worst
+        etas.append(total * math.exp(radius / pieces) * pieces / radius)
+    return tuple(etas)
 
 
 def derivative_eta(method: str, radius: float, degree: int) -> float:
@@ -183,6 +188,32 @@ def derivative_eta(method: str, radius: float, degree: int) -> float:
         return math.inf
     key = tuple(float(a) for a in coeffs)
     return min(polynomial_derivative_eta(key, float(radius)), piecewise_derivative_eta(key, float(radius)))
+
+
+def derivative_eta_profile(method: str, radius: float, degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """η₁ of the pairs whose argument lies in |u| ≤ ρ, as a step function of ρ: (d, e) with d ascending, the
+    distances from 0 of the :func:`piecewise_derivative_etas` pieces, and e[m] = min(η₁, the largest piece value
+    among the pieces at distance ≤ d[m]): for ρ ≥ d[m], the pieces meeting [−ρ, ρ] are those with d ≤ ρ."""
+    from .families import family
+
+    eta1 = derivative_eta(method, radius, degree)
+    coeffs = family(method).coefficients(radius, degree)
+    etas = piecewise_derivative_etas(tuple(float(a) for a in coeffs), float(radius))
+    h = 2.0 / PIECES
+    dist = [0.0 if lo <= 0.0 <= lo + h else min(abs(lo), abs(lo + h)) for lo in (-1.0 + m * h for m in range(PIECES))]
+    order = sorted(range(PIECES), key=lambda m: dist[m])
+    out, top = [], 0.0
+    for m in order:
+        top = max(top, etas[m])
+        out.append(min(eta1, top))
+    return tuple(dist[m] for m in order), tuple(out)
+
+
+def _eta1_within(profile, rho: torch.Tensor) -> torch.Tensor:
+    """η₁ of pairs with |u| ≤ rho (elementwise), from :func:`derivative_eta_profile`; the whole range's beyond 1."""
+    dist, etas = (torch.tensor(x, dtype=torch.float64) for x in profile)
+    idx = torch.searchsorted(dist, rho.contiguous(), right=True) - 1  # pieces at distance ≤ ρ (at least the centre)
+    return torch.where(rho >= 1.0, etas[-1], etas[idx.clamp(0, len(etas) - 1)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,12 +272,19 @@ class GradientSpec:
     compute_dtype: torch.dtype
     grad_eps: float | None = None
     poly: tuple | None = None  # (method, radius, degree) whose η₁ is computed when the bound is first read
+    # the polynomial's argument is y_ij = s⟨q_i, k_j⟩ with |y| ≤ R = poly[1] (plain softmax: no centres, no heavy
+    # tokens), so |u_ij| = |y_ij|/R ≤ s‖q_i‖‖k_j‖/R and each pair can be charged η₁ of that range alone
+    plain: bool = False
+    eta1_profile: tuple | None = None  # :func:`derivative_eta_profile`, filled by resolved() when ``plain``
 
     def resolved(self) -> GradientSpec:
-        """This spec with η₁ computed (scalar work: the exact Chebyshev comparison of :func:`derivative_eta`)."""
-        if self.eta1 is not None:
+        """This spec with η₁ (and, plain, its profile) computed (scalar work: the exact Chebyshev comparisons of
+        :func:`derivative_eta`)."""
+        if self.eta1 is not None and (not self.plain or self.eta1_profile is not None):
             return self
-        return dataclasses.replace(self, eta1=derivative_eta(*self.poly))
+        eta1 = derivative_eta(*self.poly) if self.eta1 is None else self.eta1
+        profile = derivative_eta_profile(*self.poly) if self.plain and self.poly is not None else None
+        return dataclasses.replace(self, eta1=eta1, eta1_profile=profile)
 
 
 def backward_etas(spec: GradientSpec) -> tuple[float, float]:
@@ -315,6 +353,36 @@ def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool)
     return sums, row, rel
 
 
+NORM_QUANTILES = (0.5, 0.8, 0.95)  # the norm buckets of the plain refinement: these quantiles, then the largest
+
+
+def _norm_edges(norms: torch.Tensor) -> torch.Tensor:
+    """Ascending bucket edges for row norms: the :data:`NORM_QUANTILES` and the largest (all when few)."""
+    flat = norms.reshape(-1).double()
+    if flat.numel() == 0:
+        return torch.zeros(1, dtype=torch.float64)
+    top = flat.max().reshape(1)
+    if flat.numel() < 64:
+        return top
+    qs = torch.quantile(flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1 << 20]]
+                        if flat.numel() > 1 << 20 else flat, torch.tensor(NORM_QUANTILES, dtype=torch.float64))
+    return torch.cat([torch.minimum(qs, top), top])
+
+
+def _bucket_indicators(norms: torch.Tensor, edges: torch.Tensor) -> list[torch.Tensor]:
+    """One (…, n, 1) float64 0/1 indicator per bucket: edge[m − 1] < ‖x‖ ≤ edge[m] (the first from 0, the last
+    every norm above the one before it, so each row is in exactly one bucket whose edge bounds its norm)."""
+    out, lo = [], None
+    for m in range(edges.numel()):
+        last = m == edges.numel() - 1
+        inside = torch.ones_like(norms, dtype=torch.bool) if last else norms <= edges[m]
+        if lo is not None:
+            inside = inside & (norms > lo)
+        out.append(inside.unsqueeze(-1).double())
+        lo = edges[m]
+    return out
+
+
 def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=None, c_k=None,
                     sums=None, out=None) -> GradientCertificate:
     """The certificate of one backward (see the module docstring): q, k, v, the upstream ``grad_out``,
@@ -374,7 +442,16 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             m2 = ((Ga * ve.abs().amax(-2, keepdim=True)).sum(-1, keepdim=True) + c.abs()) ** 2
             ar_k = a_rest + g_q * (1.0 + eta_p) * b
             parts_c += [ar_k * qa, ar_k, gg, c * Ge, c * c, qe * qe, qa, torch.ones_like(c), m2]
-            parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke]
+            parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke, ke]
+        # plain softmax: each pair's argument has |u_ij| ≤ s‖q_i‖‖k_j‖/R, so keys (queries) in norm buckets are
+        # charged η₁ of the range their bucket's largest norm allows (derivative_eta_profile), not the whole range's
+        prof = spec.eta1_profile if cs and spec.plain and c_q is None and c_k is None else None
+        if prof is not None:
+            nq, nk = torch.linalg.vector_norm(qe, dim=-1), torch.linalg.vector_norm(ke, dim=-1)
+            edges_q, edges_k = _norm_edges(nq), _norm_edges(nk)
+            for x, xa, norms, edges, parts in ((ke, ka, nk, edges_k, parts_r), (qe, qa, nq, edges_q, parts_c)):
+                for ind in _bucket_indicators(norms, edges):
+                    parts += [x * x * ind, xa * ind, ind]
         cols, rows = torch.cat(parts_c, -1), torch.cat(parts_r, -1)
         m = mask
         if sums is None:
@@ -405,19 +482,50 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
                                          pos_c[..., o + 1 + d:o + 1 + 2 * d], pos_c[..., o + 1 + 2 * d:o + 2 + 2 * d],
                                          pos_c[..., o + 2 + 2 * d:o + 3 + 2 * d])
             W, ov, k2 = (rsum[..., d:d + d_v * d_v], rsum[..., d + d_v * d_v:d + d_v * d_v + d_v],
-                         pos_r[..., d + d_v * d_v + d_v:])
+                         pos_r[..., d + d_v * d_v + d_v:2 * d + d_v * d_v + d_v])
+            k_mean = rsum[..., 2 * d + d_v * d_v + d_v:3 * d + d_v * d_v + d_v]  # Σ_j P̃_ij k_jc, signed
             # rows: Σ_j P̃_ij (G_i·v_j − c_i)² = G_iᵀW_iG_i − 2c_i G_i·o_i + c_i²·Σ_j P̃_ij (≤ c_i²), each term's
             # rounding below ρ·2M_i²; the true weights' sum is ≤ up times it (terms ≥ 0)
             GWG = (W.unflatten(-1, (d_v, d_v)) * (Ge.unsqueeze(-1) * Ge.unsqueeze(-2))).sum((-1, -2)).unsqueeze(-1)
             s2r = (GWG - 2.0 * c * (Ge * ov).sum(-1, keepdim=True) + c * c + 2.0 * rho * m2).clamp_min(0.0) * up
             kap2 = k2 + 2.0 * eq_ * pos_r[..., :d] + eq_ * eq_  # Σ_j P_ij (κ^Q_ijc / s_e)²
-            dq_cs = s_e * (eta_p * torch.sqrt(s2r * kap2) + (a_rest + g_k * (1.0 + eta_p) * b) * kq)
+            sq_cs = eta_p * torch.sqrt(s2r * kap2)
+            if prof is not None:  # Σ_j P_ij η'_ij² κ_ij² over the key buckets, η'_ij ≤ η' of the bucket's range
+                eta = spec.eta + spec.eta_fp
+                reach = (abs(spec.scale) / float(spec.poly[1]) * (1.0 + 1e-9)) * nq.unsqueeze(-1) * edges_k
+                etas = torch.clamp_min((_eta1_within(prof, reach) + eta) / (1.0 - eta), eta_v)  # (..., n_q, M)
+                o2 = 3 * d + d_v * d_v + d_v
+                w2 = 0.0
+                for m in range(edges_k.numel()):
+                    k2m, kam, onem = (pos_r[..., o2:o2 + d], pos_r[..., o2 + d:o2 + 2 * d],
+                                      pos_r[..., o2 + 2 * d:o2 + 2 * d + 1])
+                    w2 = w2 + etas[..., m:m + 1] ** 2 * (k2m + 2.0 * eq_ * kam + eq_ * eq_ * onem)
+                    o2 += 2 * d + 1
+                sq_cs = torch.minimum(sq_cs, torch.sqrt(s2r * w2))
+            # the forward's error enters dQ_i as −G_i·(õ_i − o_i)·Σ_j P_ij κ_ij (one factor for the row), and
+            # |Σ_j P_ij κ_ij|/s_e ≤ |Σ_j P_ij k_jc| + e^Q_ic: a signed mean of the keys, not Σ_j P_ij|κ_ij|. The
+            # computed mean is within ρ·Σ_j P̃_ij|k_jc| of Σ_j P̃_ij k_jc, and |P_ij − P̃_ij| ≤ (up − 1)·P̃_ij
+            r_i = r_dot * (Ga * vmax).sum(-1, keepdim=True)
+            mean_k = k_mean.abs() + (rho + up - 1.0) * (1.0 + rho) * pos_r[..., :d] + eq_
+            dq_cs = s_e * (sq_cs + ((1.0 + eta_p) * r_i + g_k * (1.0 + eta_p) * b) * kq + gl1 * E * mean_k)
             dq = torch.minimum(dq, dq_cs)
             # columns: Σ_i P̃_ij (G_i·v_j − c_i)² = v_jᵀA_jv_j − 2v_j·B_j + C_j
             vAv = (A.unflatten(-1, (d_v, d_v)) * (ve.unsqueeze(-1) * ve.unsqueeze(-2))).sum((-1, -2)).unsqueeze(-1)
             s2c = (vAv - 2.0 * (ve * B).sum(-1, keepdim=True) + Cc + 2.0 * rho * m2_s).clamp_min(0.0) * up
             kap2k = q2 + 2.0 * kk_extra * qa_s + kk_extra * kk_extra * one_s  # Σ_i P_ij (κ^K_ijc / s_e)²
-            dk_cs = s_e * (eta_p * torch.sqrt(s2c * kap2k) + s_ar_q + kk_extra * s_ar)
+            sk_cs = eta_p * torch.sqrt(s2c * kap2k)
+            if prof is not None:  # Σ_i P_ij η'_ij² κ_ij² over the query buckets
+                reach = (abs(spec.scale) / float(spec.poly[1]) * (1.0 + 1e-9)) * nk.unsqueeze(-1) * edges_q
+                etas = torch.clamp_min((_eta1_within(prof, reach) + eta) / (1.0 - eta), eta_v)  # (..., n_k, M)
+                o2 = o + 3 + 2 * d
+                w2 = 0.0
+                for m in range(edges_q.numel()):
+                    q2m, qam, onem = (pos_c[..., o2:o2 + d], pos_c[..., o2 + d:o2 + 2 * d],
+                                      pos_c[..., o2 + 2 * d:o2 + 2 * d + 1])
+                    w2 = w2 + etas[..., m:m + 1] ** 2 * (q2m + 2.0 * kk_extra * qam + kk_extra * kk_extra * onem)
+                    o2 += 2 * d + 1
+                sk_cs = torch.minimum(sk_cs, torch.sqrt(s2c * w2))
+            dk_cs = s_e * (sk_cs + s_ar_q + kk_extra * s_ar)
             dk = torch.minimum(dk, dk_cs)
         dq = dq + tiny * (1.0 + s_e * kq) + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
         dk = dk + tiny * (1.0 + s_e * (ka + kk_extra)) + u_out * s_e * (s_b_q + kk_extra * s_b) * (1.0 + g_q)
@@ -589,10 +697,12 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None) -> t
     if exact_rows:
         eta_fp += _lse_rounding(call, dtype)
     mask = call.attn_mask.detach() if call.attn_mask is not None else None  # bool or additive, as given
+    plain = (cert.method != "exact" and call.kind == "softmax" and c_q is None and not exact_rows
+             and not (cert.radius_source and ("centred" in cert.radius_source or "heavy" in cert.radius_source)))
     spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
                         eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
                         compute_dtype=dtype, grad_eps=grad_eps,
-                        poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree))
+                        poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree), plain=plain)
     sums = None
     # the feature methods' sums in O(n·r·C) through the approximation, or the dense float64 pass in O(n_q·n_k·C)
     # where that is cheaper (short sequences against a large rank)
