@@ -74,7 +74,7 @@ def test_derivative_eta_covers_the_polynomial(method, radius):
 @pytest.mark.parametrize("method", ["taylor", "polynomial", "relative"])
 @pytest.mark.parametrize("radius", [0.25, 1.0, 3.0])
 def test_derivative_eta_profile_covers_each_range(method, radius):
-    """η₁ of the arguments |u| ≤ ρ (the profile the plain bucket refinement charges) covers the polynomial's measured
+    """η₁ of the arguments |u| ≤ ρ (the profile the per-pair bucket refinement charges) covers the polynomial's measured
     derivative error there, is the whole η₁ from ρ = 1 on, and is smaller inside for the minimax fits."""
     fam = family(method)
     u = np.linspace(-1.0, 1.0, 40001)
@@ -104,23 +104,27 @@ def test_norm_buckets_partition_the_rows():
     assert gr._norm_edges(norms[:10]).tolist() == [float(norms[:10].max())]  # few rows: one bucket
 
 
-def test_plain_softmax_charges_each_key_bucket_its_own_range():
-    """Plain softmax (no centres, no heavy tokens): the refined bounds are below the whole-range ones and still above
-    the long-double error, also when a few large keys align with the largest query (their pairs reach |u| ≈ 1)."""
+@pytest.mark.parametrize("centre", [False, True])
+def test_softmax_charges_each_key_bucket_its_own_range(centre):
+    """Softmax without heavy tokens (plain or centred): the refined bounds are below the whole-range ones and still
+    above the long-double error, also when a few large keys align with the largest query (their pairs reach
+    |u| ≈ 1)."""
     torch.manual_seed(3)
     n, d = 600, 8
     q, k = torch.randn(1, n, d), torch.randn(1, n, d)
     k[0, :12] = q[0, :1] * 3.0  # a few keys along the largest query, three times as long
-    q = (q / q.norm(dim=-1).max()).requires_grad_()
-    k = (k / k.norm(dim=-1).max()).requires_grad_()
+    q = q / q.norm(dim=-1).max()
+    k = k / k.norm(dim=-1).max() + (0.5 if centre else 0.0)  # centred: an offset the centring takes out
+    q, k = q.requires_grad_(), k.requires_grad_()
     v = torch.randn(1, n, d)
     v[0, :12] = 4.0  # and large values there
     v.requires_grad_()
     grad = torch.randn(1, n, d)
-    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3, centre=centre)
+    assert ("centred" in cert.radius_source) == centre
     slot = cert._gradient_slot
-    assert slot.spec.plain
-    whole = dataclasses.replace(slot.spec, plain=False)
+    assert slot.spec.per_pair
+    whole = dataclasses.replace(slot.spec, per_pair=False)
     saved = slot.spec
     try:
         object.__setattr__(slot, "spec", whole)
@@ -132,7 +136,7 @@ def test_plain_softmax_charges_each_key_bucket_its_own_range():
 
 
 def test_dq_dk_bounds_are_within_100x_of_the_error_on_gaussian_data():
-    """The plain refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
+    """The per-pair refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
     dQ through the signed key mean: dQ and dK read within 100× of the long-double error on Gaussian heads."""
     torch.manual_seed(0)
     n, d = 1024, 8

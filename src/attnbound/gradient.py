@@ -28,7 +28,10 @@ by, from the exact relation Σ_j dX_ij = 0 (which lets the exact gradient use k_
 κ^Q_ijc = s_e·(|k_jc| + |c_kc| + [ℓ2]·|q_ic|), κ^K_ijc = s_e·(|q_ic| + 2|c_qc| + [ℓ2]·|k_jc|), s_e = s (2s for ℓ2),
 c the centres of a centred call (else 0); the bounds sum P_ij·κ over the keys (rows) with the exact weights.
 For d_v ≤ 16 the η'-terms are also bounded by Cauchy–Schwarz through g'_ij = G_i·v_j − G_i·õ_i (docs/theory.md
-§7), and the smaller bound is kept per entry. Nothing is certified where a gradient could overflow its dtype.
+§7), and the smaller bound is kept per entry; there the forward's error enters dQ_i through the signed key mean
+|Σ_j P_ij k_j| (one factor δ_i = G_i·(õ_i − o_i) per row), and for softmax without heavy tokens each pair is charged
+η₁ of its own argument range |u_ij| ≤ s‖q_i − c_q‖‖k_j − c_k‖/R (keys and queries in norm buckets,
+:func:`derivative_eta_profile`). Nothing is certified where a gradient could overflow its dtype.
 
 The row and column sums Σ_j P_ij·(…), Σ_i P_ij·(…) use the exact weights: a float64 pass in key chunks from the
 logits (O(n_q·n_k·(d + d_v²)) work, a bound on its own rounding included), or, for the feature methods when
@@ -272,18 +275,19 @@ class GradientSpec:
     compute_dtype: torch.dtype
     grad_eps: float | None = None
     poly: tuple | None = None  # (method, radius, degree) whose η₁ is computed when the bound is first read
-    # the polynomial's argument is y_ij = s⟨q_i, k_j⟩ with |y| ≤ R = poly[1] (plain softmax: no centres, no heavy
-    # tokens), so |u_ij| = |y_ij|/R ≤ s‖q_i‖‖k_j‖/R and each pair can be charged η₁ of that range alone
-    plain: bool = False
-    eta1_profile: tuple | None = None  # :func:`derivative_eta_profile`, filled by resolved() when ``plain``
+    # every pair's polynomial argument is y_ij = s⟨q_i − c_q, k_j − c_k⟩ (c = 0 uncentred) with |y| ≤ R = poly[1]
+    # (softmax without heavy tokens), so |u_ij| = |y_ij|/R ≤ s‖q_i − c_q‖‖k_j − c_k‖/R: each pair can be charged η₁
+    # of that range alone
+    per_pair: bool = False
+    eta1_profile: tuple | None = None  # :func:`derivative_eta_profile`, filled by resolved() when ``per_pair``
 
     def resolved(self) -> GradientSpec:
-        """This spec with η₁ (and, plain, its profile) computed (scalar work: the exact Chebyshev comparisons of
+        """This spec with η₁ (and, per_pair, its profile) computed (scalar work: the exact Chebyshev comparisons of
         :func:`derivative_eta`)."""
-        if self.eta1 is not None and (not self.plain or self.eta1_profile is not None):
+        if self.eta1 is not None and (not self.per_pair or self.eta1_profile is not None):
             return self
         eta1 = derivative_eta(*self.poly) if self.eta1 is None else self.eta1
-        profile = derivative_eta_profile(*self.poly) if self.plain and self.poly is not None else None
+        profile = derivative_eta_profile(*self.poly) if self.per_pair and self.poly is not None else None
         return dataclasses.replace(self, eta1=eta1, eta1_profile=profile)
 
 
@@ -353,7 +357,7 @@ def weighted_sums(q, k, a, b, *, mask, scale: float, kind: str, is_causal: bool)
     return sums, row, rel
 
 
-NORM_QUANTILES = (0.5, 0.8, 0.95)  # the norm buckets of the plain refinement: these quantiles, then the largest
+NORM_QUANTILES = (0.5, 0.8, 0.95)  # the norm buckets of the per-pair refinement: these quantiles, then the largest
 
 
 def _norm_edges(norms: torch.Tensor) -> torch.Tensor:
@@ -443,11 +447,12 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             ar_k = a_rest + g_q * (1.0 + eta_p) * b
             parts_c += [ar_k * qa, ar_k, gg, c * Ge, c * c, qe * qe, qa, torch.ones_like(c), m2]
             parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke, ke]
-        # plain softmax: each pair's argument has |u_ij| ≤ s‖q_i‖‖k_j‖/R, so keys (queries) in norm buckets are
-        # charged η₁ of the range their bucket's largest norm allows (derivative_eta_profile), not the whole range's
-        prof = spec.eta1_profile if cs and spec.plain and c_q is None and c_k is None else None
+        # softmax without heavy tokens: each pair's argument has |u_ij| ≤ s‖q_i − c_q‖‖k_j − c_k‖/R, so keys (queries)
+        # in norm buckets are charged η₁ of the range their bucket's largest norm allows (derivative_eta_profile)
+        prof = spec.eta1_profile if cs and spec.per_pair else None
         if prof is not None:
-            nq, nk = torch.linalg.vector_norm(qe, dim=-1), torch.linalg.vector_norm(ke, dim=-1)
+            nq = torch.linalg.vector_norm(qe - c_q.double() if c_q is not None else qe, dim=-1)
+            nk = torch.linalg.vector_norm(ke - c_k.double() if c_k is not None else ke, dim=-1)
             edges_q, edges_k = _norm_edges(nq), _norm_edges(nk)
             for x, xa, norms, edges, parts in ((ke, ka, nk, edges_k, parts_r), (qe, qa, nq, edges_q, parts_c)):
                 for ind in _bucket_indicators(norms, edges):
@@ -697,12 +702,13 @@ def attach(out: torch.Tensor, cert, call, *, grad_eps: float | None = None) -> t
     if exact_rows:
         eta_fp += _lse_rounding(call, dtype)
     mask = call.attn_mask.detach() if call.attn_mask is not None else None  # bool or additive, as given
-    plain = (cert.method != "exact" and call.kind == "softmax" and c_q is None and not exact_rows
-             and not (cert.radius_source and ("centred" in cert.radius_source or "heavy" in cert.radius_source)))
+    per_pair = (cert.method != "exact" and call.kind == "softmax" and not exact_rows
+                and "heavy" not in (cert.radius_source or ""))
     spec = GradientSpec(method=cert.method, kind=call.kind, scale=call.scale, is_causal=call.is_causal,
                         eta=cert.eta, eta1=eta1, eta_fp=eta_fp, forward_bound=cert.output_error_bound,
                         compute_dtype=dtype, grad_eps=grad_eps,
-                        poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree), plain=plain)
+                        poly=None if eta1 is not None else (cert.method, cert.radius, cert.degree),
+                        per_pair=per_pair)
     sums = None
     # the feature methods' sums in O(n·r·C) through the approximation, or the dense float64 pass in O(n_q·n_k·C)
     # where that is cheaper (short sequences against a large rank)
