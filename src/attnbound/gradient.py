@@ -454,9 +454,10 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             nq = torch.linalg.vector_norm(qe - c_q.double() if c_q is not None else qe, dim=-1)
             nk = torch.linalg.vector_norm(ke - c_k.double() if c_k is not None else ke, dim=-1)
             edges_q, edges_k = _norm_edges(nq), _norm_edges(nk)
+            centred = c_q is not None or c_k is not None  # uncentred, κ's extra terms are 0: the squares alone
             for x, xa, norms, edges, parts in ((ke, ka, nk, edges_k, parts_r), (qe, qa, nq, edges_q, parts_c)):
                 for ind in _bucket_indicators(norms, edges):
-                    parts += [x * x * ind, xa * ind, ind]
+                    parts += [x * x * ind, xa * ind, ind] if centred else [x * x * ind]
         cols, rows = torch.cat(parts_c, -1), torch.cat(parts_r, -1)
         m = mask
         if sums is None:
@@ -502,10 +503,12 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
                 o2 = 3 * d + d_v * d_v + d_v
                 w2 = 0.0
                 for m in range(edges_k.numel()):
-                    k2m, kam, onem = (pos_r[..., o2:o2 + d], pos_r[..., o2 + d:o2 + 2 * d],
-                                      pos_r[..., o2 + 2 * d:o2 + 2 * d + 1])
-                    w2 = w2 + etas[..., m:m + 1] ** 2 * (k2m + 2.0 * eq_ * kam + eq_ * eq_ * onem)
-                    o2 += 2 * d + 1
+                    part = pos_r[..., o2:o2 + d]
+                    if centred:
+                        part = (part + 2.0 * eq_ * pos_r[..., o2 + d:o2 + 2 * d]
+                                + eq_ * eq_ * pos_r[..., o2 + 2 * d:o2 + 2 * d + 1])
+                    w2 = w2 + etas[..., m:m + 1] ** 2 * part
+                    o2 += 2 * d + 1 if centred else d
                 sq_cs = torch.minimum(sq_cs, torch.sqrt(s2r * w2))
             # the forward's error enters dQ_i as −G_i·(õ_i − o_i)·Σ_j P_ij κ_ij (one factor for the row), and
             # |Σ_j P_ij κ_ij|/s_e ≤ |Σ_j P_ij k_jc| + e^Q_ic: a signed mean of the keys, not Σ_j P_ij|κ_ij|. The
@@ -525,10 +528,12 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
                 o2 = o + 3 + 2 * d
                 w2 = 0.0
                 for m in range(edges_q.numel()):
-                    q2m, qam, onem = (pos_c[..., o2:o2 + d], pos_c[..., o2 + d:o2 + 2 * d],
-                                      pos_c[..., o2 + 2 * d:o2 + 2 * d + 1])
-                    w2 = w2 + etas[..., m:m + 1] ** 2 * (q2m + 2.0 * kk_extra * qam + kk_extra * kk_extra * onem)
-                    o2 += 2 * d + 1
+                    part = pos_c[..., o2:o2 + d]
+                    if centred:
+                        part = (part + 2.0 * kk_extra * pos_c[..., o2 + d:o2 + 2 * d]
+                                + kk_extra * kk_extra * pos_c[..., o2 + 2 * d:o2 + 2 * d + 1])
+                    w2 = w2 + etas[..., m:m + 1] ** 2 * part
+                    o2 += 2 * d + 1 if centred else d
                 sk_cs = torch.minimum(sk_cs, torch.sqrt(s2c * w2))
             dk_cs = s_e * (sk_cs + s_ar_q + kk_extra * s_ar)
             dk = torch.minimum(dk, dk_cs)
