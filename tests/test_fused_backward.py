@@ -47,6 +47,14 @@ def test_matches_autograd_through_the_reference(is_causal, n):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
+def test_empty_sequences(is_causal):
+    """n = 0 in a non-empty batch: empty gradients of the inputs' shapes (the reference engine refuses n = 0)."""
+    q, k, vv, w, grad = _case(0, g=3)
+    got = torch.autograd.grad(fb.fused_features(q, k, vv, weights=w, degree=3, is_causal=is_causal), (q, k, vv), grad)
+    assert [x.shape for x in got] == [q.shape, k.shape, vv.shape]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
 def test_broadcast_batch_and_degree_four(is_causal):
     g = 4
     q, k, vv, w, grad = _case(70, d=2, C=3, g=g, batch=(2, 3))
@@ -100,16 +108,25 @@ def _np(*xs):
     return [np.ascontiguousarray(x.detach().reshape(-1, *x.shape[-2:]).numpy()) for x in xs]
 
 
-@pytest.mark.parametrize("segments", [1, 2, 3, 7])
-def test_causal_segments_agree_with_the_reference(segments):
+@pytest.mark.parametrize("segments", [None, 1, 2, 3, 7])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_causal_segments_agree_with_the_reference(segments, batch):
     """Segments of a sequence run in parallel from the prefix key state and the suffix query state: every cut
-    (between tiles, a short last segment) gives the reference's gradients."""
-    g, n = 3, 6 * T + 5
-    q, k, vv, w, grad = _case(n, batch=(1,), seed=segments)
+    (between tiles, a short last segment; None: as many as the threads take), one sequence or several."""
+    g, n = 3, 9 * T + 5
+    q, k, vv, w, grad = _case(n, batch=(batch,), seed=segments or 0)
     want = torch.autograd.grad(_reference(q, k, vv, w, g, True), (q, k, vv), grad)
     got = fb.causal_grads(*_np(q, k, vv, grad), w.numpy(), g, segments=segments)
     for x, y in zip(got, want):
-        assert np.allclose(x, y[0].numpy(), rtol=1e-11, atol=1e-12), float(np.abs(x - y[0].numpy()).max())
+        assert np.allclose(x, y.numpy(), rtol=1e-11, atol=1e-12), float(np.abs(x - y.numpy()).max())
+
+
+def test_causal_backward_refuses_weights_without_a_polynomial():
+    q, k, vv, w, grad = _case(10, batch=(1,))
+    w = w.clone()
+    w[2] += 1.0  # no longer a_|α|·|α|!/α!
+    with pytest.raises(ValueError, match="w:"):
+        fb.causal_grads(*_np(q, k, vv, grad), w.numpy(), 3)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

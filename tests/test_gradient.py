@@ -112,7 +112,7 @@ def test_softmax_charges_each_key_bucket_its_own_range(centre):
     torch.manual_seed(3)
     n, d = 600, 8
     q, k = torch.randn(1, n, d), torch.randn(1, n, d)
-    k[0, :12] = q[0, :1] * 3.0  # a few keys along the largest query, three times as long
+    k[0, :12] = q[0, q[0].norm(dim=-1).argmax()] * 3.0  # a few keys along the largest query, three times as long
     q = q / q.norm(dim=-1).max()
     k = k / k.norm(dim=-1).max() + (0.5 if centre else 0.0)  # centred: an offset the centring takes out
     q, k = q.requires_grad_(), k.requires_grad_()
@@ -482,6 +482,16 @@ def test_cauchy_schwarz_refinement_by_hand(sign):
     def sums(qe, ke, cols, rows):
         cs_, rs_, _ = gr.weighted_sums(qe, ke, cols, rows, mask=None, scale=1.0, kind="softmax", is_causal=False)
         return cs_, rs_, up2, rho2
+
+    # per pair: every |u| ≤ s·|q|·max|k|/R = 0.7/2 < ½, so the profile's first step (η₁ = 1e-5, not 3e-5) is charged
+    pair = dataclasses.replace(spec, per_pair=True, poly=("relative", 2.0, 2), eta1_profile=((0.0, 0.5), (1e-5, 3e-5)))
+    gp = gr.gradient_bounds(q, k, v, grad, spec=pair, out=out)
+    eta_pp = max(eta_v, (1e-5 + eta) / (1 - eta))
+    dqp = min((a + gam(3 + 3) * (1 + eta_p) * b) * kabs,
+              eta_pp * math.sqrt(s2r * k2) + ((1 + eta_p) * r_i + gam(3 + 3) * (1 + eta_p) * b) * kabs + G * E * kmean)
+    dkp = np.minimum(p * a_k * 0.7 * up, eta_pp * np.sqrt(s2c * p * 0.49 * up) + p * ar_k * 0.7 * up)
+    assert gp.dq_bound == pytest.approx(dqp, rel=1e-9) and gp.dq_bound < gc.dq_bound
+    assert gp.dk_bound == pytest.approx(float(dkp.max()), rel=1e-9) and gp.dk_bound < gc.dk_bound
 
     gc2 = gr.gradient_bounds(q, k, v, grad, spec=spec, out=out, sums=sums)
     s2r2 = (G * G * (p @ vv ** 2) - 2 * c * G * (p @ vv) + c * c + 2 * rho2 * m2) * up2

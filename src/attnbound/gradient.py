@@ -200,6 +200,8 @@ def derivative_eta_profile(method: str, radius: float, degree: int) -> tuple[tup
     from .families import family
 
     eta1 = derivative_eta(method, radius, degree)
+    if not math.isfinite(eta1):  # nothing certified (derivative_eta's guards): one step, the whole range
+        return (0.0,), (eta1,)
     coeffs = family(method).coefficients(radius, degree)
     etas = piecewise_derivative_etas(tuple(float(a) for a in coeffs), float(radius))
     h = 2.0 / PIECES
@@ -361,21 +363,24 @@ NORM_QUANTILES = (0.5, 0.8, 0.95)  # the norm buckets of the per-pair refinement
 
 
 def _norm_edges(norms: torch.Tensor) -> torch.Tensor:
-    """Ascending bucket edges for row norms: the :data:`NORM_QUANTILES` and the largest (all when few)."""
+    """Ascending bucket edges for row norms: the :data:`NORM_QUANTILES` and the largest (only the largest, one
+    bucket, below 64 rows; the quantiles of a sample of 2^20 rows above that many)."""
     flat = norms.reshape(-1).double()
     if flat.numel() == 0:
         return torch.zeros(1, dtype=torch.float64)
     top = flat.max().reshape(1)
     if flat.numel() < 64:
         return top
-    qs = torch.quantile(flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1 << 20]]
-                        if flat.numel() > 1 << 20 else flat, torch.tensor(NORM_QUANTILES, dtype=torch.float64))
+    if flat.numel() > 1 << 20:  # torch.quantile takes at most 2^24 elements; a sample sets the edges as well
+        flat = flat[torch.randint(flat.numel(), (1 << 20,), generator=torch.Generator().manual_seed(0))]
+    qs = torch.quantile(flat, torch.tensor(NORM_QUANTILES, dtype=torch.float64))
     return torch.cat([torch.minimum(qs, top), top])
 
 
 def _bucket_indicators(norms: torch.Tensor, edges: torch.Tensor) -> list[torch.Tensor]:
     """One (…, n, 1) float64 0/1 indicator per bucket: edge[m − 1] < ‖x‖ ≤ edge[m] (the first from 0, the last
-    every norm above the one before it, so each row is in exactly one bucket whose edge bounds its norm)."""
+    every norm above the one before it, so each row is in exactly one bucket whose edge bounds its norm; a NaN norm
+    is in none, and its call's forward bound is already inf)."""
     out, lo = [], None
     for m in range(edges.numel()):
         last = m == edges.numel() - 1

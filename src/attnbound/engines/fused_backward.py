@@ -17,12 +17,15 @@ vector per depth for a tile of rows, in L1, each adjoint closed as soon as its s
 Causal: row i reads the state of the keys before its tile (S, carried forward) and key j the state of the queries
 after its tile (T = Σ φ(q_i)·dnum_iᵀ, carried backward); the pairs inside a tile are exact through P(⟨q_i, k_j⟩)
 and P'(⟨q_i, k_j⟩) (Horner on the polynomial's and its derivative's coefficients, the same real numbers as the
-monomial sums). dVV_j = φ(k_j)·(w ⊙ T) is read out in the same walk over the keys as dk_j. Each sequence is cut into
-segments of whole tiles run in parallel, each starting from the key state of the segments before it and the query
-state of the segments after it (the forward's key-state kernel).
+monomial sums). dVV_j = φ(k_j)·(w ⊙ T) is read out in the same walk over the keys as dk_j (when only dV is wanted,
+the causal forward kernel run on the reversed sequence gives it in two walks). Each sequence is cut into segments
+of whole tiles run in parallel, each starting from the key state of the segments before it and the query state of
+the segments after it (the forward's key-state kernel, over (nseg − 1)/nseg of the rows for each). The number of
+segments follows the thread count, so causal gradients can differ in their last bits between thread counts
+(:func:`causal_grads` takes ``segments`` to fix it).
 
 Cost: non-causal, the key state and readout of the forward plus two walks of r·(C + 3) per row; causal, four walks
-(two adjoint, two state updates) and one readout per row. The kernels are generated per column count C (the state
+(two adjoint, two state updates) and one readout per row, plus the segments' incoming states. The kernels are generated per column count C (the state
 row's C entries in registers) like the forward's and cached on disk with them. With ``create_graph=True`` (second
 derivatives) the backward is instead autograd through the reference the caller passes
 (:func:`attnbound.engines.features.reference_readout`). Memory beyond inputs and outputs: the r × C states S, dS
@@ -238,7 +241,7 @@ def _kernels(C: int):
 
 def _np3(x: torch.Tensor, batch) -> np.ndarray:
     x = x.detach().expand(*batch, *x.shape[-2:])
-    return np.ascontiguousarray(x.reshape(-1, *x.shape[-2:]).numpy())
+    return np.ascontiguousarray(x.reshape(math.prod(batch), *x.shape[-2:]).numpy())
 
 
 def _reduce(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -280,6 +283,9 @@ def causal_grads(q: np.ndarray, k: np.ndarray, vv: np.ndarray, dn: np.ndarray, w
     if not (B and n):
         return dq, dk, dvv
     a = polynomial_of_weights(w, d, degree)
+    if a is None:
+        raise ValueError("w: the fused causal backward needs weights of the form w_α = a_{|α|}·|α|!/α! "
+                         "(monomials.monomial_weights): the triangle is evaluated by Horner's rule in ⟨q, k⟩")
     dcoef = np.array([(j + 1) * a[j + 1] for j in range(len(a) - 1)] or [0.0])
     T = CAUSAL_TILE
     ntiles = -(-n // T)
