@@ -503,6 +503,30 @@ def test_cauchy_schwarz_refinement_by_hand(sign):
     assert gc2.dq_bound == pytest.approx(dq2, rel=1e-9)
 
 
+def test_the_cast_of_the_output_is_charged():
+    """Float32 inputs on a float64 backward: g̃ uses the backward's own output õ', the certificate E the returned one,
+    |õ' − õ| ≤ u₃₂/(1 − u₃₂)·(max|v| + E) = o_err. Against the same numbers with no cast (float64 inputs), the dQ
+    bound grows by exactly s·(1 + η')·Σ_j P_j|k_j|·(‖G‖₁·o_err + u₃₂·b) — the first the cast of õ (E + o_err in b
+    moves only terms of float64 size), the second the gradient's own cast into float32."""
+    vals = dict(q=[[0.75]], k=[[1.0], [-0.5], [0.25]], v=[[2.0], [-1.0], [0.5]], grad=[[3.0]])  # exact in float32
+    eta, eta1, E = 1e-6, 3e-5, 1e-5
+    spec = gr.GradientSpec(method="relative", kind="softmax", scale=1.0, is_causal=False, eta=eta, eta1=eta1,
+                           eta_fp=0.0, forward_bound=E, compute_dtype=torch.float64)
+    x = 0.75 * np.array([1.0, -0.5, 0.25])
+    p = np.exp(x) / np.exp(x).sum()
+    got = {}
+    for dtype in (torch.float64, torch.float32):
+        t = {name: torch.tensor(x_, dtype=dtype) for name, x_ in vals.items()}
+        out = torch.tensor([[float(p @ np.array([2.0, -1.0, 0.5]))]], dtype=dtype)
+        got[dtype] = gr.gradient_bounds(t["q"], t["k"], t["v"], t["grad"], spec=spec, out=out)
+    u32 = 2.0 ** -24
+    o_err = u32 / (1 - u32) * (2.0 + E)
+    eta_p = max(2 * eta / (1 - eta), (eta1 + eta) / (1 - eta))
+    b = 3.0 * (3.0 + E + o_err)  # ‖G‖₁·(range + E + o_err), float64 rounding terms left out
+    grow = (1 + eta_p) * float(p @ np.array([1.0, 0.5, 0.25])) * (3.0 * o_err + u32 * b)
+    assert got[torch.float32].dq_bound - got[torch.float64].dq_bound == pytest.approx(grow, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the audit's cases (each failed before its fix)
 

@@ -420,14 +420,18 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             return GradientCertificate(spec.method, spec.eta, spec.eta1, eta_p, E, inf, inf, inf,
                                        str(spec.compute_dtype).replace("torch.", ""), spec.grad_eps)
         rng = (ve.amax(-2, keepdim=True) - ve.amin(-2, keepdim=True))  # (..., 1, d_v)
-        vmax = ve.abs().amax(-2, keepdim=True) + E
+        # E bounds the returned output õ; the backward computes with its own õ' before the cast into the input dtype,
+        # |õ' − õ| ≤ u_out·|õ'| ≤ u_out/(1 − u_out)·(max|v| + E) = o_err, so g̃ is within E + o_err of the exact
+        o_err = u_out / (1.0 - u_out) * (float(ve.abs().amax()) + E) if ve.numel() else 0.0
+        E_b = E + o_err
+        vmax = ve.abs().amax(-2, keepdim=True) + E_b
         g_dv = _gamma(d_v + 2, u)
         Ga = Ge.abs()
         # the feature backward never forms g̃: it sums f·(G·v_j) and f·(G·õ_i) apart, whose float64 rounding is
         # relative (η_fp, the polynomial's) to their magnitudes: 2η_fp·Σ_c|G_ic|V_c more per pair
         r_dot = 2.0 * g_dv + 2.0 * spec.eta_fp
-        b = (Ga * (rng + E + r_dot * vmax)).sum(-1, keepdim=True)  # (..., n_q, 1) ≥ |g̃_ij|, |g_ij|
-        a = eta_p * b + Ga.sum(-1, keepdim=True) * E + r_dot * (Ga * vmax).sum(-1, keepdim=True)
+        b = (Ga * (rng + E_b + r_dot * vmax)).sum(-1, keepdim=True)  # (..., n_q, 1) ≥ |g̃_ij|, |g_ij|
+        a = eta_p * b + Ga.sum(-1, keepdim=True) * E_b + r_dot * (Ga * vmax).sum(-1, keepdim=True)
         g_k, g_q = _gamma(n_k + 3, u), _gamma(n_q + 3, u)
         a_q = a + g_k * (1.0 + eta_p) * b  # what multiplies P_ij|∂X/∂q| in dQ's error
         a_k = a + g_q * (1.0 + eta_p) * b
@@ -440,8 +444,9 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         # Σ_j P_ij g_ij² ≤ Σ_j P_ij (G_i·v_j − c_i)² for any c_i (g's weighted mean square is the smallest)
         cs = d_v <= CS_MAX_DV and out is not None
         gl1 = Ga.sum(-1, keepdim=True)
-        # with g'_ij = G_i·v_j − c_i, c_i = G_i·õ_i: |g̃_ij| ≤ |g'_ij| + r_i and |g̃_ij − g_ij| ≤ ‖G_i‖₁E + r_i = e_i
-        # (r_i the two dot products' rounding), so |dX̃_ij − dX_ij| ≤ P_ij(η'|g'_ij| + (1 + η')e_i), e_i = a_i − η'b_i
+        # with g'_ij = G_i·v_j − c_i, c_i = G_i·õ_i (the returned õ): |g̃_ij − g'_ij| ≤ r_i + ‖G_i‖₁·o_err and
+        # |g_ij − g'_ij| ≤ ‖G_i‖₁E, so |dX̃_ij − dX_ij| ≤ P_ij(η'|g'_ij| + (1 + η')e_i), e_i = a_i − η'b_i ≥ both
+        # (r_i the two dot products' rounding)
         a_rest = (1.0 + eta_p) * (a - eta_p * b)
         parts_c = [a_k * qa, a_k, (1.0 + eta_p) * b * qa, (1.0 + eta_p) * b, Ga]
         parts_r = [ka]
@@ -518,7 +523,7 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             # the forward's error enters dQ_i as −G_i·(õ_i − o_i)·Σ_j P_ij κ_ij (one factor for the row), and
             # |Σ_j P_ij κ_ij|/s_e ≤ |Σ_j P_ij k_jc| + e^Q_ic: a signed mean of the keys, not Σ_j P_ij|κ_ij|. The
             # computed mean is within ρ·Σ_j P̃_ij|k_jc| of Σ_j P̃_ij k_jc, and |P_ij − P̃_ij| ≤ (up − 1)·P̃_ij
-            r_i = r_dot * (Ga * vmax).sum(-1, keepdim=True)
+            r_i = r_dot * (Ga * vmax).sum(-1, keepdim=True) + gl1 * o_err  # g̃ − g': rounding and the cast of õ
             mean_k = k_mean.abs() + (rho + up - 1.0) * (1.0 + rho) * pos_r[..., :d] + eq_
             dq_cs = s_e * (sq_cs + ((1.0 + eta_p) * r_i + g_k * (1.0 + eta_p) * b) * kq + gl1 * E * mean_k)
             dq = torch.minimum(dq, dq_cs)
