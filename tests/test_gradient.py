@@ -135,6 +135,24 @@ def test_softmax_charges_each_key_bucket_its_own_range(centre):
     assert gc.dq_bound < gw.dq_bound and gc.dk_bound < gw.dk_bound
 
 
+def test_bucket_layouts_agree():
+    """Uncentred calls sum only the squares per bucket, centred ones (2d + 1) columns: with centres of zero both
+    layouts bound the same numbers, and the bounds agree (a wrong stride or offset in either would not)."""
+    torch.manual_seed(5)
+    q, k, v, grad = (torch.randn(2, 300, 3, dtype=torch.float64) * 0.4 for _ in range(4))
+    spec = gr.GradientSpec(method="relative", kind="softmax", scale=1.0, is_causal=False, eta=1e-6, eta1=None,
+                           eta_fp=0.0, forward_bound=1e-5, compute_dtype=torch.float64, poly=("relative", 1.0, 4),
+                           per_pair=True)
+    out = attnbound.attention(q, k, v, scale=1.0)
+    plain = gr.gradient_bounds(q, k, v, grad, spec=spec, out=out)
+    zero = torch.zeros(1, 3, dtype=torch.float64)
+    centred = gr.gradient_bounds(q, k, v, grad, spec=spec, out=out, c_q=zero, c_k=zero)
+    whole = gr.gradient_bounds(q, k, v, grad, spec=dataclasses.replace(spec, per_pair=False), out=out)
+    for name in ("dq_bound", "dk_bound"):
+        assert getattr(plain, name) == pytest.approx(getattr(centred, name), rel=1e-12)
+        assert getattr(plain, name) < getattr(whole, name)
+
+
 def test_dq_dk_bounds_are_within_100x_of_the_error_on_gaussian_data():
     """The per-pair refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
     dQ through the signed key mean: dQ and dK read within 100× of the long-double error on Gaussian heads."""
@@ -514,17 +532,22 @@ def test_the_cast_of_the_output_is_charged():
                            eta_fp=0.0, forward_bound=E, compute_dtype=torch.float64)
     x = 0.75 * np.array([1.0, -0.5, 0.25])
     p = np.exp(x) / np.exp(x).sum()
-    got = {}
-    for dtype in (torch.float64, torch.float32):
-        t = {name: torch.tensor(x_, dtype=dtype) for name, x_ in vals.items()}
-        out = torch.tensor([[float(p @ np.array([2.0, -1.0, 0.5]))]], dtype=dtype)
-        got[dtype] = gr.gradient_bounds(t["q"], t["k"], t["v"], t["grad"], spec=spec, out=out)
     u32 = 2.0 ** -24
-    o_err = u32 / (1 - u32) * (2.0 + E)
+    o_err = u32 / (1 - u32) * (2.0 + E) + 2.0 ** -149
     eta_p = max(2 * eta / (1 - eta), (eta1 + eta) / (1 - eta))
     b = 3.0 * (3.0 + E + o_err)  # ‖G‖₁·(range + E + o_err), float64 rounding terms left out
-    grow = (1 + eta_p) * float(p @ np.array([1.0, 0.5, 0.25])) * (3.0 * o_err + u32 * b)
-    assert got[torch.float32].dq_bound - got[torch.float64].dq_bound == pytest.approx(grow, rel=1e-6)
+    grow_q = (1 + eta_p) * float(p @ np.array([1.0, 0.5, 0.25])) * (3.0 * o_err + u32 * b)
+    grow_k = (1 + eta_p) * 0.75 * float(p.max()) * (3.0 * o_err + u32 * b)  # through a (and s_b, the cast of dK)
+    for with_out in (True, False):  # the Cauchy–Schwarz branches, and the plain ones (b, a, vmax)
+        got = {}
+        for dtype in (torch.float64, torch.float32):
+            t = {name: torch.tensor(x_, dtype=dtype) for name, x_ in vals.items()}
+            out = torch.tensor([[float(p @ np.array([2.0, -1.0, 0.5]))]], dtype=dtype) if with_out else None
+            got[dtype] = gr.gradient_bounds(t["q"], t["k"], t["v"], t["grad"], spec=spec, out=out)
+        dq = got[torch.float32].dq_bound - got[torch.float64].dq_bound
+        dk = got[torch.float32].dk_bound - got[torch.float64].dk_bound
+        assert dq == pytest.approx(grow_q, rel=1e-6 if with_out else 1e-9), with_out
+        assert dk == pytest.approx(grow_k, rel=1e-5 if with_out else 1e-9), with_out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -422,7 +422,8 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         rng = (ve.amax(-2, keepdim=True) - ve.amin(-2, keepdim=True))  # (..., 1, d_v)
         # E bounds the returned output õ; the backward computes with its own õ' before the cast into the input dtype,
         # |õ' − õ| ≤ u_out·|õ'| ≤ u_out/(1 − u_out)·(max|v| + E) = o_err, so g̃ is within E + o_err of the exact
-        o_err = u_out / (1.0 - u_out) * (float(ve.abs().amax()) + E) if ve.numel() else 0.0
+        o_err = (u_out / (1.0 - u_out) * (float(ve.abs().amax()) + E) + underflow_unit(q.dtype)  # and subnormals
+                 if u_out and ve.numel() else 0.0)
         E_b = E + o_err
         vmax = ve.abs().amax(-2, keepdim=True) + E_b
         g_dv = _gamma(d_v + 2, u)
@@ -459,7 +460,9 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             parts_r += [(ve.unsqueeze(-1) * ve.unsqueeze(-2)).flatten(-2), ve, ke * ke, ke]
         # softmax without heavy tokens: each pair's argument has |u_ij| ≤ s‖q_i − c_q‖‖k_j − c_k‖/R, so keys (queries)
         # in norm buckets are charged η₁ of the range their bucket's largest norm allows (derivative_eta_profile)
-        prof = spec.eta1_profile if cs and spec.per_pair else None
+        prof = spec.eta1_profile if cs and spec.per_pair and spec.kind == "softmax" else None
+        if prof is not None and not all(math.isfinite(x) for x in prof[1]):  # nothing certified there: no refinement
+            prof = None
         if prof is not None:
             nq = torch.linalg.vector_norm(qe - c_q.double() if c_q is not None else qe, dim=-1)
             nk = torch.linalg.vector_norm(ke - c_k.double() if c_k is not None else ke, dim=-1)
