@@ -152,3 +152,22 @@ def test_causal_backward_of_some_inputs(wanted):
     want = torch.autograd.grad(_reference(*leaves, w, g, True), [leaves[i] for i in wanted], grad)
     for x, y in zip(got, want):
         assert torch.allclose(x, y, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("zero", [(0,), (1, 3), (0, 1, 2, 3)])
+def test_zero_columns_of_vv(is_causal, zero):
+    """Columns of vv that are zero everywhere are skipped in the forward (zero columns of num, nothing to dq, dk):
+    the output and all three gradients are still the reference's (dV of a zero column is not zero)."""
+    g = 3
+    q, k, vv, w, grad = _case(2 * T + 5, batch=(2,), seed=7)
+    vv = vv.detach().clone()
+    vv[..., list(zero)] = 0.0
+    vv.requires_grad_()
+    num = fb.fused_features(q, k, vv, weights=w, degree=g, is_causal=is_causal)
+    ref = _reference(q, k, vv, w, g, is_causal)
+    assert torch.allclose(num, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(num, (q, k, vv), grad)
+    want = torch.autograd.grad(ref, (q, k, vv), grad)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, rtol=1e-11, atol=1e-12), float((x - y).abs().max())

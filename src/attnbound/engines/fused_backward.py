@@ -320,14 +320,24 @@ class FusedFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, vv, weights, degree, is_causal, reference=None):
         qd, kd, vd = q.detach(), k.detach(), vv.detach()
+        # columns of vv that are zero everywhere give zero columns of num (and nothing to dq, dk): only the others
+        # are computed (the certificate's value-gradient sums run on zero values, for their graph)
+        live = vd.reshape(-1, vd.shape[-1]).ne(0).any(0) if vd.numel() else torch.ones(vd.shape[-1], dtype=torch.bool)
+        cols = None if bool(live.all()) or not bool(live.any()) else live.nonzero().flatten()
+        vl = vd if cols is None else vd.index_select(-1, cols)
         if is_causal:
-            num = fused.causal_readout(qd, kd, vd, degree=degree, weights=weights)
+            part = fused.causal_readout(qd, kd, vl, degree=degree, weights=weights)
             state = None
         else:
-            state = fused.key_state(kd, vd, degree=degree, weights=weights)
-            num = fused.state_readout(qd, state, degree=degree)
+            state = fused.key_state(kd, vl, degree=degree, weights=weights)
+            part = fused.state_readout(qd, state, degree=degree)
+        if cols is None:
+            num = part
+        else:
+            num = part.new_zeros(*part.shape[:-1], vd.shape[-1])
+            num[..., cols] = part
         ctx.save_for_backward(q, k, vv)
-        ctx.state, ctx.weights, ctx.degree, ctx.is_causal = state, weights, degree, is_causal
+        ctx.state, ctx.weights, ctx.degree, ctx.is_causal, ctx.cols = state, weights, degree, is_causal, cols
         ctx.reference = reference
         return num
 
@@ -356,10 +366,12 @@ class FusedFeatures(torch.autograd.Function):
             wds = ds * w.unsqueeze(-1)
             if ctx.needs_input_grad[2]:
                 dvv = fused.state_readout(k, wds, degree=g)
+            cols = ctx.cols  # dq and dk see only the columns of vv that are not zero (the state holds those)
+            live = (lambda x: x) if cols is None else (lambda x: x.index_select(-1, cols))  # noqa: E731
             if ctx.needs_input_grad[0]:
-                dq = vjp_rows(q, ctx.state, dnum, degree=g)
+                dq = vjp_rows(q, ctx.state, live(dnum), degree=g)
             if ctx.needs_input_grad[1]:
-                dk = vjp_rows(k, wds, vv, degree=g)
+                dk = vjp_rows(k, live(wds), live(vv), degree=g)
         return (_reduce(dq, q) if dq is not None else None, _reduce(dk, k) if dk is not None else None,
                 _reduce(dvv, vv) if dvv is not None else None, None, None, None, None)
 
