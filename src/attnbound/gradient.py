@@ -500,6 +500,22 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             Cc, q2, qa_s, one_s, m2_s = (csum[..., o:o + 1], pos_c[..., o + 1:o + 1 + d],
                                          pos_c[..., o + 1 + d:o + 1 + 2 * d], pos_c[..., o + 1 + 2 * d:o + 2 + 2 * d],
                                          pos_c[..., o + 2 + 2 * d:o + 3 + 2 * d])
+            def bucket_weights(pos, o2, norms, edges, extra):
+                """Σ_m η'(ρ_m)²·(the bucket's Σ P x² + 2·extra·Σ P|x| + extra²·Σ P), the sums read from ``pos``
+                at ``o2`` on (as appended above), ρ_m = s·‖row‖·(bucket m's largest norm)/R."""
+                eta = spec.eta + spec.eta_fp
+                reach = (abs(spec.scale) / float(spec.poly[1]) * (1.0 + 1e-9)) * norms.unsqueeze(-1) * edges
+                etas = torch.clamp_min((_eta1_within(prof, reach) + eta) / (1.0 - eta), eta_v)  # (..., n, M)
+                w2 = 0.0
+                for m in range(edges.numel()):
+                    part = pos[..., o2:o2 + d]
+                    if centred:
+                        part = (part + 2.0 * extra * pos[..., o2 + d:o2 + 2 * d]
+                                + extra * extra * pos[..., o2 + 2 * d:o2 + 2 * d + 1])
+                    w2 = w2 + etas[..., m:m + 1] ** 2 * part
+                    o2 += 2 * d + 1 if centred else d
+                return w2
+
             W, ov, k2 = (rsum[..., d:d + d_v * d_v], rsum[..., d + d_v * d_v:d + d_v * d_v + d_v],
                          pos_r[..., d + d_v * d_v + d_v:2 * d + d_v * d_v + d_v])
             k_mean = rsum[..., 2 * d + d_v * d_v + d_v:3 * d + d_v * d_v + d_v]  # Σ_j P̃_ij k_jc, signed
@@ -510,18 +526,7 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             kap2 = k2 + 2.0 * eq_ * pos_r[..., :d] + eq_ * eq_  # Σ_j P_ij (κ^Q_ijc / s_e)²
             sq_cs = eta_p * torch.sqrt(s2r * kap2)
             if prof is not None:  # Σ_j P_ij η'_ij² κ_ij² over the key buckets, η'_ij ≤ η' of the bucket's range
-                eta = spec.eta + spec.eta_fp
-                reach = (abs(spec.scale) / float(spec.poly[1]) * (1.0 + 1e-9)) * nq.unsqueeze(-1) * edges_k
-                etas = torch.clamp_min((_eta1_within(prof, reach) + eta) / (1.0 - eta), eta_v)  # (..., n_q, M)
-                o2 = 3 * d + d_v * d_v + d_v
-                w2 = 0.0
-                for m in range(edges_k.numel()):
-                    part = pos_r[..., o2:o2 + d]
-                    if centred:
-                        part = (part + 2.0 * eq_ * pos_r[..., o2 + d:o2 + 2 * d]
-                                + eq_ * eq_ * pos_r[..., o2 + 2 * d:o2 + 2 * d + 1])
-                    w2 = w2 + etas[..., m:m + 1] ** 2 * part
-                    o2 += 2 * d + 1 if centred else d
+                w2 = bucket_weights(pos_r, 3 * d + d_v * d_v + d_v, nq, edges_k, eq_)
                 sq_cs = torch.minimum(sq_cs, torch.sqrt(s2r * w2))
             # the forward's error enters dQ_i as −G_i·(õ_i − o_i)·Σ_j P_ij κ_ij (one factor for the row), and
             # |Σ_j P_ij κ_ij|/s_e ≤ |Σ_j P_ij k_jc| + e^Q_ic: a signed mean of the keys, not Σ_j P_ij|κ_ij|. The
@@ -536,18 +541,8 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
             kap2k = q2 + 2.0 * kk_extra * qa_s + kk_extra * kk_extra * one_s  # Σ_i P_ij (κ^K_ijc / s_e)²
             sk_cs = eta_p * torch.sqrt(s2c * kap2k)
             if prof is not None:  # Σ_i P_ij η'_ij² κ_ij² over the query buckets
-                reach = (abs(spec.scale) / float(spec.poly[1]) * (1.0 + 1e-9)) * nk.unsqueeze(-1) * edges_q
-                etas = torch.clamp_min((_eta1_within(prof, reach) + eta) / (1.0 - eta), eta_v)  # (..., n_k, M)
-                o2 = o + 3 + 2 * d
-                w2 = 0.0
-                for m in range(edges_q.numel()):
-                    part = pos_c[..., o2:o2 + d]
-                    if centred:
-                        part = (part + 2.0 * kk_extra * pos_c[..., o2 + d:o2 + 2 * d]
-                                + kk_extra * kk_extra * pos_c[..., o2 + 2 * d:o2 + 2 * d + 1])
-                    w2 = w2 + etas[..., m:m + 1] ** 2 * part
-                    o2 += 2 * d + 1 if centred else d
-                sk_cs = torch.minimum(sk_cs, torch.sqrt(s2c * w2))
+                sk_cs = torch.minimum(sk_cs, torch.sqrt(s2c * bucket_weights(pos_c, o + 3 + 2 * d, nk, edges_q,
+                                                                             kk_extra)))
             dk_cs = s_e * (sk_cs + s_ar_q + kk_extra * s_ar)
             dk = torch.minimum(dk, dk_cs)
         dq = dq + tiny * (1.0 + s_e * kq) + u_out * s_e * (1.0 + eta_p) * b * kq * (1.0 + g_k)
