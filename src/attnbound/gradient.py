@@ -52,7 +52,8 @@ import torch
 from scipy import special
 
 from .certificate import U64, _gamma, underflow_unit, unit_roundoff
-from .stats import shift_mask
+from .centring import centred_norms
+from .stats import row_norms, shift_mask
 from .validation import compute_dtype
 
 DENSE_KEY_CHUNK = 1024
@@ -464,8 +465,10 @@ def gradient_bounds(q, k, v, grad_out, *, spec: GradientSpec, mask=None, c_q=Non
         if prof is not None and not all(math.isfinite(x) for x in prof[1]):  # nothing certified there: no refinement
             prof = None
         if prof is not None:
-            nq = torch.linalg.vector_norm(qe - c_q.double() if c_q is not None else qe, dim=-1)
-            nk = torch.linalg.vector_norm(ke - c_k.double() if c_k is not None else ke, dim=-1)
+            # upper bounds on the norms of the rows the engine computes with (the ones its radius R is made of)
+            q_in, k_in = (x.detach().expand(*batch, *x.shape[-2:]) for x in (q, k))
+            nq = centred_norms(q_in, c_q.double()) if c_q is not None else row_norms(q_in)
+            nk = centred_norms(k_in, c_k.double()) if c_k is not None else row_norms(k_in)
             edges_q, edges_k = _norm_edges(nq), _norm_edges(nk)
             centred = c_q is not None or c_k is not None  # uncentred, κ's extra terms are 0: the squares alone
             for x, xa, norms, edges, parts in ((ke, ka, nk, edges_k, parts_r), (qe, qa, nq, edges_q, parts_c)):
