@@ -153,17 +153,23 @@ def test_bucket_layouts_agree():
         assert getattr(plain, name) < getattr(whole, name)
 
 
-def test_dq_dk_bounds_are_within_100x_of_the_error_on_gaussian_data():
-    """The per-pair refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
-    dQ through the signed key mean: dQ and dK read within 100× of the long-double error on Gaussian heads."""
+def _gaussian_head(n: int, d: int = 8):
+    """A Gaussian head of radius 1 (q, k scaled by their largest norms), relative at eps = 1e-3, checked against the
+    long-double reference: ((dq, dk, dv errors), gradient certificate)."""
     torch.manual_seed(0)
-    n, d = 1024, 8
     q, k = torch.randn(1, n, d), torch.randn(1, n, d)
     q = (q / q.norm(dim=-1).max()).requires_grad_()
     k = (k / k.norm(dim=-1).max()).requires_grad_()
     v = torch.randn(1, n, d, requires_grad=True)
     grad = torch.randn(1, n, d)
-    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    errs, gc, _ = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    return errs, gc
+
+
+def test_dq_dk_bounds_are_within_100x_of_the_error_on_gaussian_data():
+    """The per-pair refinement (each key and query bucket charged η₁ of its own range) and the forward error entering
+    dQ through the signed key mean: dQ and dK read within 100× of the long-double error on Gaussian heads."""
+    (eq, ek, ev), gc = _gaussian_head(1024)
     assert gc.dq_bound <= 100.0 * eq and gc.dk_bound <= 100.0 * ek, (eq, ek, gc)
 
 
@@ -325,14 +331,7 @@ def test_feature_sums_bound_the_dense_sums():
 
 def test_dv_bound_is_within_100x_of_the_error_on_gaussian_data():
     """dV's error is η-sized weight errors times |G|: the bound reads within 100× of it on Gaussian heads."""
-    torch.manual_seed(0)
-    n, d = 512, 8
-    q, k = torch.randn(1, n, d), torch.randn(1, n, d)
-    q = (q / q.norm(dim=-1).max()).requires_grad_()
-    k = (k / k.norm(dim=-1).max()).requires_grad_()
-    v = torch.randn(1, n, d, requires_grad=True)
-    grad = torch.randn(1, n, d)
-    (eq, ek, ev), gc, cert = _check(q, k, v, grad, scale=1.0, method="relative", eps=1e-3)
+    (eq, ek, ev), gc = _gaussian_head(512)
     assert gc.dv_bound <= 100.0 * ev
 
 
